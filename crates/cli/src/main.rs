@@ -1,0 +1,170 @@
+//! The `hubbub` binary: thin clap subcommands over the library crates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use hubbub_server::Config;
+use serde_json::{Map, Value};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hubbub",
+    version,
+    about = "A real-time instant-messaging server in one binary"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve WebSocket chat, the HTTP API and the web page on one port (the default).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Default, Args)]
+struct ServeArgs {
+    /// Config file (TOML); flags and HUBBUB_* variables override it.
+    #[arg(long, env = "HUBBUB_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    bind: Option<SocketAddr>,
+    /// Directory for the database and attachments [default: ./hubbub-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Users with admin rights, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    admins: Option<Vec<String>>,
+    /// Allow guests (?user=NAME). Default: on when bound to a loopback address.
+    #[arg(long, conflicts_with = "no_guest")]
+    guest: bool,
+    /// Refuse guests.
+    #[arg(long)]
+    no_guest: bool,
+    /// Server ping interval in milliseconds; silent connections close after 2.5x.
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Largest accepted WebSocket frame in bytes.
+    #[arg(long)]
+    max_frame_bytes: Option<usize>,
+    /// Bound of each session's outgoing queue (messages).
+    #[arg(long)]
+    queue_frames: Option<usize>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+impl ServeArgs {
+    /// The flags that were given, as a config layer.
+    fn overrides(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        let mut set = |k: &str, v: Value| {
+            m.insert(k.to_string(), v);
+        };
+        if let Some(b) = self.bind {
+            set("bind", Value::String(b.to_string()));
+        }
+        if let Some(d) = &self.data_dir {
+            set("data_dir", Value::String(d.display().to_string()));
+        }
+        if let Some(a) = &self.admins {
+            set(
+                "admins",
+                a.iter().map(|s| Value::String(s.clone())).collect(),
+            );
+        }
+        if self.guest {
+            set("guest", Value::Bool(true));
+        }
+        if self.no_guest {
+            set("guest", Value::Bool(false));
+        }
+        if let Some(h) = self.heartbeat_ms {
+            set("heartbeat_ms", h.into());
+        }
+        if let Some(f) = self.max_frame_bytes {
+            set("max_frame_bytes", f.into());
+        }
+        if let Some(q) = self.queue_frames {
+            set("queue_frames", q.into());
+        }
+        if self.log_json {
+            set("log_format", Value::String("json".into()));
+        }
+        m
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HUBBUB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let overrides = figment_json(args.overrides());
+    let config =
+        Config::load(args.config.as_deref(), overrides).context("reading the configuration")?;
+    init_logs(config.log_format == "json");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.bind)
+            .await
+            .with_context(|| format!("binding {}", config.bind))?;
+        let addr = listener.local_addr()?;
+        // Scripts and tests read this line to find the port.
+        println!("hubbub listening on http://{addr}");
+        hubbub_server::run(listener, config, shutdown_signal()).await
+    })
+}
+
+fn figment_json(map: Map<String, Value>) -> hubbub_server::config::Overrides {
+    hubbub_server::config::Overrides::new(Value::Object(map))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,498 @@
+//! Request handling for one session: decode, authorize, act, answer.
+
+use std::collections::{BTreeMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use futures_util::FutureExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use hubbub_protocol::{
+    decode_client_frame, is_valid_room_name, is_valid_user_name, validate_content, ClientFrame,
+    ContentType, Conv, ErrorCode, MemberEvent, ProtoError, ReqId, ServerFrame, SignalKind,
+    MAX_CLIENT_MSG_ID,
+};
+use serde_json::{json, Value};
+
+use crate::auth::Identity;
+use crate::hub::{CloseReason, OutFrame, Room, SessionHandle};
+use crate::store::{HistoryQuery, NewMessage};
+use crate::AppState;
+
+/// Most user names in one `presence` query.
+const MAX_PRESENCE_QUERY: usize = 256;
+/// Most conversations named in one `sync`.
+const MAX_SYNC_CONVS: usize = 1000;
+/// Default page sizes.
+const DEFAULT_HISTORY: u32 = 50;
+const DEFAULT_SYNC: u32 = 500;
+
+type Pending = FuturesOrdered<BoxFuture<'static, ServerFrame>>;
+
+/// The request handler of one session.
+pub(crate) struct Conn {
+    state: Arc<AppState>,
+    session: SessionHandle,
+    identity: Identity,
+    send_limiter: DefaultDirectRateLimiter,
+    strikes: u32,
+}
+
+type Answer = Result<Value, ProtoError>;
+
+impl Conn {
+    pub(crate) fn new(state: Arc<AppState>, session: SessionHandle, identity: Identity) -> Conn {
+        let cfg = &state.config;
+        let rate = NonZeroU32::new(cfg.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(cfg.send_burst).unwrap_or(NonZeroU32::MIN);
+        Conn {
+            send_limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+            state,
+            session,
+            identity,
+            strikes: 0,
+        }
+    }
+
+    pub(crate) fn session(&self) -> &SessionHandle {
+        &self.session
+    }
+
+    pub(crate) fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    fn user(&self) -> &str {
+        &self.identity.user
+    }
+
+    /// Handles one protocol message. `send`s are pipelined into `pending`; anything else
+    /// waits for the pending sends first, then runs to completion.
+    pub(crate) async fn handle_line(&mut self, line: &str, pending: &mut Pending) {
+        let frame = match decode_client_frame(line) {
+            Ok(f) => f,
+            Err(e) => {
+                self.session
+                    .reply(ServerFrame::error(e.id, ProtoError::bad_request(e.message)))
+                    .await;
+                return;
+            }
+        };
+        if let ClientFrame::Send {
+            id,
+            conv,
+            client_msg_id,
+            content_type,
+            content,
+        } = frame
+        {
+            match self
+                .start_send(conv, client_msg_id, content_type, content)
+                .await
+            {
+                Ok(fut) => pending.push_back(fut.map(move |r| answer_frame(id, r)).boxed()),
+                Err(e) => {
+                    // Keep answers in request order.
+                    pending
+                        .push_back(futures_util::future::ready(ServerFrame::error(id, e)).boxed())
+                }
+            }
+            return;
+        }
+        while let Some(answer) = futures_util::StreamExt::next(pending).await {
+            self.session.reply(answer).await;
+        }
+        let id = frame.id().cloned();
+        let result = match frame {
+            ClientFrame::Ping { id } => {
+                self.session.reply(ServerFrame::Pong { id }).await;
+                return;
+            }
+            ClientFrame::Join { room, .. } => self.join(&room).await,
+            ClientFrame::Leave { room, .. } => self.leave(&room).await,
+            ClientFrame::History {
+                conv,
+                before_seq,
+                after_seq,
+                limit,
+                ..
+            } => self.history(&conv, before_seq, after_seq, limit).await,
+            ClientFrame::Sync { cursors, limit, .. } => self.sync(cursors, limit).await,
+            ClientFrame::Presence { users, .. } => self.presence(&users),
+            ClientFrame::Typing { conv, .. } => self.typing(&conv).await.map(|()| Value::Null),
+            ClientFrame::Signal {
+                to,
+                call_id,
+                kind,
+                data,
+                ..
+            } => self
+                .signal(&to, call_id, kind, data)
+                .await
+                .map(|()| Value::Null),
+            ClientFrame::Read { .. } | ClientFrame::Recall { .. } | ClientFrame::Edit { .. } => {
+                Err(ProtoError::bad_request(format!(
+                    "{} is not enabled on this server yet",
+                    frame.type_name()
+                )))
+            }
+            ClientFrame::Send { .. } => return,
+        };
+        match result {
+            // Requests without an answer on success (typing, signal).
+            Ok(Value::Null) => {}
+            other => {
+                self.session.reply(answer_frame(id, other)).await;
+            }
+        }
+    }
+
+    /// Validates and authorizes a send, hands it to the store, and returns the future of
+    /// its `ok` result fields.
+    async fn start_send(
+        &mut self,
+        conv: String,
+        client_msg_id: String,
+        content_type: ContentType,
+        content: Value,
+    ) -> Result<BoxFuture<'static, Answer>, ProtoError> {
+        if client_msg_id.is_empty() || client_msg_id.len() > MAX_CLIENT_MSG_ID {
+            return Err(ProtoError::bad_request(format!(
+                "client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} bytes"
+            )));
+        }
+        validate_content(content_type, &content, self.state.config.max_text_bytes)?;
+        if self.send_limiter.check().is_err() {
+            self.strikes += 1;
+            if self.strikes >= self.state.config.rate_limit_strikes {
+                self.session.close(CloseReason::RATE_LIMITED);
+            }
+            return Err(ProtoError::new(
+                ErrorCode::RateLimited,
+                "too many messages; slow down",
+            ));
+        }
+        self.strikes = 0;
+        let dm_members = self.authorize(&conv).await?;
+        let fut = self.state.store.append(NewMessage {
+            conv,
+            from: self.identity.user.clone(),
+            client_msg_id,
+            content_type,
+            content,
+            dm_members,
+            origin: self.session.id,
+        });
+        Ok(async move {
+            let a = fut.await?;
+            let m = a.message;
+            Ok(json!({"conv": m.conv, "seq": m.seq, "msg_id": m.msg_id, "ts": m.ts}))
+        }
+        .boxed())
+    }
+
+    /// Checks that the user may read and write `conv`. For a DM, returns its two
+    /// participants.
+    async fn authorize(&self, conv: &str) -> Result<Option<(String, String)>, ProtoError> {
+        match Conv::parse(conv)? {
+            Conv::Room(_) => {
+                let room = self.room(conv).await?;
+                if room.contains(self.user()) {
+                    Ok(None)
+                } else {
+                    Err(ProtoError::new(
+                        ErrorCode::NotMember,
+                        format!("you are not a member of {conv}"),
+                    ))
+                }
+            }
+            Conv::Dm(a, b) => {
+                if a == self.user() || b == self.user() {
+                    Ok(Some((a.to_string(), b.to_string())))
+                } else {
+                    Err(ProtoError::new(
+                        ErrorCode::Forbidden,
+                        format!("{conv} is a conversation between two other users"),
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn room(&self, conv: &str) -> Result<Arc<Room>, ProtoError> {
+        Ok(self.state.hub.room(conv, &*self.state.store).await?)
+    }
+
+    async fn join(&mut self, name: &str) -> Answer {
+        if !is_valid_room_name(name) {
+            return Err(ProtoError::bad_request(
+                "room must match ^[A-Za-z0-9_.-]{1,64}$",
+            ));
+        }
+        let conv = Conv::room_id(name);
+        let room = self.room(&conv).await?;
+        let outcome = self.state.store.join_room(&conv, self.user()).await?;
+        room.add(self.user());
+        let online = self.state.hub.online_in(&room);
+        if outcome.added && room.len() <= self.state.config.large_room {
+            self.push_member(&conv, &room, MemberEvent::Joined, online)
+                .await;
+        }
+        Ok(
+            json!({"conv": conv, "last_seq": outcome.last_seq, "online": online, "created": outcome.created}),
+        )
+    }
+
+    async fn leave(&mut self, name: &str) -> Answer {
+        if !is_valid_room_name(name) {
+            return Err(ProtoError::bad_request(
+                "room must match ^[A-Za-z0-9_.-]{1,64}$",
+            ));
+        }
+        let conv = Conv::room_id(name);
+        let room = self.room(&conv).await?;
+        if !self.state.store.leave_room(&conv, self.user()).await? {
+            return Err(ProtoError::new(
+                ErrorCode::NotMember,
+                format!("you are not a member of {conv}"),
+            ));
+        }
+        room.remove(self.user());
+        let online = self.state.hub.online_in(&room);
+        if room.len() < self.state.config.large_room {
+            self.push_member(&conv, &room, MemberEvent::Left, online)
+                .await;
+        }
+        Ok(json!({"conv": conv}))
+    }
+
+    /// `member` frames go to other users' sessions only.
+    async fn push_member(&self, conv: &str, _room: &Room, event: MemberEvent, online: u64) {
+        let frame = OutFrame::new(ServerFrame::Member {
+            conv: conv.to_string(),
+            user: self.user().to_string(),
+            event,
+            online,
+        });
+        let _ = self
+            .state
+            .hub
+            .deliver(conv, &frame, None, Some(self.user()), &*self.state.store)
+            .await;
+    }
+
+    async fn history(
+        &self,
+        conv: &str,
+        before_seq: Option<u64>,
+        after_seq: Option<u64>,
+        limit: Option<u32>,
+    ) -> Answer {
+        self.authorize(conv).await?;
+        let limit = page_limit(limit, DEFAULT_HISTORY, self.state.config.history_max)?;
+        let q = match (before_seq, after_seq) {
+            (Some(_), Some(_)) => {
+                return Err(ProtoError::bad_request(
+                    "give before_seq or after_seq, not both",
+                ))
+            }
+            (Some(before), None) => HistoryQuery::Before { before, limit },
+            (None, Some(after)) => HistoryQuery::After { after, limit },
+            (None, None) => HistoryQuery::Latest { limit },
+        };
+        let page = self.state.store.history(conv, q).await?;
+        Ok(json!({"messages": page.messages, "has_more": page.has_more}))
+    }
+
+    async fn sync(&self, cursors: BTreeMap<String, u64>, limit: Option<u32>) -> Answer {
+        if cursors.len() > MAX_SYNC_CONVS {
+            return Err(ProtoError::bad_request(format!(
+                "at most {MAX_SYNC_CONVS} conversations per sync"
+            )));
+        }
+        for conv in cursors.keys() {
+            Conv::parse(conv)?;
+        }
+        let limit = page_limit(limit, DEFAULT_SYNC, self.state.config.sync_max)?;
+        let mut out = serde_json::Map::new();
+        let mut more = Vec::new();
+        let mut denied = Vec::new();
+        for (conv, cursor) in cursors {
+            if self.authorize(&conv).await.is_err() {
+                denied.push(conv);
+                continue;
+            }
+            let page = self
+                .state
+                .store
+                .history(
+                    &conv,
+                    HistoryQuery::After {
+                        after: cursor,
+                        limit,
+                    },
+                )
+                .await?;
+            let last = page.messages.last().map_or(cursor, |m| m.seq);
+            for m in page.messages {
+                if !self.session.reply(ServerFrame::Message(m)).await {
+                    return Err(ProtoError::new(ErrorCode::Unavailable, "session closing"));
+                }
+            }
+            if page.has_more {
+                more.push(conv.clone());
+            }
+            out.insert(conv, json!(last));
+        }
+        let conversations: Vec<Value> = self
+            .state
+            .store
+            .conversations(self.user())
+            .await?
+            .into_iter()
+            .map(|c| json!({"conv": c.conv, "last_seq": c.last_seq}))
+            .collect();
+        let mut body = json!({
+            "cursors": out,
+            "caught_up": more.is_empty(),
+            "more": more,
+            "conversations": conversations,
+        });
+        if !denied.is_empty() {
+            body["denied"] = json!(denied);
+        }
+        Ok(body)
+    }
+
+    fn presence(&self, users: &[String]) -> Answer {
+        if users.len() > MAX_PRESENCE_QUERY {
+            return Err(ProtoError::bad_request(format!(
+                "at most {MAX_PRESENCE_QUERY} users per presence query"
+            )));
+        }
+        let online: serde_json::Map<String, Value> = users
+            .iter()
+            .map(|u| (u.clone(), Value::Bool(self.state.hub.is_online(u))))
+            .collect();
+        Ok(json!({"online": online}))
+    }
+
+    async fn typing(&self, conv: &str) -> Result<(), ProtoError> {
+        self.authorize(conv).await?;
+        if let Ok(Conv::Room(_)) = Conv::parse(conv) {
+            if self.room(conv).await?.len() > self.state.config.large_room {
+                return Ok(());
+            }
+        }
+        let frame = OutFrame::new(ServerFrame::Typing {
+            conv: conv.to_string(),
+            user: self.user().to_string(),
+        });
+        self.state
+            .hub
+            .deliver(conv, &frame, None, Some(self.user()), &*self.state.store)
+            .await?;
+        Ok(())
+    }
+
+    async fn signal(
+        &self,
+        to: &str,
+        call_id: String,
+        kind: SignalKind,
+        data: Value,
+    ) -> Result<(), ProtoError> {
+        if !is_valid_user_name(to) {
+            return Err(ProtoError::bad_request("to must be a valid user name"));
+        }
+        if to == self.user() {
+            return Err(ProtoError::bad_request("cannot signal yourself"));
+        }
+        if call_id.is_empty() || call_id.len() > 128 {
+            return Err(ProtoError::bad_request("call_id must be 1 to 128 bytes"));
+        }
+        if !self.state.hub.is_online(to) {
+            return Err(ProtoError::new(
+                ErrorCode::NotFound,
+                format!("{to} is not online"),
+            ));
+        }
+        if !self.state.store.share_conversation(self.user(), to).await? {
+            return Err(ProtoError::new(
+                ErrorCode::Forbidden,
+                format!("you share no room or dm with {to}"),
+            ));
+        }
+        let frame = OutFrame::new(ServerFrame::Signal {
+            from: self.user().to_string(),
+            call_id,
+            kind,
+            data,
+        });
+        if self.state.hub.send_to_user(to, &frame, None) == 0 {
+            return Err(ProtoError::new(
+                ErrorCode::NotFound,
+                format!("{to} is not online"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Tells users who share a conversation with this user that it came online or went
+    /// offline. Large rooms are skipped.
+    pub(crate) async fn announce_presence(&self, online: bool) {
+        let store = &*self.state.store;
+        let convs = match store.conversations(self.user()).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "presence: cannot list conversations");
+                return;
+            }
+        };
+        let mut notify: HashSet<Arc<str>> = HashSet::new();
+        for c in convs {
+            match Conv::parse(&c.conv) {
+                Ok(Conv::Dm(..)) => {
+                    if let Some(peer) = Conv::parse(&c.conv)
+                        .ok()
+                        .and_then(|p| p.dm_peer(self.user()))
+                    {
+                        notify.insert(Arc::from(peer));
+                    }
+                }
+                Ok(Conv::Room(_)) => {
+                    if let Ok(room) = self.state.hub.room(&c.conv, store).await {
+                        if room.len() <= self.state.config.large_room {
+                            notify.extend(room.members());
+                        }
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        notify.remove(self.user());
+        let frame = OutFrame::new(ServerFrame::Presence {
+            user: self.user().to_string(),
+            online,
+        });
+        for u in notify {
+            self.state.hub.send_to_user(&u, &frame, None);
+        }
+    }
+}
+
+fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ProtoError> {
+    match limit {
+        None => Ok(default.min(max)),
+        Some(0) => Err(ProtoError::bad_request("limit must be at least 1")),
+        Some(n) => Ok(n.min(max)),
+    }
+}
+
+fn answer_frame(id: Option<ReqId>, result: Answer) -> ServerFrame {
+    match result {
+        Ok(body) => ServerFrame::ok(id, body),
+        Err(e) => ServerFrame::error(id, e),
+    }
+}

@@ -1,0 +1,142 @@
+//! The WebSocket gateway: `GET /ws` checks the credential, the browser origin and the
+//! subprotocol before upgrading, then runs one [`session`] per connection.
+
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hubbub_protocol::{ErrorCode, SUBPROTOCOL_JSON, SUBPROTOCOL_PB};
+use serde::Deserialize;
+
+use crate::api::ApiError;
+use crate::auth::Credentials;
+use crate::AppState;
+
+mod handler;
+pub mod session;
+
+/// Query parameters of `GET /ws`.
+#[derive(Debug, Default, Deserialize)]
+pub struct WsParams {
+    pub token: Option<String>,
+    pub user: Option<String>,
+    pub device: Option<String>,
+}
+
+/// Longest device id.
+const MAX_DEVICE: usize = 64;
+
+/// `GET /ws`.
+pub async fn ws_handler(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<WsParams>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    if state.shutdown.is_cancelled() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "the server is shutting down",
+        )
+        .into_response();
+    }
+    let creds = Credentials::from_parts(&headers, params.token.as_deref(), params.user.as_deref());
+    let identity = match state.auth.authenticate(&creds) {
+        Ok(id) => id,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                e.to_string(),
+            )
+            .into_response()
+        }
+    };
+    if let Err(origin) = check_origin(&state, &headers) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!("origin {origin:?} is not allowed"),
+        )
+        .into_response();
+    }
+    let device = params.device.unwrap_or_else(|| "default".to_string());
+    if device.is_empty()
+        || device.len() > MAX_DEVICE
+        || !device
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return ApiError::bad_request("device must match ^[A-Za-z0-9_.-]{1,64}$").into_response();
+    }
+    if let Some(offered) = headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+    {
+        let offered: Vec<&str> = offered.split(',').map(str::trim).collect();
+        if !offered.contains(&SUBPROTOCOL_JSON) {
+            let msg = if offered.contains(&SUBPROTOCOL_PB) {
+                format!("{SUBPROTOCOL_PB} is not enabled on this server; offer {SUBPROTOCOL_JSON}")
+            } else {
+                format!("unsupported subprotocol; offer {SUBPROTOCOL_JSON}")
+            };
+            return ApiError::bad_request(msg).into_response();
+        }
+    }
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(rejection) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                format!("not a WebSocket upgrade: {rejection}"),
+            )
+            .into_response()
+        }
+    };
+    let cfg = &state.config;
+    let tracker = state.sessions.clone();
+    upgrade
+        .protocols([SUBPROTOCOL_JSON])
+        .read_buffer_size(cfg.ws_read_buffer)
+        .write_buffer_size(0)
+        .max_write_buffer_size(cfg.max_coalesce_bytes.max(cfg.max_frame_bytes) * 4)
+        .max_message_size(cfg.max_frame_bytes)
+        .max_frame_size(cfg.max_frame_bytes)
+        .on_upgrade(move |socket| {
+            tracker.track_future(session::run(socket, state, identity, device))
+        })
+}
+
+/// Browsers send `Origin`; it must be the server's own origin or on the allow-list.
+/// Requests without `Origin` (programs) pass.
+fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), String> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().map_err(|_| "<not text>".to_string())?;
+    if state
+        .config
+        .allowed_origins
+        .iter()
+        .any(|o| o == origin || o == "*")
+    {
+        return Ok(());
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let same = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|rest| !host.is_empty() && rest.eq_ignore_ascii_case(host));
+    if same {
+        Ok(())
+    } else {
+        Err(origin.to_string())
+    }
+}

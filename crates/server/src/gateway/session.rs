@@ -1,0 +1,251 @@
+//! One session per WebSocket connection.
+//!
+//! Two tasks serve a connection:
+//! - the reader (this module's [`run`]) decodes frames and handles requests. `send`s are
+//!   pipelined: each is handed to the store at once (so its `seq` follows the order of
+//!   the frames) and its `ok` is queued when the commit lands, in order. Any other
+//!   request first waits for the sends before it, so a `history` after a `send` sees it.
+//! - the writer owns the socket's write half: it drains the bounded outgoing queue,
+//!   coalescing what is queued into one frame (messages separated by `\n`), sends the
+//!   heartbeat pings and closes dead connections.
+//!
+//! Anyone else (fan-out, kicks, shutdown) talks to the session through its
+//! [`Session`](crate::hub::Session) handle: push into the queue or ask it to close.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
+use bytes::BytesMut;
+use futures_util::stream::{FuturesOrdered, SplitSink, StreamExt};
+use futures_util::SinkExt;
+use hubbub_protocol::{ProtoError, ServerFrame};
+use tokio::sync::mpsc;
+
+use super::handler::Conn;
+use crate::auth::Identity;
+use crate::hub::{CloseReason, OutFrame, Session, SessionHandle};
+use crate::store::now_ms;
+use crate::AppState;
+
+/// How long a close handshake (and the flush before it) may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one write may block before the peer is considered stuck.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves one upgraded connection until it closes.
+pub(crate) async fn run(
+    socket: WebSocket,
+    state: Arc<AppState>,
+    identity: Identity,
+    device: String,
+) {
+    let (tx, rx) = mpsc::channel(state.config.queue_frames);
+    let session = Session::new(
+        state.hub.next_session_id(),
+        Arc::from(identity.user.as_str()),
+        Arc::from(device.as_str()),
+        tx,
+    );
+    let welcome = ServerFrame::Welcome {
+        user: identity.user.clone(),
+        device: device.clone(),
+        session: session.public_id(),
+        heartbeat_ms: state.config.heartbeat_ms,
+        server_time: now_ms(),
+        max_frame_bytes: state.config.max_frame_bytes,
+    };
+    // The welcome goes into the queue before the session is visible to anyone, so it is
+    // always the first frame.
+    session.push(&OutFrame::new(welcome));
+    let registered = state.hub.register(&session);
+    if state.shutdown.is_cancelled() {
+        session.close(CloseReason::SHUTDOWN);
+    }
+    tracing::debug!(user = %identity.user, device = %device, session = session.id, "session open");
+
+    let (sink, stream) = socket.split();
+    let last_seen = Arc::new(AtomicI64::new(now_ms()));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        session.clone(),
+        state.clone(),
+        last_seen.clone(),
+    ));
+
+    let mut conn = Conn::new(state.clone(), session.clone(), identity);
+    if registered.first {
+        conn.announce_presence(true).await;
+    }
+    read_loop(&mut conn, stream, &last_seen).await;
+
+    session.close(CloseReason::NORMAL);
+    let _ = writer.await;
+    if state.hub.unregister(&session) {
+        conn.announce_presence(false).await;
+    }
+    tracing::debug!(user = %session.user, session = session.id, reason = ?session.close_reason(), "session closed");
+}
+
+async fn read_loop(
+    conn: &mut Conn,
+    mut stream: futures_util::stream::SplitStream<WebSocket>,
+    last_seen: &AtomicI64,
+) {
+    let session = conn.session().clone();
+    let max_inflight = conn.state().config.max_inflight_sends;
+    let mut pending: FuturesOrdered<futures_util::future::BoxFuture<'static, ServerFrame>> =
+        FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = session.closing().cancelled() => break,
+            Some(answer) = pending.next(), if !pending.is_empty() => {
+                session.reply(answer).await;
+            }
+            msg = stream.next(), if pending.len() < max_inflight => {
+                let Some(msg) = msg else { break };
+                last_seen.store(now_ms(), Ordering::Relaxed);
+                match msg {
+                    Ok(WsMessage::Text(text)) => {
+                        for line in hubbub_protocol::split_frames(text.as_str()) {
+                            conn.handle_line(line, &mut pending).await;
+                        }
+                    }
+                    Ok(WsMessage::Binary(_)) => {
+                        session
+                            .reply(ServerFrame::error(
+                                None,
+                                ProtoError::bad_request(
+                                    "binary frames are not part of hubbub.v1.json; send text frames",
+                                ),
+                            ))
+                            .await;
+                    }
+                    Ok(WsMessage::Ping(_)) | Ok(WsMessage::Pong(_)) => {}
+                    Ok(WsMessage::Close(_)) => break,
+                    Err(e) => {
+                        if is_too_large(&e) {
+                            session.close(CloseReason::TOO_LARGE);
+                        }
+                        tracing::debug!(session = session.id, error = %e, "read error");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    // Answer the sends already handed to the store, if the peer is still there.
+    while let Some(answer) = pending.next().await {
+        if session.close_reason().is_none() {
+            session.reply(answer).await;
+        }
+    }
+}
+
+fn is_too_large(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(t) = s.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            return matches!(t, tokio_tungstenite::tungstenite::Error::Capacity(_));
+        }
+        source = s.source();
+    }
+    false
+}
+
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, WsMessage>,
+    mut rx: mpsc::Receiver<Arc<OutFrame>>,
+    session: SessionHandle,
+    state: Arc<AppState>,
+    last_seen: Arc<AtomicI64>,
+) {
+    let hb = Duration::from_millis(state.config.heartbeat_ms);
+    let dead_after = (state.config.heartbeat_ms as i64) * 5 / 2;
+    let max_coalesce = state.config.max_coalesce_bytes;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + hb, hb);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = session.closing().cancelled() => break,
+            first = rx.recv() => match first {
+                Some(first) => coalesce(first, &mut rx, max_coalesce),
+                None => break,
+            },
+            _ = ticker.tick() => {
+                if now_ms() - last_seen.load(Ordering::Relaxed) > dead_after {
+                    session.close(CloseReason::DEAD);
+                    break;
+                }
+                WsMessage::Ping(bytes::Bytes::new())
+            }
+        };
+        let sent = tokio::select! {
+            r = tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)) => matches!(r, Ok(Ok(()))),
+            _ = session.closing().cancelled() => false,
+        };
+        if !sent {
+            break;
+        }
+    }
+    // Closing: why?
+    let reason = session.close_reason().unwrap_or(CloseReason::NORMAL);
+    session.close(reason.clone());
+    if reason == CloseReason::DEAD {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        if reason.flush {
+            while let Ok(first) = rx.try_recv() {
+                let msg = coalesce(first, &mut rx, max_coalesce);
+                if sink.feed(msg).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let close = WsMessage::Close(Some(CloseFrame {
+            code: reason.code,
+            reason: Utf8Bytes::from_static(reason.reason),
+        }));
+        let _ = sink.send(close).await;
+        let _ = sink.close().await;
+    })
+    .await;
+}
+
+/// Joins `first` and whatever else is queued (up to `max` bytes) into one text frame.
+fn coalesce(first: Arc<OutFrame>, rx: &mut mpsc::Receiver<Arc<OutFrame>>, max: usize) -> WsMessage {
+    let head = first.json();
+    let Ok(next) = rx.try_recv() else {
+        return text_frame(head.clone());
+    };
+    let mut buf = BytesMut::with_capacity((head.len() * 2 + 1).min(max.max(head.len())));
+    buf.extend_from_slice(head);
+    let add = |f: &OutFrame, buf: &mut BytesMut| {
+        buf.extend_from_slice(b"\n");
+        buf.extend_from_slice(f.json());
+    };
+    add(&next, &mut buf);
+    while buf.len() < max {
+        match rx.try_recv() {
+            Ok(f) => add(&f, &mut buf),
+            Err(_) => break,
+        }
+    }
+    text_frame(buf.freeze())
+}
+
+fn text_frame(bytes: bytes::Bytes) -> WsMessage {
+    match Utf8Bytes::try_from(bytes) {
+        Ok(t) => WsMessage::Text(t),
+        // JSON from serde_json is always UTF-8.
+        Err(_) => WsMessage::Text(Utf8Bytes::from_static(
+            r#"{"type":"error","code":"internal","message":"encoding failed"}"#,
+        )),
+    }
+}

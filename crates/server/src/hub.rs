@@ -1,0 +1,375 @@
+//! Who is online where, and fan-out of frames to their sessions.
+//!
+//! The hub is two concurrent maps (sharded, never locked across `.await`):
+//! - user name -> that user's live sessions (one per device);
+//! - room id -> the room's member set, loaded from the store on first use and kept up to
+//!   date by joins and leaves on this node.
+//!
+//! Pushing a frame to a session never waits: it goes into the session's bounded queue,
+//! and a session whose queue is full is closed as a slow consumer (it catches up with
+//! `sync` after reconnecting; the store has everything).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use hubbub_protocol::{Conv, ServerFrame};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Store, StoreError};
+
+/// A frame to send, encoded at most once per codec however many sessions it goes to.
+#[derive(Debug)]
+pub struct OutFrame {
+    frame: ServerFrame,
+    json: OnceLock<Bytes>,
+}
+
+impl OutFrame {
+    pub fn new(frame: ServerFrame) -> Arc<OutFrame> {
+        Arc::new(OutFrame {
+            frame,
+            json: OnceLock::new(),
+        })
+    }
+
+    /// The frame as compact JSON (encoded on first use).
+    pub fn json(&self) -> &Bytes {
+        self.json.get_or_init(|| Bytes::from(self.frame.to_json()))
+    }
+
+    pub fn frame(&self) -> &ServerFrame {
+        &self.frame
+    }
+}
+
+/// Why a session is being closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+    /// Send what is already queued before the close frame.
+    pub flush: bool,
+}
+
+impl CloseReason {
+    pub const NORMAL: CloseReason = CloseReason {
+        code: 1000,
+        reason: "",
+        flush: true,
+    };
+    pub const SHUTDOWN: CloseReason = CloseReason {
+        code: 1001,
+        reason: "server shutting down",
+        flush: true,
+    };
+    pub const SLOW_CONSUMER: CloseReason = CloseReason {
+        code: 1008,
+        reason: "slow consumer",
+        flush: false,
+    };
+    pub const RATE_LIMITED: CloseReason = CloseReason {
+        code: 1008,
+        reason: "rate limited",
+        flush: true,
+    };
+    pub const TOO_LARGE: CloseReason = CloseReason {
+        code: 1009,
+        reason: "frame too large",
+        flush: true,
+    };
+    pub const REPLACED: CloseReason = CloseReason {
+        code: 4001,
+        reason: "replaced",
+        flush: true,
+    };
+    pub const DEAD: CloseReason = CloseReason {
+        code: 1000,
+        reason: "heartbeat timeout",
+        flush: false,
+    };
+}
+
+/// The hub's handle on one live session.
+#[derive(Debug)]
+pub struct Session {
+    pub id: u64,
+    pub user: Arc<str>,
+    pub device: Arc<str>,
+    tx: mpsc::Sender<Arc<OutFrame>>,
+    closing: CancellationToken,
+    close_reason: Mutex<Option<CloseReason>>,
+}
+
+pub type SessionHandle = Arc<Session>;
+
+impl Session {
+    pub fn new(
+        id: u64,
+        user: Arc<str>,
+        device: Arc<str>,
+        tx: mpsc::Sender<Arc<OutFrame>>,
+    ) -> SessionHandle {
+        Arc::new(Session {
+            id,
+            user,
+            device,
+            tx,
+            closing: CancellationToken::new(),
+            close_reason: Mutex::new(None),
+        })
+    }
+
+    /// The session id shown to clients.
+    pub fn public_id(&self) -> String {
+        format!("s-{:x}", self.id)
+    }
+
+    /// Queues a pushed frame without waiting. A full queue closes the session as a slow
+    /// consumer. Returns whether the frame was queued.
+    pub fn push(&self, frame: &Arc<OutFrame>) -> bool {
+        match self.tx.try_send(frame.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if self.close(CloseReason::SLOW_CONSUMER) {
+                    tracing::info!(user = %self.user, session = self.id, "closing slow consumer");
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues an answer to this session's own request, waiting for room in the queue.
+    pub async fn reply(&self, frame: ServerFrame) -> bool {
+        tokio::select! {
+            r = self.tx.send(OutFrame::new(frame)) => r.is_ok(),
+            _ = self.closing.cancelled() => false,
+        }
+    }
+
+    /// Asks the session to close; the first reason wins. Returns true for the first call.
+    pub fn close(&self, reason: CloseReason) -> bool {
+        let first = {
+            let mut r = self.close_reason.lock();
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        };
+        self.closing.cancel();
+        first
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close_reason.lock().clone()
+    }
+
+    /// Resolves when the session has been asked to close.
+    pub fn closing(&self) -> &CancellationToken {
+        &self.closing
+    }
+}
+
+/// A room's members, as cached by the hub.
+#[derive(Debug, Default)]
+pub struct Room {
+    loaded: tokio::sync::OnceCell<()>,
+    members: RwLock<HashSet<Arc<str>>>,
+}
+
+impl Room {
+    pub fn contains(&self, user: &str) -> bool {
+        self.members.read().contains(user)
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn add(&self, user: &str) {
+        self.members.write().insert(Arc::from(user));
+    }
+
+    pub fn remove(&self, user: &str) {
+        self.members.write().remove(user);
+    }
+
+    /// A copy of the member list.
+    pub fn members(&self) -> Vec<Arc<str>> {
+        self.members.read().iter().cloned().collect()
+    }
+}
+
+/// Result of registering a session.
+#[derive(Debug)]
+pub struct Registered {
+    /// This is the user's only session now (it just came online).
+    pub first: bool,
+    /// The session for the same device that this one replaced.
+    pub replaced: Option<SessionHandle>,
+}
+
+/// Online sessions and room membership caches.
+#[derive(Debug, Default)]
+pub struct Hub {
+    users: DashMap<Arc<str>, Vec<SessionHandle>>,
+    rooms: DashMap<String, Arc<Room>>,
+    next_session: AtomicU64,
+    connections: AtomicU64,
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        Hub {
+            next_session: AtomicU64::new(1),
+            ..Default::default()
+        }
+    }
+
+    /// A fresh session id.
+    pub fn next_session_id(&self) -> u64 {
+        // Mix a random start so ids differ across restarts.
+        static BASE: OnceLock<u64> = OnceLock::new();
+        let base = *BASE.get_or_init(|| rand::random::<u32>() as u64) << 32;
+        base | self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Adds a session. Another live session of the same user and device is replaced: it
+    /// gets `kicked` and is closed with 4001.
+    pub fn register(&self, session: &SessionHandle) -> Registered {
+        let mut entry = self.users.entry(session.user.clone()).or_default();
+        let first = entry.is_empty();
+        let replaced = entry
+            .iter()
+            .position(|s| s.device == session.device)
+            .map(|i| entry.swap_remove(i));
+        entry.push(session.clone());
+        drop(entry);
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        if let Some(old) = &replaced {
+            old.push(&OutFrame::new(ServerFrame::Kicked {
+                reason: "replaced".into(),
+            }));
+            old.close(CloseReason::REPLACED);
+        }
+        Registered { first, replaced }
+    }
+
+    /// Removes a session (if it is still registered). Returns true when it was the
+    /// user's last session (the user went offline).
+    pub fn unregister(&self, session: &SessionHandle) -> bool {
+        let mut last = false;
+        let mut found = false;
+        self.users.remove_if_mut(&session.user, |_, list| {
+            if let Some(i) = list.iter().position(|s| s.id == session.id) {
+                list.swap_remove(i);
+                found = true;
+            }
+            last = found && list.is_empty();
+            list.is_empty()
+        });
+        if found {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+        last
+    }
+
+    /// Number of registered sessions.
+    pub fn connection_count(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn is_online(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
+    /// Pushes `frame` to every session of `user` except `except`. Returns how many got it.
+    pub fn send_to_user(&self, user: &str, frame: &Arc<OutFrame>, except: Option<u64>) -> usize {
+        let Some(sessions) = self.users.get(user) else {
+            return 0;
+        };
+        let mut n = 0;
+        for s in sessions.iter() {
+            if Some(s.id) != except && s.push(frame) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The cached room `conv`, loading its members from the store on first use.
+    pub async fn room(&self, conv: &str, store: &dyn Store) -> Result<Arc<Room>, StoreError> {
+        let room = self.rooms.entry(conv.to_string()).or_default().clone();
+        room.loaded
+            .get_or_try_init(|| async {
+                let members = store.members(conv).await?;
+                let mut set = room.members.write();
+                set.extend(members.into_iter().map(Arc::from));
+                Ok::<(), StoreError>(())
+            })
+            .await?;
+        Ok(room)
+    }
+
+    /// Distinct online users among a room's members.
+    pub fn online_in(&self, room: &Room) -> u64 {
+        room.members
+            .read()
+            .iter()
+            .filter(|u| self.users.contains_key(&***u))
+            .count() as u64
+    }
+
+    /// Pushes a frame to every member session of a conversation, except the session
+    /// `except`; with `skip_user`, none of that user's sessions get it.
+    pub async fn deliver(
+        &self,
+        conv: &str,
+        frame: &Arc<OutFrame>,
+        except: Option<u64>,
+        skip_user: Option<&str>,
+        store: &dyn Store,
+    ) -> Result<usize, StoreError> {
+        let mut n = 0;
+        match Conv::parse(conv) {
+            Ok(Conv::Dm(a, b)) => {
+                for u in [a, b] {
+                    if Some(u) != skip_user {
+                        n += self.send_to_user(u, frame, except);
+                    }
+                }
+            }
+            Ok(Conv::Room(_)) => {
+                let room = self.room(conv, store).await?;
+                let members = room.members.read();
+                for u in members.iter() {
+                    if Some(&**u) != skip_user {
+                        n += self.send_to_user(u, frame, except);
+                    }
+                }
+            }
+            Err(_) => {}
+        }
+        Ok(n)
+    }
+
+    /// Asks every session to close.
+    pub fn close_all(&self, reason: CloseReason) {
+        for entry in self.users.iter() {
+            for s in entry.value() {
+                s.close(reason.clone());
+            }
+        }
+    }
+}

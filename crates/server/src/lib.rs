@@ -1,0 +1,123 @@
+//! The hubbub server as a library: [`run`] serves WebSocket chat, the HTTP API and the
+//! start page on one listener until a shutdown signal, then closes every session with
+//! 1001 and flushes the store.
+//!
+//! # Layout
+//!
+//! - [`config`]: typed configuration (defaults < file < `HUBBUB_*` env < flags).
+//! - [`gateway`]: `GET /ws` upgrade (credential, origin, subprotocol checks) and one
+//!   session per connection: reader (decode, authorize, act) and writer (queue, pings).
+//! - [`hub`]: who is online where; room member caches; pushing frames into session queues.
+//! - [`bus`]: fan-out of committed changes, sharded by conversation to keep `seq` order.
+//! - [`store`]: the [`store::Store`] trait, the SQLite implementation (group commit) and
+//!   the shared conformance suite.
+//! - [`api`]: HTTP routes and the JSON error body.
+//! - [`auth`]: the credential seam (guest names today).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub mod api;
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod gateway;
+pub mod hub;
+pub mod store;
+
+pub use config::Config;
+
+use crate::auth::Authenticator;
+use crate::bus::Bus;
+use crate::hub::{CloseReason, Hub};
+use crate::store::{CommitHook, SqliteStore, Store};
+
+/// How long shutdown waits for sessions to close before flushing the store anyway.
+const SESSION_DRAIN: Duration = Duration::from_secs(6);
+
+/// Shared state of a running server.
+pub struct AppState {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    pub auth: Authenticator,
+    /// Cancelled when shutdown begins.
+    pub shutdown: CancellationToken,
+    /// Tracks every session task.
+    pub sessions: TaskTracker,
+}
+
+/// Serves on `listener` until `shutdown` resolves; then stops accepting, closes every
+/// client with 1001, commits what the store has queued and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let shards = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    let (bus, workers) = Bus::new(shards);
+    let hook: CommitHook = Arc::new(move |change| bus.publish(change));
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir, hook)?);
+    let hub = Arc::new(Hub::new());
+    let background = TaskTracker::new();
+    workers.start(hub.clone(), store.clone(), &background);
+    let auth = Authenticator::new(config.guest_enabled(), config.admins.iter().cloned());
+    let state = Arc::new(AppState {
+        config,
+        store: store.clone(),
+        hub: hub.clone(),
+        auth,
+        shutdown: CancellationToken::new(),
+        sessions: TaskTracker::new(),
+    });
+
+    let token = state.shutdown.clone();
+    let closer = {
+        let hub = hub.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            token.cancelled().await;
+            hub.close_all(CloseReason::SHUTDOWN);
+        })
+    };
+    let app = api::router(state.clone());
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, guest = state.auth.guest_enabled(), "serving");
+    let stop = token.clone();
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = stop.cancelled() => {}
+        }
+        stop.cancel();
+    })
+    .await?;
+
+    token.cancel();
+    let _ = closer.await;
+    state.sessions.close();
+    if tokio::time::timeout(SESSION_DRAIN, state.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some sessions did not close in time");
+    }
+    store.close().await?;
+    drop(state);
+    drop(store);
+    background.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Durable storage: the [`Store`] trait over users' conversations, memberships and
+//! messages, and its embedded SQLite implementation ([`SqliteStore`]).
+//!
+//! Every implementation must pass the shared suite in [`conformance`], so a future
+//! PostgreSQL store plugs into the same tests.
+//!
+//! Contract highlights:
+//! - `append` assigns the next `seq` of the conversation (1, 2, 3, ... without gaps) and
+//!   resolves only after the message is durable. Appends are ordered at call time: two
+//!   `append` calls made one after the other get increasing `seq`s in the same
+//!   conversation, even before either future is polled.
+//! - The same `(from, client_msg_id)` returns the original message and stores nothing.
+//! - Committed messages are announced to the [`CommitHook`] in commit order, before the
+//!   appending caller is answered; this is what lets fan-out keep `seq` order.
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use hubbub_protocol::{ContentType, ErrorCode, Message, ProtoError};
+
+pub mod conformance;
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// Errors of the store.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot take writes or reads right now (disk full, locked, closed).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The request conflicts with stored data (e.g. a reused `client_msg_id`).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Something that should not happen.
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ProtoError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => ProtoError::new(ErrorCode::Unavailable, m),
+            StoreError::Conflict(m) => ProtoError::new(ErrorCode::Conflict, m),
+            StoreError::Internal(m) => {
+                tracing::error!(error = %m, "store error");
+                ProtoError::new(ErrorCode::Internal, "internal store error")
+            }
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A message to append.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub conv: String,
+    pub from: String,
+    pub client_msg_id: String,
+    pub content_type: ContentType,
+    /// Validated content (a string for text, an object for attachments).
+    pub content: serde_json::Value,
+    /// For a DM: its two participants, recorded as members on the first message.
+    pub dm_members: Option<(String, String)>,
+    /// Opaque id of the session that sent it (passed through to the [`CommitHook`]).
+    pub origin: u64,
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Appended {
+    pub message: Message,
+    /// True when `client_msg_id` had been stored before: nothing new was written.
+    pub duplicate: bool,
+}
+
+/// Which page of history to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryQuery {
+    /// The newest `limit`.
+    Latest { limit: u32 },
+    /// The newest `limit` with `seq < before`.
+    Before { before: u64, limit: u32 },
+    /// The oldest `limit` with `seq > after`.
+    After { after: u64, limit: u32 },
+}
+
+/// A page of history, ascending by `seq`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HistoryPage {
+    pub messages: Vec<Message>,
+    /// More exist in the paging direction.
+    pub has_more: bool,
+}
+
+/// Outcome of joining a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinOutcome {
+    /// The room did not exist and was created (the joiner is its admin).
+    pub created: bool,
+    /// The user was not a member before.
+    pub added: bool,
+    pub last_seq: u64,
+}
+
+/// A conversation a user belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvSummary {
+    pub conv: String,
+    pub last_seq: u64,
+}
+
+/// What the store announces after each commit, in commit order.
+#[derive(Debug, Clone)]
+pub enum Committed {
+    /// A new message (never a duplicate).
+    Message { message: Message, origin: u64 },
+}
+
+/// Called by the store after each commit, once per change, in commit order. It must
+/// not block for long: it runs on the store's writer.
+pub type CommitHook = Arc<dyn Fn(Committed) + Send + Sync>;
+
+/// Durable storage of conversations and messages.
+pub trait Store: Send + Sync + 'static {
+    /// Appends a message (see the module docs for ordering and idempotency).
+    fn append(&self, msg: NewMessage) -> BoxFuture<'static, StoreResult<Appended>>;
+
+    /// Joins `user` to the room `conv`, creating the room on first join.
+    fn join_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<JoinOutcome>>;
+
+    /// Removes `user` from the room; false when it was not a member.
+    fn leave_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>>;
+
+    /// Every member of a conversation.
+    fn members(&self, conv: &str) -> BoxFuture<'static, StoreResult<Vec<String>>>;
+
+    /// Whether `user` is a member of `conv`.
+    fn is_member(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>>;
+
+    /// Highest `seq` of a conversation (0 when empty or unknown).
+    fn last_seq(&self, conv: &str) -> BoxFuture<'static, StoreResult<u64>>;
+
+    /// A page of history.
+    fn history(&self, conv: &str, q: HistoryQuery) -> BoxFuture<'static, StoreResult<HistoryPage>>;
+
+    /// Every conversation `user` belongs to, with its `last_seq`.
+    fn conversations(&self, user: &str) -> BoxFuture<'static, StoreResult<Vec<ConvSummary>>>;
+
+    /// Whether two users share a room or a DM.
+    fn share_conversation(&self, a: &str, b: &str) -> BoxFuture<'static, StoreResult<bool>>;
+
+    /// Checks that the store answers reads and writes.
+    fn ping(&self) -> BoxFuture<'static, StoreResult<()>>;
+
+    /// Commits everything queued and stops taking writes.
+    fn close(&self) -> BoxFuture<'static, StoreResult<()>>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,657 @@
+//! Embedded SQLite store (WAL mode, `synchronous = FULL`).
+//!
+//! One writer thread owns the only write connection. Every write operation is sent to it
+//! over a channel; it takes everything that is queued (up to [`MAX_BATCH`]) and applies
+//! it in one transaction with one fsync: group commit. While one batch commits, the next
+//! one queues up, so the batch grows with load and durability costs little per message.
+//! Reads go to a small pool of read-only connections on blocking threads; WAL lets them
+//! run beside the writer.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use hubbub_protocol::{ContentType, Message};
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    now_ms, Appended, CommitHook, Committed, ConvSummary, HistoryPage, HistoryQuery, JoinOutcome,
+    NewMessage, Store, StoreError, StoreResult,
+};
+
+/// Most write operations committed in one transaction.
+pub(super) const MAX_BATCH: usize = 1024;
+const READERS: usize = 4;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE conversations (
+    conv        TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    created_by  TEXT,
+    created_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE members (
+    conv        TEXT NOT NULL,
+    user        TEXT NOT NULL,
+    role        TEXT NOT NULL DEFAULT 'member',
+    joined_at   INTEGER NOT NULL,
+    PRIMARY KEY (conv, user)
+) WITHOUT ROWID;
+CREATE INDEX members_by_user ON members (user, conv);
+CREATE TABLE messages (
+    conv          TEXT NOT NULL,
+    seq           INTEGER NOT NULL,
+    msg_id        TEXT NOT NULL,
+    sender        TEXT NOT NULL,
+    client_msg_id TEXT NOT NULL,
+    content_type  TEXT NOT NULL,
+    content       TEXT NOT NULL,
+    ts            INTEGER NOT NULL,
+    recalled      INTEGER NOT NULL DEFAULT 0,
+    edited_at     INTEGER,
+    PRIMARY KEY (conv, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX messages_by_client_id ON messages (sender, client_msg_id);
+"#];
+
+type Reply<T> = oneshot::Sender<StoreResult<T>>;
+
+enum WriteOp {
+    Append(NewMessage, Reply<Appended>),
+    Join {
+        conv: String,
+        user: String,
+        reply: Reply<JoinOutcome>,
+    },
+    Leave {
+        conv: String,
+        user: String,
+        reply: Reply<bool>,
+    },
+    Ping(Reply<()>),
+    Close(Reply<()>),
+}
+
+/// The embedded SQLite store. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writes: mpsc::UnboundedSender<WriteOp>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `dir/hubbub.db`, runs migrations and starts the writer.
+    pub fn open(dir: &Path, hook: CommitHook) -> StoreResult<SqliteStore> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+        })?;
+        let path = dir.join("hubbub.db");
+        let mut conn = open_conn(&path).map_err(unavailable)?;
+        migrate(&mut conn).map_err(unavailable)?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let r = open_conn(&path).map_err(unavailable)?;
+            r.pragma_update(None, "query_only", true)
+                .map_err(unavailable)?;
+            readers.push(Mutex::new(r));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            conn,
+            seqs: HashMap::new(),
+            hook,
+        };
+        std::thread::Builder::new()
+            .name("hubbub-store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Internal(format!("cannot start the writer: {e}")))?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                writes: tx,
+                readers,
+                next_reader: AtomicUsize::new(0),
+                path,
+            }),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn write<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> WriteOp,
+    ) -> BoxFuture<'static, StoreResult<T>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.inner.writes.send(make(tx)).is_ok();
+        Box::pin(async move {
+            if !sent {
+                return Err(StoreError::Unavailable("the store is closed".into()));
+            }
+            rx.await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("the store writer stopped".into())))
+        })
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> BoxFuture<'static, StoreResult<T>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let n = inner.readers.len();
+                let start = inner.next_reader.fetch_add(1, Ordering::Relaxed);
+                for i in 0..n {
+                    if let Some(conn) = inner.readers[(start + i) % n].try_lock() {
+                        return f(&conn);
+                    }
+                }
+                let conn = inner.readers[start % n].lock();
+                f(&conn)
+            })
+            .await
+            .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
+            .map_err(unavailable)
+        })
+    }
+}
+
+fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied schema migration");
+    }
+    Ok(())
+}
+
+fn unavailable(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+const MESSAGE_COLUMNS: &str =
+    "conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, recalled, edited_at";
+
+fn row_to_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    let content_type: String = row.get(5)?;
+    let content: String = row.get(6)?;
+    let recalled: bool = row.get(8)?;
+    let content_type = ContentType::parse(&content_type).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            5,
+            rusqlite::types::Type::Text,
+            format!("unknown content_type {content_type:?}").into(),
+        )
+    })?;
+    let content = if recalled {
+        None
+    } else {
+        Some(serde_json::from_str(&content).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Text, e.into())
+        })?)
+    };
+    Ok(Message {
+        conv: row.get(0)?,
+        seq: row.get(1)?,
+        msg_id: row.get(2)?,
+        from: row.get(3)?,
+        client_msg_id: row.get(4)?,
+        content_type,
+        content,
+        ts: row.get(7)?,
+        recalled,
+        edited_at: row.get(9)?,
+    })
+}
+
+fn query_last_seq(conn: &Connection, conv: &str) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT coalesce(max(seq), 0) FROM messages WHERE conv = ?1")?
+        .query_row([conv], |r| r.get(0))
+}
+
+struct Writer {
+    conn: Connection,
+    /// Last assigned `seq` per conversation seen since start (also: the conversation row
+    /// exists).
+    seqs: HashMap<String, u64>,
+    hook: CommitHook,
+}
+
+/// What one operation of a batch produced, answered after the commit.
+enum Done {
+    /// Already answered (a refusal that wrote nothing).
+    Answered,
+    Append(Reply<Appended>, Appended, u64),
+    Join(Reply<JoinOutcome>, JoinOutcome),
+    Leave(Reply<bool>, bool),
+    Ping(Reply<()>),
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteOp>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(op) = rx.blocking_recv() {
+            batch.push(op);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            let mut close = None;
+            let ops: Vec<WriteOp> = batch
+                .drain(..)
+                .filter_map(|op| match op {
+                    WriteOp::Close(reply) => {
+                        close = Some(reply);
+                        None
+                    }
+                    op => Some(op),
+                })
+                .collect();
+            self.apply_batch(ops);
+            if let Some(reply) = close {
+                // Everything queued before the close has been committed above; refuse the
+                // rest.
+                rx.close();
+                while let Ok(op) = rx.try_recv() {
+                    fail(op, StoreError::Unavailable("the store is closed".into()));
+                }
+                let _ = reply.send(Ok(()));
+                break;
+            }
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    fn apply_batch(&mut self, ops: Vec<WriteOp>) {
+        if ops.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let n = ops.len();
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            let err = unavailable(e);
+            for op in ops {
+                fail(op, err.clone());
+            }
+            return;
+        }
+        let now = now_ms();
+        let mut done = Vec::with_capacity(n);
+        let mut failure = None;
+        let mut ops = ops.into_iter();
+        for op in ops.by_ref() {
+            match self.apply(op, now) {
+                Ok(d) => done.push(d),
+                Err(boxed) => {
+                    let (op, e) = *boxed;
+                    failure = Some(e);
+                    fail(op, StoreError::Unavailable("the batch failed".into()));
+                    break;
+                }
+            }
+        }
+        let commit = match failure {
+            Some(e) => Err(e),
+            None => self.conn.execute_batch("COMMIT"),
+        };
+        if let Err(e) = commit {
+            tracing::error!(error = %e, "store batch failed; rolled back");
+            let _ = self.conn.execute_batch("ROLLBACK");
+            // Cached seqs may have advanced inside the failed transaction.
+            self.seqs.clear();
+            let err = unavailable(e);
+            for d in done {
+                d.fail(err.clone());
+            }
+            for op in ops {
+                fail(op, err.clone());
+            }
+            return;
+        }
+        tracing::trace!(
+            ops = n,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "batch committed"
+        );
+        for d in &done {
+            if let Done::Append(_, a, origin) = d {
+                if !a.duplicate {
+                    (self.hook)(Committed::Message {
+                        message: a.message.clone(),
+                        origin: *origin,
+                    });
+                }
+            }
+        }
+        for d in done {
+            d.answer();
+        }
+    }
+
+    /// Applies one operation inside the open transaction. On a database error, gives the
+    /// operation back so that the caller can answer it.
+    fn apply(&mut self, op: WriteOp, now: i64) -> Result<Done, Box<(WriteOp, rusqlite::Error)>> {
+        match op {
+            WriteOp::Append(msg, reply) => match self.append(&msg, now) {
+                Ok(Ok(a)) => Ok(Done::Append(reply, a, msg.origin)),
+                Ok(Err(e)) => {
+                    let _ = reply.send(Err(e));
+                    Ok(Done::Answered)
+                }
+                Err(e) => Err(Box::new((WriteOp::Append(msg, reply), e))),
+            },
+            WriteOp::Join { conv, user, reply } => match self.join(&conv, &user, now) {
+                Ok(j) => Ok(Done::Join(reply, j)),
+                Err(e) => Err(Box::new((WriteOp::Join { conv, user, reply }, e))),
+            },
+            WriteOp::Leave { conv, user, reply } => {
+                match self
+                    .conn
+                    .prepare_cached("DELETE FROM members WHERE conv = ?1 AND user = ?2")
+                    .and_then(|mut s| s.execute(params![conv, user]))
+                {
+                    Ok(n) => Ok(Done::Leave(reply, n == 1)),
+                    Err(e) => Err(Box::new((WriteOp::Leave { conv, user, reply }, e))),
+                }
+            }
+            WriteOp::Ping(reply) => Ok(Done::Ping(reply)),
+            WriteOp::Close(reply) => Ok(Done::Ping(reply)),
+        }
+    }
+
+    fn append(&mut self, msg: &NewMessage, now: i64) -> rusqlite::Result<StoreResult<Appended>> {
+        let existing = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender = ?1 AND client_msg_id = ?2"
+            ))?
+            .query_row(params![msg.from, msg.client_msg_id], row_to_message)
+            .optional()?;
+        if let Some(message) = existing {
+            if message.conv != msg.conv {
+                return Ok(Err(StoreError::Conflict(format!(
+                    "client_msg_id {:?} was already used in {}",
+                    msg.client_msg_id, message.conv
+                ))));
+            }
+            return Ok(Ok(Appended {
+                message,
+                duplicate: true,
+            }));
+        }
+        let last = match self.seqs.get(&msg.conv).copied() {
+            Some(s) => s,
+            None => {
+                if let Some((a, b)) = &msg.dm_members {
+                    self.conn
+                        .prepare_cached(
+                            "INSERT OR IGNORE INTO conversations (conv, kind, created_by, created_at) VALUES (?1, 'dm', ?2, ?3)",
+                        )?
+                        .execute(params![msg.conv, msg.from, now])?;
+                    let mut add = self.conn.prepare_cached(
+                        "INSERT OR IGNORE INTO members (conv, user, role, joined_at) VALUES (?1, ?2, 'member', ?3)",
+                    )?;
+                    add.execute(params![msg.conv, a, now])?;
+                    add.execute(params![msg.conv, b, now])?;
+                }
+                query_last_seq(&self.conn, &msg.conv)?
+            }
+        };
+        let seq = last + 1;
+        let msg_id = ulid::Ulid::new().to_string();
+        let content = serde_json::to_string(&msg.content).unwrap_or_else(|_| "null".into());
+        self.conn
+            .prepare_cached(
+                "INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                msg.conv,
+                seq,
+                msg_id,
+                msg.from,
+                msg.client_msg_id,
+                msg.content_type.as_str(),
+                content,
+                now
+            ])?;
+        self.seqs.insert(msg.conv.clone(), seq);
+        Ok(Ok(Appended {
+            message: Message {
+                conv: msg.conv.clone(),
+                seq,
+                msg_id,
+                from: msg.from.clone(),
+                client_msg_id: msg.client_msg_id.clone(),
+                content_type: msg.content_type,
+                content: Some(msg.content.clone()),
+                ts: now,
+                recalled: false,
+                edited_at: None,
+            },
+            duplicate: false,
+        }))
+    }
+
+    fn join(&mut self, conv: &str, user: &str, now: i64) -> rusqlite::Result<JoinOutcome> {
+        let created = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO conversations (conv, kind, created_by, created_at) VALUES (?1, 'room', ?2, ?3)",
+            )?
+            .execute(params![conv, user, now])?
+            == 1;
+        let role = if created { "admin" } else { "member" };
+        let added = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO members (conv, user, role, joined_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![conv, user, role, now])?
+            == 1;
+        let last_seq = match self.seqs.get(conv) {
+            Some(s) => *s,
+            None => query_last_seq(&self.conn, conv)?,
+        };
+        Ok(JoinOutcome {
+            created,
+            added,
+            last_seq,
+        })
+    }
+}
+
+impl Done {
+    fn answer(self) {
+        match self {
+            Done::Answered => {}
+            Done::Append(r, a, _) => {
+                let _ = r.send(Ok(a));
+            }
+            Done::Join(r, j) => {
+                let _ = r.send(Ok(j));
+            }
+            Done::Leave(r, b) => {
+                let _ = r.send(Ok(b));
+            }
+            Done::Ping(r) => {
+                let _ = r.send(Ok(()));
+            }
+        }
+    }
+
+    fn fail(self, e: StoreError) {
+        match self {
+            Done::Answered => {}
+            Done::Append(r, _, _) => {
+                let _ = r.send(Err(e));
+            }
+            Done::Join(r, _) => {
+                let _ = r.send(Err(e));
+            }
+            Done::Leave(r, _) => {
+                let _ = r.send(Err(e));
+            }
+            Done::Ping(r) => {
+                let _ = r.send(Err(e));
+            }
+        }
+    }
+}
+
+fn fail(op: WriteOp, e: StoreError) {
+    match op {
+        WriteOp::Append(_, r) => {
+            let _ = r.send(Err(e));
+        }
+        WriteOp::Join { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        WriteOp::Leave { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        WriteOp::Ping(r) | WriteOp::Close(r) => {
+            let _ = r.send(Err(e));
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn append(&self, msg: NewMessage) -> BoxFuture<'static, StoreResult<Appended>> {
+        self.write(|reply| WriteOp::Append(msg, reply))
+    }
+
+    fn join_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<JoinOutcome>> {
+        let (conv, user) = (conv.to_string(), user.to_string());
+        self.write(|reply| WriteOp::Join { conv, user, reply })
+    }
+
+    fn leave_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>> {
+        let (conv, user) = (conv.to_string(), user.to_string());
+        self.write(|reply| WriteOp::Leave { conv, user, reply })
+    }
+
+    fn members(&self, conv: &str) -> BoxFuture<'static, StoreResult<Vec<String>>> {
+        let conv = conv.to_string();
+        self.read(move |c| {
+            let mut s =
+                c.prepare_cached("SELECT user FROM members WHERE conv = ?1 ORDER BY user")?;
+            let rows = s.query_map([conv], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    fn is_member(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>> {
+        let (conv, user) = (conv.to_string(), user.to_string());
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM members WHERE conv = ?1 AND user = ?2")?
+                .exists(params![conv, user])
+        })
+    }
+
+    fn last_seq(&self, conv: &str) -> BoxFuture<'static, StoreResult<u64>> {
+        let conv = conv.to_string();
+        self.read(move |c| query_last_seq(c, &conv))
+    }
+
+    fn history(&self, conv: &str, q: HistoryQuery) -> BoxFuture<'static, StoreResult<HistoryPage>> {
+        let conv = conv.to_string();
+        self.read(move |c| {
+            let (sql, bound, limit, descending) = match q {
+                HistoryQuery::Latest { limit } => (
+                    format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND seq > ?2 ORDER BY seq DESC LIMIT ?3"),
+                    0,
+                    limit,
+                    true,
+                ),
+                HistoryQuery::Before { before, limit } => (
+                    format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"),
+                    before,
+                    limit,
+                    true,
+                ),
+                HistoryQuery::After { after, limit } => (
+                    format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND seq > ?2 ORDER BY seq ASC LIMIT ?3"),
+                    after,
+                    limit,
+                    false,
+                ),
+            };
+            let mut s = c.prepare_cached(&sql)?;
+            let rows = s.query_map(params![conv, bound, i64::from(limit) + 1], row_to_message)?;
+            let mut messages: Vec<Message> = rows.collect::<rusqlite::Result<_>>()?;
+            let has_more = messages.len() > limit as usize;
+            messages.truncate(limit as usize);
+            if descending {
+                messages.reverse();
+            }
+            Ok(HistoryPage { messages, has_more })
+        })
+    }
+
+    fn conversations(&self, user: &str) -> BoxFuture<'static, StoreResult<Vec<ConvSummary>>> {
+        let user = user.to_string();
+        self.read(move |c| {
+            let mut s = c.prepare_cached(
+                "SELECT m.conv, (SELECT coalesce(max(seq), 0) FROM messages WHERE conv = m.conv) \
+                 FROM members m WHERE m.user = ?1 ORDER BY m.conv",
+            )?;
+            let rows = s.query_map([user], |r| {
+                Ok(ConvSummary {
+                    conv: r.get(0)?,
+                    last_seq: r.get(1)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn share_conversation(&self, a: &str, b: &str) -> BoxFuture<'static, StoreResult<bool>> {
+        let (a, b) = (a.to_string(), b.to_string());
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT 1 FROM members x JOIN members y ON x.conv = y.conv WHERE x.user = ?1 AND y.user = ?2 LIMIT 1",
+            )?
+            .exists(params![a, b])
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'static, StoreResult<()>> {
+        let write = self.write(WriteOp::Ping);
+        let read = self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())));
+        Box::pin(async move {
+            read.await?;
+            write.await
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'static, StoreResult<()>> {
+        self.write(WriteOp::Close)
+    }
+}
