@@ -8,6 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use hubbub_server::Config;
 use serde_json::{Map, Value};
 
+mod admin;
+mod bench;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "hubbub",
@@ -23,6 +26,13 @@ struct Cli {
 enum Command {
     /// Serve WebSocket chat, the HTTP API and the web page on one port (the default).
     Serve(ServeArgs),
+    /// Load generator: measure a running server (loopback only).
+    Bench(bench::BenchArgs),
+    /// Manage accounts in a server's data dir.
+    #[command(subcommand)]
+    User(admin::UserCommand),
+    /// Print a token signed with a server's secret (for scripts and tests).
+    Token(admin::TokenArgs),
 }
 
 #[derive(Debug, Default, Args)]
@@ -104,6 +114,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),
+        Command::Bench(args) => bench::run(args),
+        Command::User(cmd) => admin::user(cmd),
+        Command::Token(args) => admin::token(args),
     }
 }
 

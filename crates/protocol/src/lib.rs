@@ -12,6 +12,8 @@
 //! - [`ErrorCode`]: the stable error codes of `error` frames and HTTP error bodies.
 //! - [`validate_content`]: the rules for `send` and `edit` content.
 
+pub mod pb;
+
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -398,6 +400,24 @@ pub enum ClientFrame {
 }
 
 impl ClientFrame {
+    /// Sets the request id.
+    pub fn set_id(&mut self, new: Option<ReqId>) {
+        match self {
+            ClientFrame::Ping { id }
+            | ClientFrame::Join { id, .. }
+            | ClientFrame::Leave { id, .. }
+            | ClientFrame::Send { id, .. }
+            | ClientFrame::History { id, .. }
+            | ClientFrame::Sync { id, .. }
+            | ClientFrame::Read { id, .. }
+            | ClientFrame::Typing { id, .. }
+            | ClientFrame::Recall { id, .. }
+            | ClientFrame::Edit { id, .. }
+            | ClientFrame::Presence { id, .. }
+            | ClientFrame::Signal { id, .. } => *id = new,
+        }
+    }
+
     /// The request id, when the frame carries one.
     pub fn id(&self) -> Option<&ReqId> {
         match self {

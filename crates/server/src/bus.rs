@@ -44,9 +44,7 @@ impl Bus {
 
     /// Hands a committed change to its conversation's shard. Never blocks.
     pub fn publish(&self, change: Committed) {
-        let conv = match &change {
-            Committed::Message { message, .. } => &message.conv,
-        };
+        let conv = change.conv();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         conv.hash(&mut h);
         let i = (h.finish() % self.shards.len() as u64) as usize;
@@ -72,13 +70,39 @@ impl BusWorkers {
 }
 
 async fn deliver(hub: &Hub, store: &dyn Store, change: Committed) {
-    match change {
-        Committed::Message { message, origin } => {
-            let conv = message.conv.clone();
-            let frame = OutFrame::new(ServerFrame::Message(message));
-            if let Err(e) = hub.deliver(&conv, &frame, Some(origin), None, store).await {
-                tracing::warn!(%conv, error = %e, "fan-out failed; recipients will sync");
-            }
-        }
+    let conv = change.conv().to_string();
+    let (frame, origin) = match change {
+        Committed::Message { message, origin } => (ServerFrame::Message(message), origin),
+        Committed::Recalled {
+            conv,
+            seq,
+            by,
+            origin,
+        } => (ServerFrame::Recalled { conv, seq, by }, origin),
+        Committed::Edited {
+            conv,
+            seq,
+            content,
+            edited_at,
+            origin,
+        } => (
+            ServerFrame::Edited {
+                conv,
+                seq,
+                content,
+                edited_at,
+            },
+            origin,
+        ),
+        Committed::Receipt {
+            conv,
+            user,
+            seq,
+            origin,
+        } => (ServerFrame::Receipt { conv, user, seq }, origin),
+    };
+    let frame = OutFrame::new(frame);
+    if let Err(e) = hub.deliver(&conv, &frame, Some(origin), None, store).await {
+        tracing::warn!(%conv, error = %e, "fan-out failed; recipients will sync");
     }
 }

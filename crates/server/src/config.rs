@@ -50,6 +50,13 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Log format: `text` or `json`.
     pub log_format: String,
+    /// Token signing secret; when unset, one is generated once and kept in
+    /// `data_dir/jwt.secret` (mode 0600).
+    pub jwt_secret: Option<String>,
+    /// Lifetime of tokens issued by `POST /api/login`, in seconds.
+    pub token_ttl_secs: u64,
+    /// Largest attachment accepted by `POST /api/files`, in bytes.
+    pub max_upload_bytes: usize,
 }
 
 impl Default for Config {
@@ -74,11 +81,26 @@ impl Default for Config {
             sync_max: 1000,
             allowed_origins: Vec::new(),
             log_format: "text".into(),
+            jwt_secret: None,
+            token_ttl_secs: 7 * 24 * 3600,
+            max_upload_bytes: 25 * 1024 * 1024,
         }
     }
 }
 
 impl Config {
+    /// The token signer of this configuration (reading or creating the secret file).
+    pub fn tokens(&self) -> std::io::Result<crate::auth::Tokens> {
+        let secret = match &self.jwt_secret {
+            Some(s) => s.as_bytes().to_vec(),
+            None => crate::auth::load_or_create_secret(&self.data_dir)?,
+        };
+        Ok(crate::auth::Tokens::new(
+            &secret,
+            std::time::Duration::from_secs(self.token_ttl_secs),
+        ))
+    }
+
     /// Layers: defaults, then `file` (TOML, if given), then `HUBBUB_*` variables, then
     /// `overrides` (usually the command-line flags that were set).
     pub fn load(
@@ -89,10 +111,15 @@ impl Config {
         if let Some(file) = file {
             fig = fig.merge(Toml::file_exact(file));
         }
-        fig.merge(Env::prefixed("HUBBUB_").split("__"))
-            .merge(overrides)
-            .extract()
-            .map_err(Box::new)
+        // HUBBUB_LOG (log filter) and HUBBUB_CONFIG (the file) are not config keys.
+        fig.merge(
+            Env::prefixed("HUBBUB_")
+                .ignore(&["log", "config"])
+                .split("__"),
+        )
+        .merge(overrides)
+        .extract()
+        .map_err(Box::new)
     }
 
     /// Whether guest mode is on, applying the loopback default.

@@ -20,6 +20,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
 /// A frame to send, encoded at most once per codec however many sessions it goes to.
@@ -27,6 +28,7 @@ use crate::store::{Store, StoreError};
 pub struct OutFrame {
     frame: ServerFrame,
     json: OnceLock<Bytes>,
+    pb: OnceLock<Bytes>,
 }
 
 impl OutFrame {
@@ -34,12 +36,19 @@ impl OutFrame {
         Arc::new(OutFrame {
             frame,
             json: OnceLock::new(),
+            pb: OnceLock::new(),
         })
     }
 
     /// The frame as compact JSON (encoded on first use).
     pub fn json(&self) -> &Bytes {
         self.json.get_or_init(|| Bytes::from(self.frame.to_json()))
+    }
+
+    /// The frame as protobuf (`hubbub.v1.pb`, encoded on first use).
+    pub fn pb(&self) -> &Bytes {
+        self.pb
+            .get_or_init(|| Bytes::from(hubbub_protocol::pb::encode_server(&self.frame)))
     }
 
     pub fn frame(&self) -> &ServerFrame {
@@ -87,6 +96,11 @@ impl CloseReason {
         reason: "replaced",
         flush: true,
     };
+    pub const TOKEN_EXPIRED: CloseReason = CloseReason {
+        code: 4003,
+        reason: "token expired",
+        flush: true,
+    };
     pub const DEAD: CloseReason = CloseReason {
         code: 1000,
         reason: "heartbeat timeout",
@@ -103,6 +117,7 @@ pub struct Session {
     tx: mpsc::Sender<Arc<OutFrame>>,
     closing: CancellationToken,
     close_reason: Mutex<Option<CloseReason>>,
+    metrics: Metrics,
 }
 
 pub type SessionHandle = Arc<Session>;
@@ -113,6 +128,7 @@ impl Session {
         user: Arc<str>,
         device: Arc<str>,
         tx: mpsc::Sender<Arc<OutFrame>>,
+        metrics: Metrics,
     ) -> SessionHandle {
         Arc::new(Session {
             id,
@@ -121,6 +137,7 @@ impl Session {
             tx,
             closing: CancellationToken::new(),
             close_reason: Mutex::new(None),
+            metrics,
         })
     }
 
@@ -136,6 +153,7 @@ impl Session {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if self.close(CloseReason::SLOW_CONSUMER) {
+                    self.metrics.slow_consumer_closes.inc();
                     tracing::info!(user = %self.user, session = self.id, "closing slow consumer");
                 }
                 false
@@ -221,20 +239,28 @@ pub struct Registered {
 }
 
 /// Online sessions and room membership caches.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Hub {
     users: DashMap<Arc<str>, Vec<SessionHandle>>,
     rooms: DashMap<String, Arc<Room>>,
     next_session: AtomicU64,
     connections: AtomicU64,
+    metrics: Metrics,
 }
 
 impl Hub {
-    pub fn new() -> Hub {
+    pub fn new(metrics: Metrics) -> Hub {
         Hub {
+            users: DashMap::new(),
+            rooms: DashMap::new(),
             next_session: AtomicU64::new(1),
-            ..Default::default()
+            connections: AtomicU64::new(0),
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// A fresh session id.
@@ -257,6 +283,8 @@ impl Hub {
         entry.push(session.clone());
         drop(entry);
         self.connections.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connections_open.inc();
+        self.metrics.connections_total.inc();
         if let Some(old) = &replaced {
             old.push(&OutFrame::new(ServerFrame::Kicked {
                 reason: "replaced".into(),
@@ -281,6 +309,7 @@ impl Hub {
         });
         if found {
             self.connections.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.connections_open.dec();
         }
         last
     }
@@ -305,6 +334,7 @@ impl Hub {
                 n += 1;
             }
         }
+        self.metrics.deliveries.inc_by(n as u64);
         n
     }
 
@@ -362,6 +392,20 @@ impl Hub {
             Err(_) => {}
         }
         Ok(n)
+    }
+
+    /// Pushes `frame` to every online session. Returns how many got it.
+    pub fn broadcast(&self, frame: &Arc<OutFrame>) -> usize {
+        let mut n = 0;
+        for entry in self.users.iter() {
+            for s in entry.value() {
+                if s.push(frame) {
+                    n += 1;
+                }
+            }
+        }
+        self.metrics.deliveries.inc_by(n as u64);
+        n
     }
 
     /// Asks every session to close.

@@ -23,19 +23,23 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod gateway;
 pub mod hub;
+pub mod metrics;
 pub mod store;
+pub mod web;
 
 pub use config::Config;
 
 use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::hub::{CloseReason, Hub};
+use crate::metrics::Metrics;
 use crate::store::{CommitHook, SqliteStore, Store};
 
 /// How long shutdown waits for sessions to close before flushing the store anyway.
@@ -51,6 +55,11 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Tracks every session task.
     pub sessions: TaskTracker,
+    /// Accounts known to exist.
+    pub known_users: dashmap::DashSet<String>,
+    /// Failed-login bookkeeping.
+    pub logins: auth::LoginThrottle,
+    pub metrics: Metrics,
 }
 
 /// Serves on `listener` until `shutdown` resolves; then stops accepting, closes every
@@ -64,11 +73,21 @@ pub async fn run(
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
     let (bus, workers) = Bus::new(shards);
     let hook: CommitHook = Arc::new(move |change| bus.publish(change));
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir, hook)?);
-    let hub = Arc::new(Hub::new());
+    let metrics = Metrics::new();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with_metrics(
+        &config.data_dir,
+        hook,
+        metrics.clone(),
+    )?);
+    let hub = Arc::new(Hub::new(metrics.clone()));
     let background = TaskTracker::new();
     workers.start(hub.clone(), store.clone(), &background);
-    let auth = Authenticator::new(config.guest_enabled(), config.admins.iter().cloned());
+    let tokens = config.tokens()?;
+    let auth = Authenticator::new(
+        config.guest_enabled(),
+        config.admins.iter().cloned(),
+        tokens,
+    );
     let state = Arc::new(AppState {
         config,
         store: store.clone(),
@@ -76,6 +95,9 @@ pub async fn run(
         auth,
         shutdown: CancellationToken::new(),
         sessions: TaskTracker::new(),
+        known_users: dashmap::DashSet::new(),
+        logins: auth::LoginThrottle::default(),
+        metrics,
     });
 
     let token = state.shutdown.clone();

@@ -15,6 +15,7 @@ use hubbub_protocol::{
 };
 use serde_json::{json, Value};
 
+use crate::access::{history_query, page_limit};
 use crate::auth::Identity;
 use crate::hub::{CloseReason, OutFrame, Room, SessionHandle};
 use crate::store::{HistoryQuery, NewMessage};
@@ -24,8 +25,7 @@ use crate::AppState;
 const MAX_PRESENCE_QUERY: usize = 256;
 /// Most conversations named in one `sync`.
 const MAX_SYNC_CONVS: usize = 1000;
-/// Default page sizes.
-const DEFAULT_HISTORY: u32 = 50;
+/// Default sync page size.
 const DEFAULT_SYNC: u32 = 500;
 
 type Pending = FuturesOrdered<BoxFuture<'static, ServerFrame>>;
@@ -70,7 +70,16 @@ impl Conn {
     /// Handles one protocol message. `send`s are pipelined into `pending`; anything else
     /// waits for the pending sends first, then runs to completion.
     pub(crate) async fn handle_line(&mut self, line: &str, pending: &mut Pending) {
-        let frame = match decode_client_frame(line) {
+        self.handle(decode_client_frame(line), pending).await
+    }
+
+    /// Handles one decoded (or undecodable) protocol message, whatever its codec.
+    pub(crate) async fn handle(
+        &mut self,
+        decoded: Result<ClientFrame, hubbub_protocol::DecodeError>,
+        pending: &mut Pending,
+    ) {
+        let frame = match decoded {
             Ok(f) => f,
             Err(e) => {
                 self.session
@@ -131,12 +140,13 @@ impl Conn {
                 .signal(&to, call_id, kind, data)
                 .await
                 .map(|()| Value::Null),
-            ClientFrame::Read { .. } | ClientFrame::Recall { .. } | ClientFrame::Edit { .. } => {
-                Err(ProtoError::bad_request(format!(
-                    "{} is not enabled on this server yet",
-                    frame.type_name()
-                )))
+            ClientFrame::Read { conv, seq, .. } => {
+                self.read(&conv, seq).await.map(|()| Value::Null)
             }
+            ClientFrame::Recall { conv, seq, .. } => self.recall(&conv, seq).await,
+            ClientFrame::Edit {
+                conv, seq, content, ..
+            } => self.edit(&conv, seq, content).await,
             ClientFrame::Send { .. } => return,
         };
         match result {
@@ -192,32 +202,9 @@ impl Conn {
         .boxed())
     }
 
-    /// Checks that the user may read and write `conv`. For a DM, returns its two
-    /// participants.
+    /// Checks that the user may read and write `conv` (see [`crate::access`]).
     async fn authorize(&self, conv: &str) -> Result<Option<(String, String)>, ProtoError> {
-        match Conv::parse(conv)? {
-            Conv::Room(_) => {
-                let room = self.room(conv).await?;
-                if room.contains(self.user()) {
-                    Ok(None)
-                } else {
-                    Err(ProtoError::new(
-                        ErrorCode::NotMember,
-                        format!("you are not a member of {conv}"),
-                    ))
-                }
-            }
-            Conv::Dm(a, b) => {
-                if a == self.user() || b == self.user() {
-                    Ok(Some((a.to_string(), b.to_string())))
-                } else {
-                    Err(ProtoError::new(
-                        ErrorCode::Forbidden,
-                        format!("{conv} is a conversation between two other users"),
-                    ))
-                }
-            }
-        }
+        crate::access::authorize(&self.state, self.user(), conv).await
     }
 
     async fn room(&self, conv: &str) -> Result<Arc<Room>, ProtoError> {
@@ -290,17 +277,7 @@ impl Conn {
         limit: Option<u32>,
     ) -> Answer {
         self.authorize(conv).await?;
-        let limit = page_limit(limit, DEFAULT_HISTORY, self.state.config.history_max)?;
-        let q = match (before_seq, after_seq) {
-            (Some(_), Some(_)) => {
-                return Err(ProtoError::bad_request(
-                    "give before_seq or after_seq, not both",
-                ))
-            }
-            (Some(before), None) => HistoryQuery::Before { before, limit },
-            (None, Some(after)) => HistoryQuery::After { after, limit },
-            (None, None) => HistoryQuery::Latest { limit },
-        };
+        let q = history_query(before_seq, after_seq, limit, self.state.config.history_max)?;
         let page = self.state.store.history(conv, q).await?;
         Ok(json!({"messages": page.messages, "has_more": page.has_more}))
     }
@@ -363,6 +340,70 @@ impl Conn {
             body["denied"] = json!(denied);
         }
         Ok(body)
+    }
+
+    async fn read(&self, conv: &str, seq: u64) -> Result<(), ProtoError> {
+        self.authorize(conv).await?;
+        self.state
+            .store
+            .mark_read(conv, self.user(), seq, self.session.id)
+            .await?;
+        Ok(())
+    }
+
+    /// Only the sender, or an admin of the room, may recall.
+    async fn recall(&self, conv: &str, seq: u64) -> Answer {
+        self.authorize(conv).await?;
+        let msg = self.existing_message(conv, seq).await?;
+        if msg.from != self.user() {
+            let admin = Conv::parse(conv)?.is_room()
+                && self
+                    .state
+                    .store
+                    .member_role(conv, self.user())
+                    .await?
+                    .is_some_and(|r| r == "admin");
+            if !admin {
+                return Err(ProtoError::new(
+                    ErrorCode::Forbidden,
+                    "only the sender or a room admin may recall a message",
+                ));
+            }
+        }
+        self.state
+            .store
+            .recall(conv, seq, self.user(), self.session.id)
+            .await?;
+        Ok(json!({"conv": conv, "seq": seq}))
+    }
+
+    /// Only the sender may edit; the new content follows the message's content type.
+    async fn edit(&self, conv: &str, seq: u64, content: Value) -> Answer {
+        self.authorize(conv).await?;
+        let msg = self.existing_message(conv, seq).await?;
+        if msg.from != self.user() {
+            return Err(ProtoError::new(
+                ErrorCode::Forbidden,
+                "only the sender may edit a message",
+            ));
+        }
+        validate_content(msg.content_type, &content, self.state.config.max_text_bytes)?;
+        let edited_at = self
+            .state
+            .store
+            .edit(conv, seq, content, self.session.id)
+            .await?;
+        Ok(json!({"conv": conv, "seq": seq, "edited_at": edited_at}))
+    }
+
+    async fn existing_message(
+        &self,
+        conv: &str,
+        seq: u64,
+    ) -> Result<hubbub_protocol::Message, ProtoError> {
+        self.state.store.message(conv, seq).await?.ok_or_else(|| {
+            ProtoError::new(ErrorCode::NotFound, format!("no message {seq} in {conv}"))
+        })
     }
 
     fn presence(&self, users: &[String]) -> Answer {
@@ -479,14 +520,6 @@ impl Conn {
         for u in notify {
             self.state.hub.send_to_user(&u, &frame, None);
         }
-    }
-}
-
-fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ProtoError> {
-    match limit {
-        None => Ok(default.min(max)),
-        Some(0) => Err(ProtoError::bad_request("limit must be at least 1")),
-        Some(n) => Ok(n.min(max)),
     }
 }
 

@@ -9,6 +9,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hubbub_protocol::{ErrorCode, SUBPROTOCOL_JSON, SUBPROTOCOL_PB};
 use serde::Deserialize;
+use tracing::Instrument;
 
 use crate::api::ApiError;
 use crate::auth::Credentials;
@@ -16,6 +17,8 @@ use crate::AppState;
 
 mod handler;
 pub mod session;
+
+pub use session::Codec;
 
 /// Query parameters of `GET /ws`.
 #[derive(Debug, Default, Deserialize)]
@@ -47,12 +50,14 @@ pub async fn ws_handler(
     let identity = match state.auth.authenticate(&creds) {
         Ok(id) => id,
         Err(e) => {
+            state.metrics.auth_failures.inc();
+            tracing::debug!(error = %e, "refused a WebSocket credential");
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
                 e.to_string(),
             )
-            .into_response()
+            .into_response();
         }
     };
     if let Err(origin) = check_origin(&state, &headers) {
@@ -72,18 +77,25 @@ pub async fn ws_handler(
     {
         return ApiError::bad_request("device must match ^[A-Za-z0-9_.-]{1,64}$").into_response();
     }
+    // The first offered subprotocol we speak wins; none offered means JSON.
+    let mut codec = Codec::Json;
     if let Some(offered) = headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|v| v.to_str().ok())
     {
-        let offered: Vec<&str> = offered.split(',').map(str::trim).collect();
-        if !offered.contains(&SUBPROTOCOL_JSON) {
-            let msg = if offered.contains(&SUBPROTOCOL_PB) {
-                format!("{SUBPROTOCOL_PB} is not enabled on this server; offer {SUBPROTOCOL_JSON}")
-            } else {
-                format!("unsupported subprotocol; offer {SUBPROTOCOL_JSON}")
-            };
-            return ApiError::bad_request(msg).into_response();
+        let chosen = offered.split(',').map(str::trim).find_map(|p| match p {
+            SUBPROTOCOL_JSON => Some(Codec::Json),
+            SUBPROTOCOL_PB => Some(Codec::Protobuf),
+            _ => None,
+        });
+        match chosen {
+            Some(c) => codec = c,
+            None => {
+                return ApiError::bad_request(format!(
+                    "unsupported subprotocol; offer {SUBPROTOCOL_JSON} or {SUBPROTOCOL_PB}"
+                ))
+                .into_response()
+            }
         }
     }
     let upgrade = match upgrade {
@@ -100,14 +112,23 @@ pub async fn ws_handler(
     let cfg = &state.config;
     let tracker = state.sessions.clone();
     upgrade
-        .protocols([SUBPROTOCOL_JSON])
+        .protocols([match codec {
+            Codec::Json => SUBPROTOCOL_JSON,
+            Codec::Protobuf => SUBPROTOCOL_PB,
+        }])
         .read_buffer_size(cfg.ws_read_buffer)
         .write_buffer_size(0)
-        .max_write_buffer_size(cfg.max_coalesce_bytes.max(cfg.max_frame_bytes) * 4)
+        // The writer task writes one frame at a time and waits for it to be flushed, so
+        // the write buffer never holds more than one frame (plus control frames); a cap
+        // here would only break large answers (a full history page can be megabytes).
+        .max_write_buffer_size(usize::MAX)
         .max_message_size(cfg.max_frame_bytes)
         .max_frame_size(cfg.max_frame_bytes)
         .on_upgrade(move |socket| {
-            tracker.track_future(session::run(socket, state, identity, device))
+            // Every log line of the session carries who it is.
+            let span = tracing::info_span!("session", user = %identity.user, device = %device);
+            tracker
+                .track_future(session::run(socket, state, identity, device, codec).instrument(span))
         })
 }
 

@@ -35,11 +35,21 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one upgraded connection until it closes.
+/// The encoding a connection chose with its subprotocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// `hubbub.v1.json` (also when no subprotocol was offered): text frames.
+    Json,
+    /// `hubbub.v1.pb`: one protobuf message per binary frame.
+    Protobuf,
+}
+
 pub(crate) async fn run(
     socket: WebSocket,
     state: Arc<AppState>,
     identity: Identity,
     device: String,
+    codec: Codec,
 ) {
     let (tx, rx) = mpsc::channel(state.config.queue_frames);
     let session = Session::new(
@@ -47,6 +57,7 @@ pub(crate) async fn run(
         Arc::from(identity.user.as_str()),
         Arc::from(device.as_str()),
         tx,
+        state.hub.metrics().clone(),
     );
     let welcome = ServerFrame::Welcome {
         user: identity.user.clone(),
@@ -73,13 +84,15 @@ pub(crate) async fn run(
         session.clone(),
         state.clone(),
         last_seen.clone(),
+        codec,
     ));
 
+    let expires_at = identity.expires_at;
     let mut conn = Conn::new(state.clone(), session.clone(), identity);
     if registered.first {
         conn.announce_presence(true).await;
     }
-    read_loop(&mut conn, stream, &last_seen).await;
+    read_loop(&mut conn, stream, &last_seen, expires_at, codec).await;
 
     session.close(CloseReason::NORMAL);
     let _ = writer.await;
@@ -93,8 +106,15 @@ async fn read_loop(
     conn: &mut Conn,
     mut stream: futures_util::stream::SplitStream<WebSocket>,
     last_seen: &AtomicI64,
+    expires_at: Option<i64>,
+    codec: Codec,
 ) {
     let session = conn.session().clone();
+    // Far enough in the future never to fire for guests.
+    let expiry = tokio::time::sleep(Duration::from_millis(
+        expires_at.map_or(30 * 365 * 86_400_000, |e| (e - now_ms()).max(0) as u64),
+    ));
+    tokio::pin!(expiry);
     let max_inflight = conn.state().config.max_inflight_sends;
     let mut pending: FuturesOrdered<futures_util::future::BoxFuture<'static, ServerFrame>> =
         FuturesOrdered::new();
@@ -102,6 +122,10 @@ async fn read_loop(
         tokio::select! {
             biased;
             _ = session.closing().cancelled() => break,
+            _ = &mut expiry, if expires_at.is_some() => {
+                session.close(CloseReason::TOKEN_EXPIRED);
+                break;
+            }
             Some(answer) = pending.next(), if !pending.is_empty() => {
                 session.reply(answer).await;
             }
@@ -109,19 +133,23 @@ async fn read_loop(
                 let Some(msg) = msg else { break };
                 last_seen.store(now_ms(), Ordering::Relaxed);
                 match msg {
-                    Ok(WsMessage::Text(text)) => {
+                    Ok(WsMessage::Text(text)) if codec == Codec::Json => {
                         for line in hubbub_protocol::split_frames(text.as_str()) {
+                            conn.state().hub.metrics().frames_in.inc();
                             conn.handle_line(line, &mut pending).await;
                         }
                     }
-                    Ok(WsMessage::Binary(_)) => {
+                    Ok(WsMessage::Binary(bytes)) if codec == Codec::Protobuf => {
+                        conn.state().hub.metrics().frames_in.inc();
+                        conn.handle(hubbub_protocol::pb::decode_client(&bytes), &mut pending).await;
+                    }
+                    Ok(WsMessage::Text(_)) | Ok(WsMessage::Binary(_)) => {
+                        let message = match codec {
+                            Codec::Json => "binary frames are not part of hubbub.v1.json; send text frames",
+                            Codec::Protobuf => "text frames are not part of hubbub.v1.pb; send binary protobuf frames",
+                        };
                         session
-                            .reply(ServerFrame::error(
-                                None,
-                                ProtoError::bad_request(
-                                    "binary frames are not part of hubbub.v1.json; send text frames",
-                                ),
-                            ))
+                            .reply(ServerFrame::error(None, ProtoError::bad_request(message)))
                             .await;
                     }
                     Ok(WsMessage::Ping(_)) | Ok(WsMessage::Pong(_)) => {}
@@ -163,6 +191,7 @@ async fn write_loop(
     session: SessionHandle,
     state: Arc<AppState>,
     last_seen: Arc<AtomicI64>,
+    codec: Codec,
 ) {
     let hb = Duration::from_millis(state.config.heartbeat_ms);
     let dead_after = (state.config.heartbeat_ms as i64) * 5 / 2;
@@ -174,7 +203,7 @@ async fn write_loop(
             biased;
             _ = session.closing().cancelled() => break,
             first = rx.recv() => match first {
-                Some(first) => coalesce(first, &mut rx, max_coalesce),
+                Some(first) => encode(codec, first, &mut rx, max_coalesce),
                 None => break,
             },
             _ = ticker.tick() => {
@@ -192,6 +221,7 @@ async fn write_loop(
         if !sent {
             break;
         }
+        state.hub.metrics().frames_out.inc();
     }
     // Closing: why?
     let reason = session.close_reason().unwrap_or(CloseReason::NORMAL);
@@ -202,7 +232,7 @@ async fn write_loop(
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
         if reason.flush {
             while let Ok(first) = rx.try_recv() {
-                let msg = coalesce(first, &mut rx, max_coalesce);
+                let msg = encode(codec, first, &mut rx, max_coalesce);
                 if sink.feed(msg).await.is_err() {
                     return;
                 }
@@ -216,6 +246,20 @@ async fn write_loop(
         let _ = sink.close().await;
     })
     .await;
+}
+
+/// The next WebSocket frame: for JSON, `first` and what else is queued, coalesced; for
+/// protobuf, `first` alone (binary frames carry one message each).
+fn encode(
+    codec: Codec,
+    first: Arc<OutFrame>,
+    rx: &mut mpsc::Receiver<Arc<OutFrame>>,
+    max: usize,
+) -> WsMessage {
+    match codec {
+        Codec::Json => coalesce(first, rx, max),
+        Codec::Protobuf => WsMessage::Binary(first.pb().clone()),
+    }
 }
 
 /// Joins `first` and whatever else is queued (up to `max` bytes) into one text frame.

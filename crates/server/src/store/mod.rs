@@ -32,6 +32,9 @@ pub enum StoreError {
     /// The request conflicts with stored data (e.g. a reused `client_msg_id`).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// No such message or conversation.
+    #[error("not found: {0}")]
+    NotFound(String),
     /// Something that should not happen.
     #[error("store error: {0}")]
     Internal(String),
@@ -42,6 +45,7 @@ impl From<StoreError> for ProtoError {
         match e {
             StoreError::Unavailable(m) => ProtoError::new(ErrorCode::Unavailable, m),
             StoreError::Conflict(m) => ProtoError::new(ErrorCode::Conflict, m),
+            StoreError::NotFound(m) => ProtoError::new(ErrorCode::NotFound, m),
             StoreError::Internal(m) => {
                 tracing::error!(error = %m, "store error");
                 ProtoError::new(ErrorCode::Internal, "internal store error")
@@ -104,11 +108,33 @@ pub struct JoinOutcome {
     pub last_seq: u64,
 }
 
-/// A conversation a user belongs to.
+/// A conversation a user belongs to, with the user's read position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConvSummary {
     pub conv: String,
     pub last_seq: u64,
+    /// Highest `seq` the user marked read (0 if none).
+    pub read_seq: u64,
+    /// Messages after `read_seq` not sent by the user.
+    pub unread: u64,
+}
+
+/// A public room and its member count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomSummary {
+    pub conv: String,
+    pub members: u64,
+}
+
+/// An uploaded attachment's record (the bytes live in the data dir).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileMeta {
+    pub id: String,
+    pub name: String,
+    pub mime: String,
+    pub size: u64,
+    pub uploader: String,
+    pub created_at: i64,
 }
 
 /// What the store announces after each commit, in commit order.
@@ -116,6 +142,40 @@ pub struct ConvSummary {
 pub enum Committed {
     /// A new message (never a duplicate).
     Message { message: Message, origin: u64 },
+    /// A message was recalled (its content is gone).
+    Recalled {
+        conv: String,
+        seq: u64,
+        by: String,
+        origin: u64,
+    },
+    /// A message's content was replaced.
+    Edited {
+        conv: String,
+        seq: u64,
+        content: serde_json::Value,
+        edited_at: i64,
+        origin: u64,
+    },
+    /// A user's read position moved forward.
+    Receipt {
+        conv: String,
+        user: String,
+        seq: u64,
+        origin: u64,
+    },
+}
+
+impl Committed {
+    /// The conversation the change belongs to.
+    pub fn conv(&self) -> &str {
+        match self {
+            Committed::Message { message, .. } => &message.conv,
+            Committed::Recalled { conv, .. }
+            | Committed::Edited { conv, .. }
+            | Committed::Receipt { conv, .. } => conv,
+        }
+    }
 }
 
 /// Called by the store after each commit, once per change, in commit order. It must
@@ -147,6 +207,61 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every conversation `user` belongs to, with its `last_seq`.
     fn conversations(&self, user: &str) -> BoxFuture<'static, StoreResult<Vec<ConvSummary>>>;
+
+    /// One message (recalled ones without content).
+    fn message(&self, conv: &str, seq: u64) -> BoxFuture<'static, StoreResult<Option<Message>>>;
+
+    /// The role of `user` in `conv` (`"admin"` or `"member"`), if a member.
+    fn member_role(
+        &self,
+        conv: &str,
+        user: &str,
+    ) -> BoxFuture<'static, StoreResult<Option<String>>>;
+
+    /// Recalls a message: its content is erased, its `seq` stays. Recalling a recalled
+    /// message changes nothing. `NotFound` if there is no such message.
+    fn recall(
+        &self,
+        conv: &str,
+        seq: u64,
+        by: &str,
+        origin: u64,
+    ) -> BoxFuture<'static, StoreResult<()>>;
+
+    /// Replaces a message's content; returns `edited_at`. `NotFound` if there is no such
+    /// message, `Conflict` if it was recalled.
+    fn edit(
+        &self,
+        conv: &str,
+        seq: u64,
+        content: serde_json::Value,
+        origin: u64,
+    ) -> BoxFuture<'static, StoreResult<i64>>;
+
+    /// Moves `user`'s read position in `conv` forward to `seq` (capped at the last
+    /// message); returns the position after the call.
+    fn mark_read(
+        &self,
+        conv: &str,
+        user: &str,
+        seq: u64,
+        origin: u64,
+    ) -> BoxFuture<'static, StoreResult<u64>>;
+
+    /// Creates an account; `Conflict` if the name is taken.
+    fn create_user(&self, name: &str, password_hash: &str) -> BoxFuture<'static, StoreResult<()>>;
+
+    /// The stored password hash of an account, if it exists.
+    fn password_hash(&self, name: &str) -> BoxFuture<'static, StoreResult<Option<String>>>;
+
+    /// Every room with its member count.
+    fn rooms(&self) -> BoxFuture<'static, StoreResult<Vec<RoomSummary>>>;
+
+    /// Records an uploaded file.
+    fn put_file(&self, meta: FileMeta) -> BoxFuture<'static, StoreResult<()>>;
+
+    /// An uploaded file's record.
+    fn file(&self, id: &str) -> BoxFuture<'static, StoreResult<Option<FileMeta>>>;
 
     /// Whether two users share a room or a DM.
     fn share_conversation(&self, a: &str, b: &str) -> BoxFuture<'static, StoreResult<bool>>;

@@ -18,9 +18,11 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::Metrics;
+
 use super::{
-    now_ms, Appended, CommitHook, Committed, ConvSummary, HistoryPage, HistoryQuery, JoinOutcome,
-    NewMessage, Store, StoreError, StoreResult,
+    now_ms, Appended, CommitHook, Committed, ConvSummary, FileMeta, HistoryPage, HistoryQuery,
+    JoinOutcome, NewMessage, RoomSummary, Store, StoreError, StoreResult,
 };
 
 /// Most write operations committed in one transaction.
@@ -28,7 +30,8 @@ pub(super) const MAX_BATCH: usize = 1024;
 const READERS: usize = 4;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE conversations (
     conv        TEXT PRIMARY KEY,
     kind        TEXT NOT NULL,
@@ -57,7 +60,33 @@ CREATE TABLE messages (
     PRIMARY KEY (conv, seq)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX messages_by_client_id ON messages (sender, client_msg_id);
-"#];
+"#,
+    r#"
+CREATE TABLE read_cursors (
+    conv        TEXT NOT NULL,
+    user        TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    PRIMARY KEY (conv, user)
+) WITHOUT ROWID;
+"#,
+    r#"
+CREATE TABLE users (
+    name          TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at    INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
+    r#"
+CREATE TABLE files (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    mime        TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    uploader    TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
+];
 
 type Reply<T> = oneshot::Sender<StoreResult<T>>;
 
@@ -73,6 +102,33 @@ enum WriteOp {
         user: String,
         reply: Reply<bool>,
     },
+    Recall {
+        conv: String,
+        seq: u64,
+        by: String,
+        origin: u64,
+        reply: Reply<()>,
+    },
+    Edit {
+        conv: String,
+        seq: u64,
+        content: serde_json::Value,
+        origin: u64,
+        reply: Reply<i64>,
+    },
+    Read {
+        conv: String,
+        user: String,
+        seq: u64,
+        origin: u64,
+        reply: Reply<u64>,
+    },
+    CreateUser {
+        name: String,
+        password_hash: String,
+        reply: Reply<()>,
+    },
+    PutFile(FileMeta, Reply<()>),
     Ping(Reply<()>),
     Close(Reply<()>),
 }
@@ -93,6 +149,15 @@ struct Inner {
 impl SqliteStore {
     /// Opens (creating if needed) `dir/hubbub.db`, runs migrations and starts the writer.
     pub fn open(dir: &Path, hook: CommitHook) -> StoreResult<SqliteStore> {
+        Self::open_with_metrics(dir, hook, Metrics::new())
+    }
+
+    /// [`SqliteStore::open`], recording batch sizes and commit times in `metrics`.
+    pub fn open_with_metrics(
+        dir: &Path,
+        hook: CommitHook,
+        metrics: Metrics,
+    ) -> StoreResult<SqliteStore> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
@@ -111,6 +176,7 @@ impl SqliteStore {
             conn,
             seqs: HashMap::new(),
             hook,
+            metrics,
         };
         std::thread::Builder::new()
             .name("hubbub-store-writer".into())
@@ -240,6 +306,7 @@ struct Writer {
     /// exists).
     seqs: HashMap<String, u64>,
     hook: CommitHook,
+    metrics: Metrics,
 }
 
 /// What one operation of a batch produced, answered after the commit.
@@ -250,6 +317,10 @@ enum Done {
     Join(Reply<JoinOutcome>, JoinOutcome),
     Leave(Reply<bool>, bool),
     Ping(Reply<()>),
+    /// A change to announce after the commit, then answer with ().
+    Changed(Reply<()>, Option<Committed>),
+    Edited(Reply<i64>, Committed),
+    Read(Reply<u64>, u64, Option<Committed>),
 }
 
 impl Writer {
@@ -335,19 +406,29 @@ impl Writer {
             }
             return;
         }
+        let elapsed = started.elapsed();
+        self.metrics.store_batch_size.observe(n as f64);
+        self.metrics
+            .store_commit_seconds
+            .observe(elapsed.as_secs_f64());
         tracing::trace!(
             ops = n,
-            elapsed_us = started.elapsed().as_micros() as u64,
+            elapsed_us = elapsed.as_micros() as u64,
             "batch committed"
         );
         for d in &done {
-            if let Done::Append(_, a, origin) = d {
-                if !a.duplicate {
+            match d {
+                Done::Append(_, a, origin) if !a.duplicate => {
+                    self.metrics.messages_stored.inc();
                     (self.hook)(Committed::Message {
                         message: a.message.clone(),
                         origin: *origin,
-                    });
+                    })
                 }
+                Done::Changed(_, Some(c)) | Done::Edited(_, c) | Done::Read(_, _, Some(c)) => {
+                    (self.hook)(c.clone())
+                }
+                _ => {}
             }
         }
         for d in done {
@@ -381,9 +462,231 @@ impl Writer {
                     Err(e) => Err(Box::new((WriteOp::Leave { conv, user, reply }, e))),
                 }
             }
+            WriteOp::Recall {
+                conv,
+                seq,
+                by,
+                origin,
+                reply,
+            } => match self.recall(&conv, seq, &by, origin) {
+                Ok(Ok(c)) => Ok(Done::Changed(reply, c)),
+                Ok(Err(e)) => {
+                    let _ = reply.send(Err(e));
+                    Ok(Done::Answered)
+                }
+                Err(e) => Err(Box::new((
+                    WriteOp::Recall {
+                        conv,
+                        seq,
+                        by,
+                        origin,
+                        reply,
+                    },
+                    e,
+                ))),
+            },
+            WriteOp::Edit {
+                conv,
+                seq,
+                content,
+                origin,
+                reply,
+            } => match self.edit(&conv, seq, &content, origin, now) {
+                Ok(Ok(c)) => Ok(Done::Edited(reply, c)),
+                Ok(Err(e)) => {
+                    let _ = reply.send(Err(e));
+                    Ok(Done::Answered)
+                }
+                Err(e) => Err(Box::new((
+                    WriteOp::Edit {
+                        conv,
+                        seq,
+                        content,
+                        origin,
+                        reply,
+                    },
+                    e,
+                ))),
+            },
+            WriteOp::Read {
+                conv,
+                user,
+                seq,
+                origin,
+                reply,
+            } => match self.read(&conv, &user, seq, origin) {
+                Ok((pos, c)) => Ok(Done::Read(reply, pos, c)),
+                Err(e) => Err(Box::new((
+                    WriteOp::Read {
+                        conv,
+                        user,
+                        seq,
+                        origin,
+                        reply,
+                    },
+                    e,
+                ))),
+            },
+            WriteOp::CreateUser {
+                name,
+                password_hash,
+                reply,
+            } => match self
+                .conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO users (name, password_hash, created_at) VALUES (?1, ?2, ?3)",
+                )
+                .and_then(|mut s| s.execute(params![name, password_hash, now]))
+            {
+                Ok(1) => Ok(Done::Ping(reply)),
+                Ok(_) => {
+                    let _ = reply.send(Err(StoreError::Conflict(format!(
+                        "the user name {name:?} is taken"
+                    ))));
+                    Ok(Done::Answered)
+                }
+                Err(e) => Err(Box::new((
+                    WriteOp::CreateUser {
+                        name,
+                        password_hash,
+                        reply,
+                    },
+                    e,
+                ))),
+            },
+            WriteOp::PutFile(meta, reply) => match self
+                .conn
+                .prepare_cached(
+                    "INSERT INTO files (id, name, mime, size, uploader, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        meta.id,
+                        meta.name,
+                        meta.mime,
+                        meta.size,
+                        meta.uploader,
+                        meta.created_at
+                    ])
+                }) {
+                Ok(_) => Ok(Done::Ping(reply)),
+                Err(e) => Err(Box::new((WriteOp::PutFile(meta, reply), e))),
+            },
             WriteOp::Ping(reply) => Ok(Done::Ping(reply)),
             WriteOp::Close(reply) => Ok(Done::Ping(reply)),
         }
+    }
+
+    fn last_seq_of(&mut self, conv: &str) -> rusqlite::Result<u64> {
+        match self.seqs.get(conv) {
+            Some(s) => Ok(*s),
+            None => query_last_seq(&self.conn, conv),
+        }
+    }
+
+    fn recall(
+        &mut self,
+        conv: &str,
+        seq: u64,
+        by: &str,
+        origin: u64,
+    ) -> rusqlite::Result<StoreResult<Option<Committed>>> {
+        let recalled: Option<bool> = self
+            .conn
+            .prepare_cached("SELECT recalled FROM messages WHERE conv = ?1 AND seq = ?2")?
+            .query_row(params![conv, seq], |r| r.get(0))
+            .optional()?;
+        match recalled {
+            None => Ok(Err(StoreError::NotFound(format!(
+                "no message {seq} in {conv}"
+            )))),
+            Some(true) => Ok(Ok(None)),
+            Some(false) => {
+                self.conn
+                    .prepare_cached(
+                        "UPDATE messages SET recalled = 1, content = 'null' WHERE conv = ?1 AND seq = ?2",
+                    )?
+                    .execute(params![conv, seq])?;
+                Ok(Ok(Some(Committed::Recalled {
+                    conv: conv.to_string(),
+                    seq,
+                    by: by.to_string(),
+                    origin,
+                })))
+            }
+        }
+    }
+
+    fn edit(
+        &mut self,
+        conv: &str,
+        seq: u64,
+        content: &serde_json::Value,
+        origin: u64,
+        now: i64,
+    ) -> rusqlite::Result<StoreResult<Committed>> {
+        let recalled: Option<bool> = self
+            .conn
+            .prepare_cached("SELECT recalled FROM messages WHERE conv = ?1 AND seq = ?2")?
+            .query_row(params![conv, seq], |r| r.get(0))
+            .optional()?;
+        match recalled {
+            None => Ok(Err(StoreError::NotFound(format!(
+                "no message {seq} in {conv}"
+            )))),
+            Some(true) => Ok(Err(StoreError::Conflict(format!(
+                "message {seq} in {conv} was recalled"
+            )))),
+            Some(false) => {
+                let text = serde_json::to_string(content).unwrap_or_else(|_| "null".into());
+                self.conn
+                    .prepare_cached(
+                        "UPDATE messages SET content = ?3, edited_at = ?4 WHERE conv = ?1 AND seq = ?2",
+                    )?
+                    .execute(params![conv, seq, text, now])?;
+                Ok(Ok(Committed::Edited {
+                    conv: conv.to_string(),
+                    seq,
+                    content: content.clone(),
+                    edited_at: now,
+                    origin,
+                }))
+            }
+        }
+    }
+
+    fn read(
+        &mut self,
+        conv: &str,
+        user: &str,
+        seq: u64,
+        origin: u64,
+    ) -> rusqlite::Result<(u64, Option<Committed>)> {
+        let seq = seq.min(self.last_seq_of(conv)?);
+        let current: u64 = self
+            .conn
+            .prepare_cached("SELECT seq FROM read_cursors WHERE conv = ?1 AND user = ?2")?
+            .query_row(params![conv, user], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        if seq <= current {
+            return Ok((current, None));
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT INTO read_cursors (conv, user, seq) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (conv, user) DO UPDATE SET seq = excluded.seq",
+            )?
+            .execute(params![conv, user, seq])?;
+        Ok((
+            seq,
+            Some(Committed::Receipt {
+                conv: conv.to_string(),
+                user: user.to_string(),
+                seq,
+                origin,
+            }),
+        ))
     }
 
     fn append(&mut self, msg: &NewMessage, now: i64) -> rusqlite::Result<StoreResult<Appended>> {
@@ -475,10 +778,7 @@ impl Writer {
             )?
             .execute(params![conv, user, role, now])?
             == 1;
-        let last_seq = match self.seqs.get(conv) {
-            Some(s) => *s,
-            None => query_last_seq(&self.conn, conv)?,
-        };
+        let last_seq = self.last_seq_of(conv)?;
         Ok(JoinOutcome {
             created,
             added,
@@ -500,8 +800,16 @@ impl Done {
             Done::Leave(r, b) => {
                 let _ = r.send(Ok(b));
             }
-            Done::Ping(r) => {
+            Done::Ping(r) | Done::Changed(r, _) => {
                 let _ = r.send(Ok(()));
+            }
+            Done::Edited(r, c) => {
+                if let Committed::Edited { edited_at, .. } = c {
+                    let _ = r.send(Ok(edited_at));
+                }
+            }
+            Done::Read(r, pos, _) => {
+                let _ = r.send(Ok(pos));
             }
         }
     }
@@ -518,7 +826,13 @@ impl Done {
             Done::Leave(r, _) => {
                 let _ = r.send(Err(e));
             }
-            Done::Ping(r) => {
+            Done::Ping(r) | Done::Changed(r, _) => {
+                let _ = r.send(Err(e));
+            }
+            Done::Edited(r, _) => {
+                let _ = r.send(Err(e));
+            }
+            Done::Read(r, _, _) => {
                 let _ = r.send(Err(e));
             }
         }
@@ -536,8 +850,20 @@ fn fail(op: WriteOp, e: StoreError) {
         WriteOp::Leave { reply, .. } => {
             let _ = reply.send(Err(e));
         }
-        WriteOp::Ping(r) | WriteOp::Close(r) => {
-            let _ = r.send(Err(e));
+        WriteOp::Recall { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        WriteOp::Edit { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        WriteOp::Read { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        WriteOp::CreateUser { reply, .. }
+        | WriteOp::PutFile(_, reply)
+        | WriteOp::Ping(reply)
+        | WriteOp::Close(reply) => {
+            let _ = reply.send(Err(e));
         }
     }
 }
@@ -619,16 +945,165 @@ impl Store for SqliteStore {
         let user = user.to_string();
         self.read(move |c| {
             let mut s = c.prepare_cached(
-                "SELECT m.conv, (SELECT coalesce(max(seq), 0) FROM messages WHERE conv = m.conv) \
+                "SELECT m.conv, \
+                   (SELECT coalesce(max(seq), 0) FROM messages WHERE conv = m.conv), \
+                   coalesce((SELECT seq FROM read_cursors WHERE conv = m.conv AND user = m.user), 0) \
                  FROM members m WHERE m.user = ?1 ORDER BY m.conv",
             )?;
-            let rows = s.query_map([user], |r| {
-                Ok(ConvSummary {
+            let rows: Vec<(String, u64, u64)> = s
+                .query_map([&user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut unread = c.prepare_cached(
+                "SELECT count(*) FROM messages WHERE conv = ?1 AND seq > ?2 AND sender != ?3",
+            )?;
+            rows.into_iter()
+                .map(|(conv, last_seq, read_seq)| {
+                    let n: u64 = if last_seq > read_seq {
+                        unread.query_row(params![conv, read_seq, user], |r| r.get(0))?
+                    } else {
+                        0
+                    };
+                    Ok(ConvSummary {
+                        conv,
+                        last_seq,
+                        read_seq,
+                        unread: n,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn message(&self, conv: &str, seq: u64) -> BoxFuture<'static, StoreResult<Option<Message>>> {
+        let conv = conv.to_string();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND seq = ?2"
+            ))?
+            .query_row(params![conv, seq], row_to_message)
+            .optional()
+        })
+    }
+
+    fn member_role(
+        &self,
+        conv: &str,
+        user: &str,
+    ) -> BoxFuture<'static, StoreResult<Option<String>>> {
+        let (conv, user) = (conv.to_string(), user.to_string());
+        self.read(move |c| {
+            c.prepare_cached("SELECT role FROM members WHERE conv = ?1 AND user = ?2")?
+                .query_row(params![conv, user], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    fn recall(
+        &self,
+        conv: &str,
+        seq: u64,
+        by: &str,
+        origin: u64,
+    ) -> BoxFuture<'static, StoreResult<()>> {
+        let (conv, by) = (conv.to_string(), by.to_string());
+        self.write(|reply| WriteOp::Recall {
+            conv,
+            seq,
+            by,
+            origin,
+            reply,
+        })
+    }
+
+    fn edit(
+        &self,
+        conv: &str,
+        seq: u64,
+        content: serde_json::Value,
+        origin: u64,
+    ) -> BoxFuture<'static, StoreResult<i64>> {
+        let conv = conv.to_string();
+        self.write(|reply| WriteOp::Edit {
+            conv,
+            seq,
+            content,
+            origin,
+            reply,
+        })
+    }
+
+    fn mark_read(
+        &self,
+        conv: &str,
+        user: &str,
+        seq: u64,
+        origin: u64,
+    ) -> BoxFuture<'static, StoreResult<u64>> {
+        let (conv, user) = (conv.to_string(), user.to_string());
+        self.write(|reply| WriteOp::Read {
+            conv,
+            user,
+            seq,
+            origin,
+            reply,
+        })
+    }
+
+    fn create_user(&self, name: &str, password_hash: &str) -> BoxFuture<'static, StoreResult<()>> {
+        let (name, password_hash) = (name.to_string(), password_hash.to_string());
+        self.write(|reply| WriteOp::CreateUser {
+            name,
+            password_hash,
+            reply,
+        })
+    }
+
+    fn password_hash(&self, name: &str) -> BoxFuture<'static, StoreResult<Option<String>>> {
+        let name = name.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT password_hash FROM users WHERE name = ?1")?
+                .query_row([name], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    fn rooms(&self) -> BoxFuture<'static, StoreResult<Vec<RoomSummary>>> {
+        self.read(|c| {
+            let mut s = c.prepare_cached(
+                "SELECT c.conv, (SELECT count(*) FROM members m WHERE m.conv = c.conv) \
+                 FROM conversations c WHERE c.kind = 'room' ORDER BY c.conv",
+            )?;
+            let rows = s.query_map([], |r| {
+                Ok(RoomSummary {
                     conv: r.get(0)?,
-                    last_seq: r.get(1)?,
+                    members: r.get(1)?,
                 })
             })?;
             rows.collect()
+        })
+    }
+
+    fn put_file(&self, meta: FileMeta) -> BoxFuture<'static, StoreResult<()>> {
+        self.write(|reply| WriteOp::PutFile(meta, reply))
+    }
+
+    fn file(&self, id: &str) -> BoxFuture<'static, StoreResult<Option<FileMeta>>> {
+        let id = id.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT id, name, mime, size, uploader, created_at FROM files WHERE id = ?1",
+            )?
+            .query_row([id], |r| {
+                Ok(FileMeta {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    mime: r.get(2)?,
+                    size: r.get(3)?,
+                    uploader: r.get(4)?,
+                    created_at: r.get(5)?,
+                })
+            })
+            .optional()
         })
     }
 

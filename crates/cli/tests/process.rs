@@ -1,0 +1,250 @@
+//! The `hubbub` binary as a process: signals, crashes, restarts and the admin verbs.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hubbub_client::{Client, ConnectOptions};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A `hubbub serve` child process on 127.0.0.1:0.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(dir: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(extra)
+            .env("HUBBUB_LOG", "warn")
+            // The crash test sends as fast as acks come back.
+            .env("HUBBUB_SEND_RATE_PER_SEC", "100000")
+            .env("HUBBUB_SEND_BURST", "100000")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn hubbub");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("hubbub listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    async fn connect(&self, opts: ConnectOptions) -> Client {
+        tokio::time::timeout(WAIT, Client::connect(opts))
+            .await
+            .expect("connect in time")
+            .expect("connect")
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the server did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn hubbub(args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hubbub");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    child.wait_with_output().expect("wait")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_client_with_1001_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let mut alice = server
+        .connect(ConnectOptions::guest(server.url(), "alice"))
+        .await;
+    let mut bob = server
+        .connect(ConnectOptions::guest(server.url(), "bob"))
+        .await;
+    alice.join("lobby").await.unwrap();
+    let sent = alice
+        .send_text("room:lobby", "before the end")
+        .await
+        .unwrap();
+    assert_eq!(sent.seq, 1);
+
+    let start = Instant::now();
+    server.signal("-TERM");
+    for c in [&mut alice, &mut bob] {
+        let close = c.wait_closed(WAIT).await.expect("closed in time");
+        assert_eq!(close.map(|c| c.code), Some(1001));
+    }
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+
+    // The acked message survived the shutdown.
+    let server = Server::start(dir.path(), &[]);
+    let alice = server
+        .connect(ConnectOptions::guest(server.url(), "alice"))
+        .await;
+    let page = alice.history("room:lobby", None, None, None).await.unwrap();
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].content, Some("before the end".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_after_acked_sends_loses_none_of_them() {
+    const N: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let alice = server
+        .connect(ConnectOptions::guest(server.url(), "alice"))
+        .await;
+    alice.join("crash").await.unwrap();
+    let mut acked = Vec::new();
+    for i in 0..N {
+        let s = alice
+            .send_text("room:crash", &format!("message {i}"))
+            .await
+            .unwrap();
+        acked.push((s.seq, format!("message {i}")));
+    }
+    // Crash right after the last ack: no shutdown, no flush.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    drop(alice);
+
+    let server = Server::start(dir.path(), &[]);
+    let alice = server
+        .connect(ConnectOptions::guest(server.url(), "alice"))
+        .await;
+    let mut stored = Vec::new();
+    let mut after = 0;
+    for _ in 0..10 {
+        let page = alice
+            .history("room:crash", None, Some(after), Some(200))
+            .await
+            .unwrap();
+        for m in &page.messages {
+            stored.push((
+                m.seq,
+                m.content
+                    .clone()
+                    .and_then(|c| c.as_str().map(String::from))
+                    .unwrap(),
+            ));
+        }
+        after = stored.last().map_or(0, |s| s.0);
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(stored, acked);
+    assert_eq!(
+        acked.iter().map(|a| a.0).collect::<Vec<_>>(),
+        (1..=N).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_add_and_token_verbs_work_against_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = hubbub(
+        &["user", "add", "carol", "--data-dir", d],
+        Some("a long password\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = hubbub(
+        &["user", "add", "carol", "--data-dir", d],
+        Some("a long password\n"),
+    );
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let short = hubbub(&["user", "add", "dave", "--data-dir", d], Some("short\n"));
+    assert!(!short.status.success());
+    assert!(String::from_utf8_lossy(&short.stderr).contains("at least 8"));
+
+    let server = Server::start(dir.path(), &["--no-guest"]);
+    let token = hubbub(&["token", "carol", "--data-dir", d], None);
+    assert!(token.status.success());
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let carol = server
+        .connect(ConnectOptions::guest(server.url(), "ignored").token(token))
+        .await;
+    assert_eq!(carol.welcome().user, "carol");
+
+    // A token that expires while connected ends the session with 4003.
+    let short = hubbub(&["token", "carol", "--ttl", "1", "--data-dir", d], None);
+    let short = String::from_utf8(short.stdout).unwrap().trim().to_string();
+    let mut c = server
+        .connect(
+            ConnectOptions::guest(server.url(), "ignored")
+                .token(short.clone())
+                .device("tablet"),
+        )
+        .await;
+    let close = c.wait_closed(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(close.map(|c| c.code), Some(4003));
+    // Once expired, it is refused before the upgrade.
+    match Client::connect(ConnectOptions::guest(server.url(), "ignored").token(short)).await {
+        Err(hubbub_client::ClientError::Connect { status, .. }) => assert_eq!(status, Some(401)),
+        other => panic!("expected 401, got {:?}", other.map(|_| ())),
+    }
+    // carol's long-lived session is untouched.
+    carol.ping().await.expect("the first session still works");
+}

@@ -1,0 +1,180 @@
+//! [`Session`]: a [`Client`] that survives disconnects.
+//!
+//! It remembers the highest `seq` seen in every conversation. When the connection ends
+//! it reconnects with exponential backoff (250 ms doubling to 10 s, with jitter), then
+//! `sync`s from those cursors, so the caller sees every message once, in `seq` order per
+//! conversation: nothing missed, nothing repeated.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hubbub_protocol::{Message, ServerFrame};
+
+use crate::{Client, ClientError, CloseInfo, ConnectOptions, Event};
+
+/// Shortest and longest wait between reconnect attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What a [`Session`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEvent {
+    /// A pushed frame (messages are reported once, in order, also after reconnects).
+    Frame(ServerFrame),
+    /// The connection dropped; a reconnect follows.
+    Disconnected(Option<CloseInfo>),
+    /// Connected again and caught up (`missed` messages were replayed as frames).
+    Reconnected { missed: usize },
+}
+
+/// A reconnecting, catching-up connection.
+#[derive(Debug)]
+pub struct Session {
+    opts: ConnectOptions,
+    client: Option<Client>,
+    cursors: BTreeMap<String, u64>,
+    pending: std::collections::VecDeque<SessionEvent>,
+    backoff: Duration,
+}
+
+impl Session {
+    /// Connects (once; a failure here is returned, not retried).
+    pub async fn connect(opts: ConnectOptions) -> Result<Session, ClientError> {
+        let client = Client::connect(opts.clone()).await?;
+        Ok(Session {
+            opts,
+            client: Some(client),
+            cursors: BTreeMap::new(),
+            pending: Default::default(),
+            backoff: BACKOFF_MIN,
+        })
+    }
+
+    /// The live client, if connected now.
+    pub fn client(&self) -> Option<&Client> {
+        self.client.as_ref()
+    }
+
+    /// The highest `seq` seen per conversation.
+    pub fn cursors(&self) -> &BTreeMap<String, u64> {
+        &self.cursors
+    }
+
+    /// Records messages the caller fetched itself (e.g. with `history`), so that a later
+    /// catch-up starts after them.
+    pub fn saw(&mut self, messages: &[Message]) {
+        for m in messages {
+            let c = self.cursors.entry(m.conv.clone()).or_insert(0);
+            *c = (*c).max(m.seq);
+        }
+    }
+
+    /// Starts following `conv` from `seq` (e.g. 0 to be given its whole history on the
+    /// next catch-up).
+    pub fn follow(&mut self, conv: &str, seq: u64) {
+        self.cursors.entry(conv.to_string()).or_insert(seq);
+    }
+
+    /// Whether `m` is new (and records it when it is).
+    fn accept(&mut self, m: &Message) -> bool {
+        let c = self.cursors.entry(m.conv.clone()).or_insert(0);
+        if m.seq <= *c {
+            return false;
+        }
+        *c = m.seq;
+        true
+    }
+
+    /// The next event, waiting at most `timeout` (then `Err(Timeout)`). Reconnects by
+    /// itself; only a refused credential (HTTP 401/403) ends the session with an error.
+    pub async fn next(&mut self, timeout: Duration) -> Result<SessionEvent, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Ok(e);
+            }
+            let Some(client) = self.client.as_mut() else {
+                self.reconnect(deadline).await?;
+                continue;
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match client.next_event(left).await {
+                Ok(Event::Frame(ServerFrame::Message(m))) => {
+                    if self.accept(&m) {
+                        return Ok(SessionEvent::Frame(ServerFrame::Message(m)));
+                    }
+                }
+                Ok(Event::Frame(f)) => return Ok(SessionEvent::Frame(f)),
+                Ok(Event::Closed(info)) => {
+                    self.client = None;
+                    return Ok(SessionEvent::Disconnected(info));
+                }
+                Err(ClientError::Closed) => {
+                    self.client = None;
+                    return Ok(SessionEvent::Disconnected(None));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn reconnect(&mut self, deadline: tokio::time::Instant) -> Result<(), ClientError> {
+        loop {
+            let jitter = Duration::from_millis(u64::from(std::process::id() % 97));
+            let wait = self.backoff + jitter;
+            if tokio::time::Instant::now() + wait > deadline {
+                tokio::time::sleep_until(deadline).await;
+                return Err(ClientError::Timeout);
+            }
+            tokio::time::sleep(wait).await;
+            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            match Client::connect(self.opts.clone()).await {
+                Ok(client) => {
+                    let missed = self.catch_up(&client).await;
+                    match missed {
+                        Ok(missed) => {
+                            self.client = Some(client);
+                            self.backoff = BACKOFF_MIN;
+                            self.pending.push_back(SessionEvent::Reconnected { missed });
+                            return Ok(());
+                        }
+                        Err(e) => tracing::debug!(error = %e, "catch-up failed; retrying"),
+                    }
+                }
+                Err(ClientError::Connect {
+                    status: Some(s @ (401 | 403)),
+                    body,
+                }) => {
+                    return Err(ClientError::Connect {
+                        status: Some(s),
+                        body,
+                    })
+                }
+                Err(e) => tracing::debug!(error = %e, "reconnect failed; retrying"),
+            }
+        }
+    }
+
+    /// Syncs every followed conversation until caught up; queues the missed messages.
+    async fn catch_up(&mut self, client: &Client) -> Result<usize, ClientError> {
+        let mut missed = 0;
+        // Bounded: each round moves every cursor forward or ends.
+        for _ in 0..1000 {
+            if self.cursors.is_empty() {
+                break;
+            }
+            let r = client.sync(self.cursors.clone(), None).await?;
+            for m in r.messages {
+                if self.accept(&m) {
+                    missed += 1;
+                    self.pending
+                        .push_back(SessionEvent::Frame(ServerFrame::Message(m)));
+                }
+            }
+            if r.caught_up {
+                break;
+            }
+        }
+        Ok(missed)
+    }
+}

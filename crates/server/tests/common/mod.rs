@@ -1,0 +1,158 @@
+//! Test harness: a real server on 127.0.0.1:0 with a temp data dir, and real clients.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hubbub_client::{Client, ConnectOptions};
+use hubbub_server::Config;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Bound for every wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// A server with the default configuration (guest mode on).
+    pub async fn start() -> TestServer {
+        Self::with(|_| {}).await
+    }
+
+    /// A server whose configuration `f` may change.
+    pub async fn with(f: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::in_dir(dir, f).await
+    }
+
+    /// A server on an existing data dir (for restarts).
+    pub async fn in_dir(dir: TempDir, f: impl FnOnce(&mut Config)) -> TestServer {
+        // HUBBUB_TEST_LOG=debug shows the server's logs of a failing test.
+        if let Ok(filter) = std::env::var("HUBBUB_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut config = Config {
+            bind: addr,
+            data_dir: dir.path().to_path_buf(),
+            guest: Some(true),
+            ..Config::default()
+        };
+        f(&mut config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(hubbub_server::run(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// A connected guest on the default device.
+    pub async fn connect(&self, user: &str) -> Client {
+        self.connect_opts(ConnectOptions::guest(self.url(), user))
+            .await
+    }
+
+    /// A connected guest on `device`.
+    pub async fn connect_device(&self, user: &str, device: &str) -> Client {
+        self.connect_opts(ConnectOptions::guest(self.url(), user).device(device))
+            .await
+    }
+
+    pub async fn connect_opts(&self, opts: ConnectOptions) -> Client {
+        tokio::time::timeout(WAIT, Client::connect(opts))
+            .await
+            .expect("connect timed out")
+            .expect("connect failed")
+    }
+
+    /// Stops the server gracefully and returns its data dir.
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("server did not stop in time")
+                .expect("server task panicked")
+                .expect("server returned an error");
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::mem::replace(&mut self.dir, dir)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// An HTTP client for the API (loopback only, no proxies).
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(WAIT)
+        .build()
+        .expect("http client")
+}
+
+/// Connection options that authenticate with `token` (as `Authorization: Bearer`).
+pub fn token_opts(url: String, token: &str) -> hubbub_client::ConnectOptions {
+    let mut o = hubbub_client::ConnectOptions::guest(url, "unused");
+    o.user = None;
+    o.token = Some(token.to_string());
+    o
+}
+
+/// The secret test servers with accounts sign tokens with.
+pub const SECRET: &str = "a test secret that is long enough for HS256";
+
+/// Registers `user` and logs in; returns the token.
+pub async fn register_and_login(server: &TestServer, user: &str) -> String {
+    let http = http();
+    let body = serde_json::json!({"username": user, "password": "correct horse"});
+    let r = http
+        .post(server.http("/api/register"))
+        .json(&body)
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(r.status(), 201, "register {user}");
+    let r = http
+        .post(server.http("/api/login"))
+        .json(&body)
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), 200, "login {user}");
+    let v: serde_json::Value = r.json().await.expect("login json");
+    v["token"].as_str().expect("token").to_string()
+}

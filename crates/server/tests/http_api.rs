@@ -1,0 +1,692 @@
+//! Accounts, tokens and the HTTP API, against the real server.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use common::{http, register_and_login, token_opts, TestServer, SECRET, WAIT};
+use hubbub_client::{Client, ClientError};
+use hubbub_protocol::{ContentType, ServerFrame};
+use serde_json::{json, Value};
+
+async fn accounts_server() -> TestServer {
+    TestServer::with(|c| {
+        c.guest = Some(false);
+        c.jwt_secret = Some(SECRET.into());
+        c.admins = vec!["root".into()];
+    })
+    .await
+}
+
+async fn refused_status(opts: hubbub_client::ConnectOptions) -> Option<u16> {
+    match Client::connect(opts).await {
+        Err(ClientError::Connect { status, .. }) => status,
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
+
+fn b64(v: &Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+#[tokio::test]
+async fn register_then_login_gives_a_token_the_socket_accepts_by_header_and_query() {
+    let server = accounts_server().await;
+    let http = http();
+    let creds = json!({"username": "alice", "password": "correct horse"});
+    let r = http
+        .post(server.http("/api/register"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.json::<Value>().await.unwrap()["user"], "alice");
+    let r = http
+        .post(server.http("/api/register"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "conflict");
+
+    let r = http
+        .post(server.http("/api/register"))
+        .json(&json!({"username": "bad name", "password": "correct horse"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .post(server.http("/api/register"))
+        .json(&json!({"username": "shorty", "password": "short"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .post(server.http("/api/register"))
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "bad_request");
+
+    let r = http
+        .post(server.http("/api/login"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let token = v["token"].as_str().unwrap().to_string();
+    let expires_at = v["expires_at"].as_i64().unwrap();
+    assert!(expires_at > hubbub_server::store::now_ms());
+
+    let by_header = server.connect_opts(token_opts(server.url(), &token)).await;
+    assert_eq!(by_header.welcome().user, "alice");
+    let mut q = token_opts(server.url(), &token);
+    q.token_in_query = true;
+    q.device = Some("laptop".into());
+    let by_query = server.connect_opts(q).await;
+    assert_eq!(by_query.welcome().user, "alice");
+
+    let r = http
+        .post(server.http("/api/login"))
+        .json(&json!({"username": "alice", "password": "wrong horse"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "unauthorized");
+    // Guests are refused when guest mode is off.
+    assert_eq!(
+        refused_status(hubbub_client::ConnectOptions::guest(server.url(), "alice")).await,
+        Some(401)
+    );
+}
+
+#[tokio::test]
+async fn repeated_failed_logins_are_slowed_down_with_429() {
+    let server = accounts_server().await;
+    register_and_login(&server, "alice").await;
+    let http = http();
+    let bad = json!({"username": "alice", "password": "not the password"});
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        statuses.push(
+            http.post(server.http("/api/login"))
+                .json(&bad)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(&statuses[..5], &[401; 5]);
+    assert_eq!(statuses[6], 429);
+    // Even the right password waits out the lockout.
+    let good = json!({"username": "alice", "password": "correct horse"});
+    let r = http
+        .post(server.http("/api/login"))
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "rate_limited");
+}
+
+#[tokio::test]
+async fn forged_alg_none_and_expired_tokens_are_refused_with_401() {
+    let server = accounts_server().await;
+    let ttl = Duration::from_secs(60);
+    let now = hubbub_server::store::now_ms() / 1000;
+
+    let other = hubbub_server::auth::Tokens::new(b"some other secret entirely", ttl);
+    let (forged, _) = other.issue("alice", None).unwrap();
+    assert_eq!(
+        refused_status(token_opts(server.url(), &forged)).await,
+        Some(401)
+    );
+
+    let none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&json!({"sub": "alice", "exp": now + 3600, "iat": now}))
+    );
+    assert_eq!(
+        refused_status(token_opts(server.url(), &none)).await,
+        Some(401)
+    );
+
+    let expired = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "alice", "exp": now - 5, "iat": now - 100}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(
+        refused_status(token_opts(server.url(), &expired)).await,
+        Some(401)
+    );
+    assert_eq!(
+        refused_status(token_opts(server.url(), "garbage")).await,
+        Some(401)
+    );
+
+    // The same claims, signed with the right secret and alive, are accepted.
+    let good = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "alice", "exp": now + 60, "iat": now}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let c = server.connect_opts(token_opts(server.url(), &good)).await;
+    assert_eq!(c.welcome().user, "alice");
+
+    // HTTP routes apply the same rules.
+    let r = http()
+        .get(server.http("/api/conversations"))
+        .bearer_auth(&none)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http()
+        .get(server.http("/api/conversations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "unauthorized");
+}
+
+#[tokio::test]
+async fn a_session_whose_token_expires_is_closed_with_4003() {
+    let server = accounts_server().await;
+    let now = hubbub_server::store::now_ms() / 1000;
+    let short = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "alice", "exp": now + 2, "iat": now}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut c = server.connect_opts(token_opts(server.url(), &short)).await;
+    let close = c.wait_closed(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(close.map(|c| c.code), Some(4003));
+}
+
+#[tokio::test]
+async fn conversations_list_reports_last_seq_read_seq_and_unread() {
+    let server = TestServer::start().await;
+    let alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    alice.join("lobby").await.unwrap();
+    bob.join("lobby").await.unwrap();
+    for i in 0..4 {
+        alice
+            .send_text("room:lobby", &format!("hi {i}"))
+            .await
+            .unwrap();
+    }
+    alice.send_text("dm:alice:bob", "psst").await.unwrap();
+    bob.send_text("room:lobby", "mine").await.unwrap();
+
+    let list = |user: &'static str| {
+        let url = server.http(&format!("/api/conversations?user={user}"));
+        async move {
+            let v: Value = http().get(url).send().await.unwrap().json().await.unwrap();
+            v["conversations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    (
+                        c["conv"].as_str().unwrap().to_string(),
+                        (
+                            c["kind"].as_str().unwrap().to_string(),
+                            c["last_seq"].as_u64().unwrap(),
+                            c["read_seq"].as_u64().unwrap(),
+                            c["unread"].as_u64().unwrap(),
+                        ),
+                    )
+                })
+                .collect::<std::collections::BTreeMap<_, _>>()
+        }
+    };
+    let before = list("bob").await;
+    assert_eq!(
+        before["room:lobby"],
+        ("room".into(), 5, 0, 4),
+        "bob's own message is not unread"
+    );
+    assert_eq!(before["dm:alice:bob"], ("dm".into(), 1, 0, 1));
+
+    // bob reads up to 3: alice gets a receipt, the cursor is stored.
+    bob.send_no_reply(hubbub_protocol::ClientFrame::Read {
+        id: None,
+        conv: "room:lobby".into(),
+        seq: 3,
+    })
+    .await
+    .unwrap();
+    let mut alice = alice;
+    let receipt = alice
+        .wait_for(WAIT, |f| matches!(f, ServerFrame::Receipt { .. }))
+        .await
+        .unwrap();
+    assert_eq!(
+        receipt,
+        ServerFrame::Receipt {
+            conv: "room:lobby".into(),
+            user: "bob".into(),
+            seq: 3
+        }
+    );
+    let after = list("bob").await;
+    assert_eq!(after["room:lobby"], ("room".into(), 5, 3, 1));
+    // Cursors never move back.
+    bob.send_no_reply(hubbub_protocol::ClientFrame::Read {
+        id: None,
+        conv: "room:lobby".into(),
+        seq: 1,
+    })
+    .await
+    .unwrap();
+    bob.ping().await.unwrap();
+    assert_eq!(list("bob").await["room:lobby"].2, 3);
+    let _ = bob.next_event(Duration::from_millis(10)).await;
+}
+
+#[tokio::test]
+async fn messages_endpoint_pages_like_socket_history_and_checks_membership() {
+    let server = TestServer::start().await;
+    let alice = server.connect("alice").await;
+    alice.join("lobby").await.unwrap();
+    for i in 1..=5 {
+        alice
+            .send_text("room:lobby", &format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    let get = |path: String| async move {
+        let r = http().get(path).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let (s, v) =
+        get(server.http("/api/conversations/room:lobby/messages?user=alice&limit=2")).await;
+    assert_eq!(s, 200);
+    let seqs: Vec<u64> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![4, 5]);
+    assert_eq!(v["has_more"], true);
+    let (_, v) =
+        get(server
+            .http("/api/conversations/room%3Alobby/messages?user=alice&before_seq=4&limit=10"))
+        .await;
+    let seqs: Vec<u64> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+    assert_eq!(v["has_more"], false);
+    assert_eq!(v["messages"][0]["content"], "m1");
+
+    let (s, v) = get(server.http("/api/conversations/room:lobby/messages?user=mallory")).await;
+    assert_eq!((s, v["code"].as_str().unwrap()), (403, "not_member"));
+    let (s, v) = get(server.http("/api/conversations/dm:alice:bob/messages?user=mallory")).await;
+    assert_eq!((s, v["code"].as_str().unwrap()), (403, "forbidden"));
+    let (s, v) = get(server.http("/api/conversations/nonsense/messages?user=alice")).await;
+    assert_eq!((s, v["code"].as_str().unwrap()), (400, "bad_request"));
+    let (s, _) =
+        get(server.http("/api/conversations/room:lobby/messages?user=alice&limit=abc")).await;
+    assert_eq!(s, 400);
+}
+
+#[tokio::test]
+async fn rooms_lists_public_rooms_with_member_and_online_counts() {
+    let server = TestServer::start().await;
+    let alice = server.connect("alice").await;
+    let bob = server.connect("bob").await;
+    alice.join("lobby").await.unwrap();
+    bob.join("lobby").await.unwrap();
+    bob.join("quiet").await.unwrap();
+    drop(bob);
+    // bob's disconnect is noticed by the server shortly.
+    let mut rooms = Value::Null;
+    for _ in 0..50 {
+        let v: Value = http()
+            .get(server.http("/api/rooms?user=alice"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        rooms = v["rooms"].clone();
+        if rooms[0]["online"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        rooms,
+        json!([
+            {"name": "lobby", "conv": "room:lobby", "members": 2, "online": 1},
+            {"name": "quiet", "conv": "room:quiet", "members": 1, "online": 0},
+        ])
+    );
+}
+
+async fn upload(
+    server: &TestServer,
+    user: &str,
+    name: &str,
+    mime: &str,
+    bytes: Vec<u8>,
+) -> reqwest::Response {
+    let part = reqwest::multipart::Part::bytes(bytes)
+        .file_name(name.to_string())
+        .mime_str(mime)
+        .unwrap();
+    let form = reqwest::multipart::Form::new().part("file", part);
+    http()
+        .post(server.http(&format!("/api/files?user={user}")))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn files_upload_download_limits_and_safe_names() {
+    let server = TestServer::with(|c| c.max_upload_bytes = 100_000).await;
+    let bytes: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let r = upload(&server, "alice", "photo.png", "image/png", bytes.clone()).await;
+    assert_eq!(r.status(), 201);
+    let meta: Value = r.json().await.unwrap();
+    assert_eq!(meta["name"], "photo.png");
+    assert_eq!(meta["size"], 50_000);
+    assert_eq!(meta["mime"], "image/png");
+    let url = meta["url"].as_str().unwrap().to_string();
+    assert!(
+        url.starts_with("/files/") && url.ends_with("/photo.png"),
+        "{url}"
+    );
+
+    let r = http()
+        .get(server.http(&format!("{url}?user=bob")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(r.bytes().await.unwrap().to_vec(), bytes);
+
+    let r = http().get(server.http(&url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    let r = upload(
+        &server,
+        "alice",
+        "big.bin",
+        "application/octet-stream",
+        vec![0; 100_001],
+    )
+    .await;
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "too_large");
+
+    let r = upload(
+        &server,
+        "alice",
+        "../../../etc/passwd",
+        "text/plain",
+        b"root:x:0:0".to_vec(),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let meta: Value = r.json().await.unwrap();
+    assert_eq!(meta["name"], "passwd");
+    // Nothing was written outside the data dir's files folder.
+    assert!(!server.dir.path().join("etc").exists());
+    let files: Vec<_> = std::fs::read_dir(server.dir.path().join("files"))
+        .unwrap()
+        .collect();
+    assert_eq!(files.len(), 2, "two stored uploads, no leftovers");
+
+    // HTML is never served as HTML.
+    let r = upload(
+        &server,
+        "alice",
+        "evil.html",
+        "text/html",
+        b"<script>alert(1)</script>".to_vec(),
+    )
+    .await;
+    let url = r.json::<Value>().await.unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = http()
+        .get(server.http(&format!("{url}?user=alice")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    assert!(r.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .starts_with("attachment"));
+
+    let r = http()
+        .get(server.http("/files/01ARZ3NDEKTSV4RRFFQ69G5FAV/x.png?user=alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let form = reqwest::multipart::Form::new().text("other", "x");
+    let r = http()
+        .post(server.http("/api/files?user=alice"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn an_image_message_roundtrips_with_its_upload() {
+    let server = TestServer::start().await;
+    let alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    let r = upload(
+        &server,
+        "alice",
+        "cat.jpg",
+        "image/jpeg",
+        vec![0xFF, 0xD8, 0xFF, 0xE0],
+    )
+    .await;
+    let meta: Value = r.json().await.unwrap();
+    let sent = alice
+        .send_message("dm:alice:bob", "img-1", ContentType::Image, meta.clone())
+        .await
+        .unwrap();
+    let got = bob
+        .wait_for(WAIT, |f| matches!(f, ServerFrame::Message(_)))
+        .await
+        .unwrap();
+    let ServerFrame::Message(m) = got else {
+        unreachable!()
+    };
+    assert_eq!(
+        (m.seq, m.content_type, m.content),
+        (sent.seq, ContentType::Image, Some(meta.clone()))
+    );
+    let url = meta["url"].as_str().unwrap();
+    let body = http()
+        .get(server.http(&format!("{url}?user=bob")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body.to_vec(), vec![0xFF, 0xD8, 0xFF, 0xE0]);
+}
+
+#[tokio::test]
+async fn admin_broadcast_reaches_every_online_session_and_is_refused_for_others() {
+    let server = accounts_server().await;
+    let root = register_and_login(&server, "root").await;
+    let alice = register_and_login(&server, "alice").await;
+    let mut a1 = server.connect_opts(token_opts(server.url(), &alice)).await;
+    let mut a2 = server
+        .connect_opts(token_opts(server.url(), &alice).device("phone"))
+        .await;
+    let mut r1 = server.connect_opts(token_opts(server.url(), &root)).await;
+
+    let r = http()
+        .post(server.http("/api/admin/broadcast"))
+        .bearer_auth(&alice)
+        .json(&json!({"text": "I am root"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "forbidden");
+
+    let r = http()
+        .post(server.http("/api/admin/broadcast"))
+        .bearer_auth(&root)
+        .json(&json!({"text": "maintenance at noon"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["delivered"], 3);
+    for c in [&mut a1, &mut a2, &mut r1] {
+        let f = c
+            .wait_for(WAIT, |f| matches!(f, ServerFrame::Notice { .. }))
+            .await
+            .unwrap();
+        assert_eq!(
+            f,
+            ServerFrame::Notice {
+                text: "maintenance at noon".into(),
+                from: "root".into()
+            }
+        );
+    }
+    let r = http()
+        .post(server.http("/api/admin/broadcast"))
+        .bearer_auth(&root)
+        .json(&json!({"text": ""}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+#[tokio::test]
+async fn metrics_move_with_traffic() {
+    let server = TestServer::start().await;
+    let scrape = || async {
+        http()
+            .get(server.http("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = scrape().await;
+    let alice = server.connect("alice").await;
+    let _bob = server.connect("bob").await;
+    for i in 0..3 {
+        alice
+            .send_text("dm:alice:bob", &format!("{i}"))
+            .await
+            .unwrap();
+    }
+    let _ = Client::connect(hubbub_client::ConnectOptions::guest(
+        server.url(),
+        "bad name!",
+    ))
+    .await;
+    let after = scrape().await;
+    assert_eq!(metric(&after, "hubbub_connections_open"), 2.0);
+    assert_eq!(
+        metric(&after, "hubbub_messages_stored_total")
+            - metric(&before, "hubbub_messages_stored_total"),
+        3.0
+    );
+    assert!(metric(&after, "hubbub_deliveries_total") >= 3.0);
+    assert!(metric(&after, "hubbub_frames_in_total") >= 3.0);
+    assert!(metric(&after, "hubbub_frames_out_total") >= 5.0);
+    assert_eq!(metric(&after, "hubbub_auth_failures_total"), 1.0);
+    assert!(metric(&after, "hubbub_store_commit_seconds_count") >= 1.0);
+    assert!(metric(&after, "hubbub_store_batch_size_count") >= 1.0);
+    assert!(after.contains("hubbub_slow_consumer_closes_total 0"));
+}
+
+#[tokio::test]
+async fn openapi_document_lists_every_route() {
+    let server = TestServer::start().await;
+    let v: Value = http()
+        .get(server.http("/api/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = v["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/api/register", "post"),
+        ("/api/login", "post"),
+        ("/api/conversations", "get"),
+        ("/api/conversations/{conv}/messages", "get"),
+        ("/api/rooms", "get"),
+        ("/api/files", "post"),
+        ("/files/{id}/{name}", "get"),
+        ("/api/admin/broadcast", "post"),
+        ("/api/openapi.json", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} missing"
+        );
+    }
+    assert!(v["components"]["schemas"]["ErrorBody"].is_object());
+    let r = http().get(server.http("/api/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "not_found");
+}

@@ -1,0 +1,147 @@
+//! Stories about dead and slow peers: heartbeats and slow consumers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestServer, WAIT};
+use futures_util::StreamExt;
+use hubbub_client::ClientError;
+use hubbub_protocol::ServerFrame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn a_silent_client_is_closed_after_two_and_a_half_heartbeats() {
+    let server = TestServer::with(|c| c.heartbeat_ms = 100).await;
+    // A raw socket that upgrades and then never answers pings nor sends anything.
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let req = format!(
+        "GET /ws?user=ghost HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        server.addr
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let mut total = Vec::new();
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the server never closed the silent connection"
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(200),
+        "closed too early: {elapsed:?}"
+    );
+    let head = String::from_utf8_lossy(&total);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}
+
+#[tokio::test]
+async fn a_client_that_answers_pings_stays_connected() {
+    let server = TestServer::with(|c| c.heartbeat_ms = 50).await;
+    let mut alice = server.connect("alice").await;
+    // Ten heartbeats pass; the client library answers the pings while it reads.
+    let waited = alice
+        .wait_for(Duration::from_millis(500), |f| {
+            matches!(f, ServerFrame::Kicked { .. })
+        })
+        .await;
+    assert!(matches!(waited, Err(ClientError::Timeout)), "{waited:?}");
+    alice.ping().await.expect("still connected");
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_closed_with_1008_and_others_are_unaffected() {
+    let server = TestServer::with(|c| {
+        c.queue_frames = 16;
+        c.send_burst = 10_000;
+        c.send_rate_per_sec = 10_000;
+    })
+    .await;
+    let alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    alice.join("firehose").await.unwrap();
+    bob.join("firehose").await.unwrap();
+
+    // The slow one joins, then stops reading.
+    // A small receive buffer, so that the kernel cannot hide the backlog.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let (mut slow, _) =
+        tokio_tungstenite::client_async(format!("{}/ws?user=slowpoke", server.url()), stream)
+            .await
+            .unwrap();
+    let join = r#"{"type":"join","id":"j","room":"firehose"}"#;
+    futures_util::SinkExt::send(&mut slow, Message::text(join))
+        .await
+        .unwrap();
+    // Wait until the join is acknowledged (read just that far).
+    let deadline = Instant::now() + WAIT;
+    'joined: while Instant::now() < deadline {
+        let Some(Ok(Message::Text(t))) = tokio::time::timeout(WAIT, slow.next()).await.unwrap()
+        else {
+            panic!("slow client lost before joining");
+        };
+        for line in t.as_str().split('\n') {
+            if line.contains(r#""type":"ok""#) {
+                break 'joined;
+            }
+        }
+    }
+
+    let text = "z".repeat(16_000);
+    const N: u64 = 800;
+    for i in 0..N {
+        let sent = alice
+            .send_text("room:firehose", &text)
+            .await
+            .expect("alice is never blocked");
+        assert_eq!(sent.seq, i + 1);
+    }
+    // Bob got every message, in order.
+    for i in 0..N {
+        let f = bob
+            .wait_for(WAIT, |f| matches!(f, ServerFrame::Message(_)))
+            .await
+            .unwrap_or_else(|e| panic!("bob missed message {}: {e:?}", i + 1));
+        let ServerFrame::Message(m) = f else {
+            unreachable!()
+        };
+        assert_eq!(m.seq, i + 1);
+    }
+    // The slow client, reading again, finds the connection closed with 1008.
+    let code = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(msg) = slow.next().await {
+            match msg {
+                Ok(Message::Close(Some(frame))) => {
+                    return Some((u16::from(frame.code), frame.reason.to_string()))
+                }
+                Ok(Message::Close(None)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+        None
+    })
+    .await
+    .expect("slow client was not closed");
+    assert_eq!(code, Some((1008, "slow consumer".to_string())));
+    // And nothing was lost for it: history has all N.
+    let page = alice
+        .history("room:firehose", None, Some(0), Some(200))
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 200);
+    assert!(page.has_more);
+}

@@ -1,0 +1,439 @@
+// Browser tests of the hubbub web UI: real chromium (Debian's, via playwright-core)
+// against a real server. Started by crates/server/tests/browser.rs, which passes:
+//   HUBBUB_URL        the server's base URL (http://127.0.0.1:PORT)
+//   HUBBUB_CHROMIUM   the chromium executable
+//   HUBBUB_ARTIFACTS  where screenshots go
+// Control channel: this script prints `@@RESTART` on stdout when it wants the server
+// restarted (same data dir, same port) and waits for a line `RESTARTED` on stdin.
+// Exit code 0 only when every test passed.
+
+import { chromium } from 'playwright-core';
+import fs from 'node:fs';
+import path from 'node:path';
+import readline from 'node:readline';
+import zlib from 'node:zlib';
+
+const BASE = process.env.HUBBUB_URL;
+const CHROMIUM = process.env.HUBBUB_CHROMIUM || '/usr/bin/chromium';
+const OUT = process.env.HUBBUB_ARTIFACTS || path.resolve('artifacts');
+if (!BASE) {
+  console.error('HUBBUB_URL is not set: run this through `cargo test -p hubbub-server --test browser`');
+  process.exit(2);
+}
+fs.mkdirSync(OUT, { recursive: true });
+
+// ------------------------------------------------------------------ control channel
+
+const stdinLines = [];
+let lineWaiter = null;
+readline.createInterface({ input: process.stdin }).on('line', (l) => {
+  if (lineWaiter) { const w = lineWaiter; lineWaiter = null; w(l); } else stdinLines.push(l);
+});
+function control(cmd, timeoutMs = 30000) {
+  process.stdout.write(`@@${cmd}\n`);
+  return new Promise((resolve, reject) => {
+    if (stdinLines.length) { resolve(stdinLines.shift()); return; }
+    const t = setTimeout(() => reject(new Error(`no answer to ${cmd}`)), timeoutMs);
+    lineWaiter = (l) => { clearTimeout(t); resolve(l); };
+  });
+}
+
+// ------------------------------------------------------------------ tiny test kit
+
+function log(...a) { console.log(...a); }
+
+async function until(fn, what, ms = 8000) {
+  const end = Date.now() + ms;
+  let last;
+  for (;;) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (e) { last = e; }
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}${last instanceof Error ? ` (${last.message})` : ''}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+function assert(cond, what) { if (!cond) throw new Error(`assertion failed: ${what}`); }
+
+const pages = {};
+async function shot(page, name) {
+  const file = path.join(OUT, `${name}.png`);
+  await page.screenshot({ path: file });
+  log(`  screenshot ${file}`);
+}
+
+const dialogs = [];
+const pageErrors = [];
+async function newUser(browser, name, viewport = { width: 1280, height: 800 }, extra = {}) {
+  const context = await browser.newContext({ viewport, ...extra });
+  const page = await context.newPage();
+  page.on('dialog', (d) => { dialogs.push(`${name}: ${d.message()}`); d.dismiss().catch(() => {}); });
+  page.on('pageerror', (e) => pageErrors.push(`${name}: ${e.message}`));
+  page.on('console', (m) => {
+    if (m.type() !== 'error') return;
+    log(`  [${name} console] ${m.text()}`);
+    if (/Content Security Policy/i.test(m.text())) pageErrors.push(`${name}: ${m.text()}`);
+  });
+  pages[name] = page;
+  return { context, page };
+}
+
+async function signInGuest(page, name) {
+  await page.goto(BASE + '/');
+  await page.getByRole('textbox', { name: 'Name', exact: true }).fill(name);
+  await page.getByRole('button', { name: 'Connect', exact: true }).click();
+  await connected(page);
+}
+
+async function connected(page) {
+  await until(async () => (await page.locator('#conn-status').textContent()) === 'Connected', 'Connected status');
+}
+
+async function joinRoom(page, room) {
+  await page.getByRole('textbox', { name: 'Room', exact: true }).fill(room);
+  await page.getByRole('button', { name: 'Join', exact: true }).click();
+  await until(async () => (await page.locator('#conv-title').textContent()) === `# ${room}`, `room ${room} open`);
+}
+
+function composer(page) { return page.getByRole('textbox', { name: 'Message', exact: true }); }
+
+async function say(page, text) {
+  await composer(page).fill(text);
+  await composer(page).press('Enter');
+}
+
+/** The messages on screen: [{seq, from, text, time}] in DOM order. */
+async function messages(page) {
+  return page.getByRole('log').locator('li.msg').evaluateAll((lis) => lis.map((li) => ({
+    seq: li.dataset.seq ? Number(li.dataset.seq) : null,
+    from: li.querySelector('.sender')?.textContent,
+    text: li.querySelector('.bubble')?.textContent,
+    time: li.querySelector('time')?.textContent,
+    pending: li.classList.contains('pending'),
+  })));
+}
+
+async function seeMessage(page, text, ms) {
+  return until(async () => (await messages(page)).find((m) => m.text === text && m.seq), `"${text}" on screen`, ms);
+}
+
+function countOf(list, text) { return list.filter((m) => m.text === text).length; }
+
+function assertNoDuplicates(list, who) {
+  const seqs = list.filter((m) => m.seq).map((m) => m.seq);
+  assert(new Set(seqs).size === seqs.length, `${who}: no seq shown twice (${seqs.join(',')})`);
+  for (let i = 1; i < seqs.length; i++) assert(seqs[i] === seqs[i - 1] + 1, `${who}: seqs ascending without gaps (${seqs[i - 1]} then ${seqs[i]})`);
+}
+
+// ------------------------------------------------------------------ the tests
+
+/** A small gradient PNG (w x h), encoded here so that no fixture file is needed. */
+function makePng(w, h) {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  const crc = (buf) => {
+    let c = 0xffffffff;
+    for (const b of buf) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8);
+    return (c ^ 0xffffffff) >>> 0;
+  };
+  const chunk = (type, data) => {
+    const len = Buffer.alloc(4); len.writeUInt32BE(data.length);
+    const td = Buffer.concat([Buffer.from(type, 'ascii'), data]);
+    const c = Buffer.alloc(4); c.writeUInt32BE(crc(td));
+    return Buffer.concat([len, td, c]);
+  };
+  const raw = Buffer.alloc((w * 3 + 1) * h);
+  for (let y = 0; y < h; y++) {
+    raw[y * (w * 3 + 1)] = 0;
+    for (let x = 0; x < w; x++) {
+      const o = y * (w * 3 + 1) + 1 + x * 3;
+      raw[o] = 80 + Math.round(150 * x / w);
+      raw[o + 1] = 70 + Math.round(120 * y / h);
+      raw[o + 2] = 230 - Math.round(60 * x / w);
+    }
+  }
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(w, 0); ihdr.writeUInt32BE(h, 4);
+  ihdr[8] = 8; ihdr[9] = 2; ihdr[10] = 0; ihdr[11] = 0; ihdr[12] = 0;
+  return Buffer.concat([
+    Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
+    chunk('IHDR', ihdr), chunk('IDAT', zlib.deflateSync(raw)), chunk('IEND', Buffer.alloc(0)),
+  ]);
+}
+
+async function main() {
+  const t0 = Date.now();
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [
+      '--use-fake-device-for-media-stream',
+      '--use-fake-ui-for-media-stream',
+      '--autoplay-policy=no-user-gesture-required',
+      '--disable-dev-shm-usage',
+    ],
+  });
+  log(`chromium ${browser.version()}`);
+  const results = [];
+  let failed = false;
+  async function test(name, fn) {
+    if (failed) { results.push([name, 'skipped']); log(`skip - ${name}`); return; }
+    const start = Date.now();
+    try {
+      await fn();
+      results.push([name, 'ok']);
+      log(`ok - ${name} (${Date.now() - start} ms)`);
+    } catch (e) {
+      failed = true;
+      results.push([name, 'failed']);
+      log(`not ok - ${name}: ${e.stack || e}`);
+      for (const [who, page] of Object.entries(pages)) {
+        try { await shot(page, `failed-${who}`); } catch { /* closed */ }
+      }
+    }
+  }
+
+  let alice; let bob;
+  let total = 0; // messages stored in room:lobby
+
+  await test('sign-in page renders', async () => {
+    const { page } = await newUser(browser, 'signin');
+    await page.goto(BASE + '/');
+    await page.getByRole('button', { name: 'Log in', exact: true }).waitFor();
+    await page.getByRole('textbox', { name: 'Username', exact: true }).waitFor();
+    await page.getByLabel('Password', { exact: true }).waitFor();
+    await shot(page, 'desktop-signin');
+    // Served from the binary with a strict policy, never cached stale.
+    for (const [file, type] of [['/', 'text/html'], ['/app.js', 'text/javascript'], ['/style.css', 'text/css']]) {
+      const res = await page.request.get(BASE + file);
+      const h = res.headers();
+      assert(res.status() === 200, `${file} served`);
+      assert(h['content-type'].startsWith(type), `${file} is ${type} (${h['content-type']})`);
+      assert(h['cache-control'] === 'no-cache', `${file} no-cache`);
+      const csp = h['content-security-policy'] || '';
+      assert(csp.includes("script-src 'self'") && csp.includes("connect-src 'self' ws: wss:") && !csp.includes('unsafe-inline'), `${file} CSP (${csp})`);
+    }
+    // Accounts: register, then log in, over the UI.
+    await page.getByRole('textbox', { name: 'Username', exact: true }).fill('dora');
+    await page.getByLabel('Password', { exact: true }).fill('correct horse');
+    await page.getByRole('button', { name: 'Register', exact: true }).click();
+    await connected(page);
+    assert((await page.locator('#me-name').textContent()) === 'dora', 'signed in as dora');
+    await page.context().close();
+    delete pages.signin;
+  });
+
+  await test('two users chat in a room', async () => {
+    alice = await newUser(browser, 'alice');
+    bob = await newUser(browser, 'bob');
+    await signInGuest(alice.page, 'alice');
+    await signInGuest(bob.page, 'bob');
+    await joinRoom(alice.page, 'lobby');
+    await joinRoom(bob.page, 'lobby');
+
+    await say(alice.page, 'Hello bob!');
+    total++;
+    const m = await seeMessage(bob.page, 'Hello bob!');
+    assert(m.from === 'alice', 'sender shown');
+    assert(/\d/.test(m.time || ''), 'time shown');
+
+    // Typing indicator, then the Send button.
+    await composer(bob.page).pressSequentially('hi al', { delay: 20 });
+    await until(async () => (await alice.page.locator('#typing').textContent()) === 'bob is typing…', 'typing indicator');
+    await composer(bob.page).pressSequentially('ice, how are you?');
+    await bob.page.getByRole('button', { name: 'Send', exact: true }).click();
+    total++;
+    const r = await seeMessage(alice.page, 'hi alice, how are you?');
+    assert(r.from === 'bob', 'reply from bob');
+    await until(async () => (await alice.page.locator('#typing').textContent()) === '', 'typing indicator cleared');
+
+    // Presence and receipts.
+    await until(async () => (await alice.page.locator('#conv-sub').textContent()) === '2 online', 'room online count');
+    await until(async () => (await alice.page.getByRole('log').textContent()).includes('Seen by bob'), 'seen by bob');
+    await until(async () => (await alice.page.locator('#people .chip').filter({ hasText: 'bob' }).locator('.dot.on').count()) === 1, 'bob shown online');
+
+    // A DM from bob shows up unread for alice, then opens.
+    await bob.page.getByRole('textbox', { name: 'DM user', exact: true }).fill('alice');
+    await bob.page.getByRole('button', { name: 'Start DM', exact: true }).click();
+    await until(async () => (await bob.page.locator('#conv-title').textContent()) === 'alice', 'DM open');
+    await say(bob.page, 'psst, alice');
+    const dmItem = alice.page.locator('#dm-list').getByRole('button', { name: /bob/ });
+    await until(async () => (await dmItem.locator('.badge').textContent()) === '1', 'unread badge on the DM');
+    await dmItem.click();
+    await seeMessage(alice.page, 'psst, alice');
+    await until(async () => (await dmItem.locator('.badge').count()) === 0, 'badge cleared');
+    await alice.page.locator('#room-list').getByRole('button', { name: /lobby/ }).click();
+    await bob.page.locator('#room-list').getByRole('button', { name: /lobby/ }).click();
+    await seeMessage(bob.page, 'Hello bob!');
+
+    // Edit, then recall, one's own message.
+    await say(alice.page, 'tpyo here');
+    total++;
+    await seeMessage(bob.page, 'tpyo here');
+    const mine = alice.page.getByRole('log').locator('li.msg', { hasText: 'tpyo here' });
+    await mine.hover();
+    await mine.getByRole('button', { name: 'Edit message' }).click();
+    await composer(alice.page).fill('typo fixed');
+    await composer(alice.page).press('Enter');
+    await seeMessage(bob.page, 'typo fixed');
+    await until(async () => (await bob.page.getByRole('log').locator('li.msg', { hasText: 'typo fixed' }).locator('.edited').count()) === 1, 'edited mark');
+    const fixed = alice.page.getByRole('log').locator('li.msg', { hasText: 'typo fixed' });
+    await fixed.hover();
+    await fixed.getByRole('button', { name: 'Recall message' }).click();
+    await until(async () => (await bob.page.getByRole('log').textContent()).includes('Message recalled'), 'recalled on the other side');
+    assert(!(await bob.page.getByRole('log').textContent()).includes('typo fixed'), 'recalled text gone');
+
+    // Image upload with an inline preview, file upload with a download link.
+    await alice.page.getByLabel('Attach file').setInputFiles({ name: 'sunset.png', mimeType: 'image/png', buffer: makePng(240, 150) });
+    total++;
+    const img = bob.page.getByRole('log').locator('img.preview');
+    await until(async () => (await img.count()) === 1 && await img.evaluate((i) => i.complete && i.naturalWidth === 240), 'image preview loaded');
+    await alice.page.getByLabel('Attach file').setInputFiles({ name: 'notes.txt', mimeType: 'text/plain', buffer: Buffer.from('meeting notes\n') });
+    total++;
+    const link = bob.page.getByRole('log').getByRole('link', { name: /notes\.txt/ });
+    await until(async () => (await link.count()) === 1, 'file link');
+    const href = await link.getAttribute('href');
+    assert(href.startsWith('/files/') && href.includes('user=bob'), `download link with credential: ${href}`);
+    const body = await bob.page.evaluate(async (u) => (await fetch(u)).text(), href);
+    assert(body === 'meeting notes\n', 'download works');
+
+    await say(bob.page, 'Nice picture!');
+    total++;
+    await seeMessage(alice.page, 'Nice picture!');
+    await shot(alice.page, 'desktop-chat');
+  });
+
+  await test('reload shows the history, scrolling up loads older pages', async () => {
+    // Enough messages for more than one history page.
+    for (let i = 1; i <= 60; i++) { await say(alice.page, `filler ${i}`); total++; }
+    await seeMessage(bob.page, 'filler 60');
+    await bob.page.reload();
+    await connected(bob.page);
+    await until(async () => (await bob.page.locator('#conv-title').textContent()) === '# lobby', 'lobby reopened');
+    await seeMessage(bob.page, 'filler 60');
+    const first = await messages(bob.page);
+    assert(first.length < total, `only the newest page at first (${first.length} of ${total})`);
+    for (let i = 0; i < 10 && !(await messages(bob.page)).find((m) => m.text === 'Hello bob!'); i++) {
+      await bob.page.getByRole('log').evaluate((l) => { l.scrollTop = 0; l.dispatchEvent(new Event('scroll')); });
+      await bob.page.waitForTimeout(200);
+    }
+    await seeMessage(bob.page, 'Hello bob!');
+    const all = await messages(bob.page);
+    assert(all.length === total, `every message once after paging (${all.length} vs ${total})`);
+    assertNoDuplicates(all, 'bob');
+    await until(async () => (await bob.page.getByRole('log').textContent()).includes('This is the beginning of #lobby'), 'beginning marker');
+  });
+
+  await test('message text is rendered as text, never HTML', async () => {
+    const evil = '<img src=x onerror=alert(1)>';
+    await say(alice.page, evil);
+    total++;
+    await seeMessage(bob.page, evil);
+    await seeMessage(alice.page, evil);
+    await bob.page.waitForTimeout(300);
+    for (const p of [alice.page, bob.page]) {
+      assert(await p.locator('img[src="x"]').count() === 0, 'no injected img element');
+    }
+    assert(dialogs.length === 0, `no dialog fired (${dialogs.join('; ')})`);
+  });
+
+  await test('reconnect after a server restart shows missed messages exactly once', async () => {
+    // Alice goes offline (so she cannot reconnect early), then the server restarts.
+    await alice.context.setOffline(true);
+    const answer = await control('RESTART');
+    assert(answer === 'RESTARTED', `server restarted (${answer})`);
+    await until(async () => (await alice.page.locator('#conn-status').textContent()) !== 'Connected', 'alice sees the disconnect');
+    await connected(bob.page);
+    await bob.page.waitForTimeout(300);
+    assert((await alice.page.locator('#conn-status').textContent()) !== 'Connected', 'alice is still offline');
+    // Sent while alice is away: three from bob, one typed by alice herself.
+    for (const t of ['while you were away 1', 'while you were away 2', 'while you were away 3']) {
+      await say(bob.page, t);
+      total++;
+      await seeMessage(bob.page, t);
+    }
+    await say(alice.page, 'typed while offline');
+    total++;
+    await until(async () => (await messages(alice.page)).find((m) => m.text === 'typed while offline' && m.pending), 'pending message');
+    await shot(alice.page, 'desktop-offline');
+    await alice.context.setOffline(false);
+    await connected(alice.page);
+    for (const t of ['while you were away 1', 'while you were away 2', 'while you were away 3', 'typed while offline']) {
+      await seeMessage(alice.page, t);
+      await seeMessage(bob.page, t);
+    }
+    await alice.page.waitForTimeout(500);
+    const a = await messages(alice.page);
+    const b = await messages(bob.page);
+    for (const list of [a, b]) {
+      for (const t of ['while you were away 1', 'while you were away 2', 'while you were away 3', 'typed while offline', 'Hello bob!']) {
+        assert(countOf(list, t) === 1, `"${t}" shown exactly once`);
+      }
+    }
+    assertNoDuplicates(a, 'alice');
+    assertNoDuplicates(b, 'bob');
+    assert(a.length === total && b.length === total, `every message on both screens (${a.length}, ${b.length}, ${total})`);
+    assert(a.every((m) => !m.pending), 'nothing left pending');
+    // Live traffic works again both ways.
+    await say(alice.page, 'back online');
+    total++;
+    await seeMessage(bob.page, 'back online');
+  });
+
+  await test('video call between two pages connects', async () => {
+    await alice.page.locator('#dm-list').getByRole('button', { name: /bob/ }).click();
+    await until(async () => (await alice.page.locator('#conv-title').textContent()) === 'bob', 'DM with bob open');
+    await alice.page.getByRole('button', { name: 'Video call', exact: true }).click();
+    await bob.page.getByText('Incoming call from alice').waitFor({ timeout: 8000 });
+    await bob.page.getByRole('button', { name: 'Accept', exact: true }).click();
+    for (const p of [alice.page, bob.page]) {
+      await p.getByText(/Call connected/).waitFor({ timeout: 15000 });
+      await until(() => p.evaluate(() => document.getElementById('remote-video').videoWidth > 0), 'remote video frames', 10000);
+    }
+    await shot(alice.page, 'desktop-call');
+    await alice.page.getByRole('button', { name: 'Hang up', exact: true }).click();
+    await bob.page.getByText('Call ended').waitFor({ timeout: 8000 });
+  });
+
+  await test('phone layout', async () => {
+    const carol = await newUser(browser, 'carol', { width: 390, height: 844 }, { isMobile: true, hasTouch: true, deviceScaleFactor: 2 });
+    const page = carol.page;
+    await page.goto(BASE + '/');
+    await page.getByRole('textbox', { name: 'Name', exact: true }).waitFor();
+    await shot(page, 'phone-signin');
+    await page.getByRole('textbox', { name: 'Name', exact: true }).fill('carol');
+    await page.getByRole('button', { name: 'Connect', exact: true }).click();
+    await connected(page);
+    await joinRoom(page, 'lobby');
+    await seeMessage(page, 'back online');
+    assert(!(await page.locator('.sidebar').isVisible()), 'sidebar hidden while a conversation is open');
+    const box = await page.getByRole('log').boundingBox();
+    assert(box && box.width > 350, `log uses the full width (${box && box.width})`);
+    await say(page, 'Hi from my phone — ça va ?');
+    await seeMessage(bob.page, 'Hi from my phone — ça va ?');
+    await shot(page, 'phone-chat');
+    await page.getByRole('button', { name: 'Back to conversations' }).click();
+    await page.locator('.sidebar').waitFor();
+    assert(!(await page.getByRole('log').isVisible()), 'conversation hidden on the list view');
+    await shot(page, 'phone-list');
+  });
+
+  if (pageErrors.length) {
+    log(`page errors: ${pageErrors.join('; ')}`);
+  }
+  await browser.close();
+  const passed = results.filter((r) => r[1] === 'ok').length;
+  const bad = results.length - passed;
+  log(`browser tests: ${passed} passed, ${bad} failed (${Date.now() - t0} ms)`);
+  process.exit(bad === 0 && pageErrors.length === 0 ? 0 : 1);
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
