@@ -57,6 +57,18 @@ pub struct Config {
     pub token_ttl_secs: u64,
     /// Largest attachment accepted by `POST /api/files`, in bytes.
     pub max_upload_bytes: usize,
+    /// Largest JSON request body of the HTTP API, in bytes.
+    pub max_body_bytes: usize,
+    /// Sustained rate of all frames per connection (sends count here too).
+    pub frame_rate_per_sec: u32,
+    /// Burst of frames per connection.
+    pub frame_burst: u32,
+    /// Most WebSocket connections open at once (more are refused with 503).
+    pub max_connections: usize,
+    /// Most WebSocket connections from one IP address (more are refused with 429).
+    pub max_connections_per_ip: usize,
+    /// Most rooms one user may be a member of.
+    pub max_rooms_per_user: usize,
 }
 
 impl Default for Config {
@@ -84,6 +96,12 @@ impl Default for Config {
             jwt_secret: None,
             token_ttl_secs: 7 * 24 * 3600,
             max_upload_bytes: 25 * 1024 * 1024,
+            max_body_bytes: 64 * 1024,
+            frame_rate_per_sec: 200,
+            frame_burst: 400,
+            max_connections: 100_000,
+            max_connections_per_ip: 1_000,
+            max_rooms_per_user: 1_000,
         }
     }
 }
@@ -140,6 +158,12 @@ impl Config {
         }
         if self.send_rate_per_sec == 0 || self.send_burst == 0 {
             return Err("send_rate_per_sec and send_burst must be positive".into());
+        }
+        if self.frame_rate_per_sec == 0 || self.frame_burst == 0 {
+            return Err("frame_rate_per_sec and frame_burst must be positive".into());
+        }
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
+            return Err("max_connections and max_connections_per_ip must be positive".into());
         }
         if self.history_max == 0 || self.sync_max == 0 {
             return Err("history_max and sync_max must be positive".into());

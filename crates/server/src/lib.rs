@@ -60,6 +60,8 @@ pub struct AppState {
     /// Failed-login bookkeeping.
     pub logins: auth::LoginThrottle,
     pub metrics: Metrics,
+    /// Open WebSocket connections, in total and per address.
+    pub conn_limiter: Arc<gateway::ConnLimiter>,
 }
 
 /// Serves on `listener` until `shutdown` resolves; then stops accepting, closes every
@@ -88,6 +90,8 @@ pub async fn run(
         config.admins.iter().cloned(),
         tokens,
     );
+    let conn_limiter =
+        gateway::ConnLimiter::new(config.max_connections, config.max_connections_per_ip);
     let state = Arc::new(AppState {
         config,
         store: store.clone(),
@@ -98,6 +102,7 @@ pub async fn run(
         known_users: dashmap::DashSet::new(),
         logins: auth::LoginThrottle::default(),
         metrics,
+        conn_limiter,
     });
 
     let token = state.shutdown.clone();

@@ -149,6 +149,7 @@ where
 /// Every route of the server.
 pub fn router(state: Arc<AppState>) -> Router {
     let upload_limit = state.config.max_upload_bytes;
+    let body_limit = state.config.max_body_bytes;
     Router::new()
         .merge(crate::web::routes())
         .route("/ws", get(crate::gateway::ws_handler))
@@ -173,7 +174,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/files/{id}/{name}", get(files::download))
         .route("/api/admin/broadcast", post(admin::broadcast))
         .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 

@@ -36,6 +36,7 @@ pub(crate) struct Conn {
     session: SessionHandle,
     identity: Identity,
     send_limiter: DefaultDirectRateLimiter,
+    frame_limiter: DefaultDirectRateLimiter,
     strikes: u32,
 }
 
@@ -46,8 +47,13 @@ impl Conn {
         let cfg = &state.config;
         let rate = NonZeroU32::new(cfg.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(cfg.send_burst).unwrap_or(NonZeroU32::MIN);
+        let frame_rate = NonZeroU32::new(cfg.frame_rate_per_sec).unwrap_or(NonZeroU32::MIN);
+        let frame_burst = NonZeroU32::new(cfg.frame_burst).unwrap_or(NonZeroU32::MIN);
         Conn {
             send_limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+            frame_limiter: RateLimiter::direct(
+                Quota::per_second(frame_rate).allow_burst(frame_burst),
+            ),
             state,
             session,
             identity,
@@ -79,6 +85,15 @@ impl Conn {
         decoded: Result<ClientFrame, hubbub_protocol::DecodeError>,
         pending: &mut Pending,
     ) {
+        if self.frame_limiter.check().is_err() {
+            let id = match &decoded {
+                Ok(f) => f.id().cloned(),
+                Err(e) => e.id.clone(),
+            };
+            let err = self.strike("too many frames; slow down");
+            pending.push_back(futures_util::future::ready(ServerFrame::error(id, err)).boxed());
+            return;
+        }
         let frame = match decoded {
             Ok(f) => f,
             Err(e) => {
@@ -158,6 +173,15 @@ impl Conn {
         }
     }
 
+    /// Counts a rate-limited frame; a connection that keeps going is closed with 1008.
+    fn strike(&mut self, message: &str) -> ProtoError {
+        self.strikes += 1;
+        if self.strikes >= self.state.config.rate_limit_strikes {
+            self.session.close(CloseReason::RATE_LIMITED);
+        }
+        ProtoError::new(ErrorCode::RateLimited, message)
+    }
+
     /// Validates and authorizes a send, hands it to the store, and returns the future of
     /// its `ok` result fields.
     async fn start_send(
@@ -174,14 +198,7 @@ impl Conn {
         }
         validate_content(content_type, &content, self.state.config.max_text_bytes)?;
         if self.send_limiter.check().is_err() {
-            self.strikes += 1;
-            if self.strikes >= self.state.config.rate_limit_strikes {
-                self.session.close(CloseReason::RATE_LIMITED);
-            }
-            return Err(ProtoError::new(
-                ErrorCode::RateLimited,
-                "too many messages; slow down",
-            ));
+            return Err(self.strike("too many messages; slow down"));
         }
         self.strikes = 0;
         let dm_members = self.authorize(&conv).await?;
@@ -219,6 +236,23 @@ impl Conn {
         }
         let conv = Conv::room_id(name);
         let room = self.room(&conv).await?;
+        if !room.contains(self.user()) {
+            let max = self.state.config.max_rooms_per_user;
+            let rooms = self
+                .state
+                .store
+                .conversations(self.user())
+                .await?
+                .iter()
+                .filter(|c| c.conv.starts_with("room:"))
+                .count();
+            if rooms >= max {
+                return Err(ProtoError::new(
+                    ErrorCode::Forbidden,
+                    format!("a user may be a member of at most {max} rooms"),
+                ));
+            }
+        }
         let outcome = self.state.store.join_room(&conv, self.user()).await?;
         room.add(self.user());
         let online = self.state.hub.online_in(&room);

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hubbub_protocol::{ErrorCode, SUBPROTOCOL_JSON, SUBPROTOCOL_PB};
@@ -16,7 +18,10 @@ use crate::auth::Credentials;
 use crate::AppState;
 
 mod handler;
+mod limits;
 pub mod session;
+
+pub use limits::ConnLimiter;
 
 pub use session::Codec;
 
@@ -34,6 +39,7 @@ const MAX_DEVICE: usize = 64;
 /// `GET /ws`.
 pub async fn ws_handler(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(params): Query<WsParams>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
@@ -109,6 +115,10 @@ pub async fn ws_handler(
             .into_response()
         }
     };
+    let permit = match state.conn_limiter.try_acquire(peer.ip()) {
+        Ok(p) => p,
+        Err(refusal) => return refusal.into_response(),
+    };
     let cfg = &state.config;
     let tracker = state.sessions.clone();
     upgrade
@@ -127,8 +137,14 @@ pub async fn ws_handler(
         .on_upgrade(move |socket| {
             // Every log line of the session carries who it is.
             let span = tracing::info_span!("session", user = %identity.user, device = %device);
-            tracker
-                .track_future(session::run(socket, state, identity, device, codec).instrument(span))
+            tracker.track_future(
+                async move {
+                    session::run(socket, state, identity, device, codec).await;
+                    // The connection's place is freed when its session ends.
+                    drop(permit);
+                }
+                .instrument(span),
+            )
         })
 }
 
