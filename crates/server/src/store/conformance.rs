@@ -1,1 +1,471 @@
+//! The conformance suite every [`Store`] implementation must pass.
+//!
+//! Each property is a public async function taking a [`Fixture`]: a fresh, empty store
+//! whose commit hook records every [`Committed`] change. An implementation's test file
+//! runs them all with one macro line:
+//!
+//! ```ignore
+//! hubbub_server::store_conformance!(my_factory);
+//! // where: async fn my_factory(hook: CommitHook) -> (Arc<dyn Store>, Box<dyn Any + Send>)
+//! ```
+//!
+//! The second element of the factory's result keeps whatever the store needs alive for
+//! the test (a temp dir, a database server handle).
 
+use std::any::Any;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use hubbub_protocol::{ContentType, Message};
+use parking_lot::Mutex;
+use serde_json::json;
+
+use super::{CommitHook, Committed, FileMeta, HistoryQuery, NewMessage, Store, StoreError};
+
+/// A fresh store and the changes its commit hook has seen.
+pub struct Fixture {
+    pub store: Arc<dyn Store>,
+    pub committed: Arc<Mutex<Vec<Committed>>>,
+    _keep: Box<dyn Any + Send>,
+}
+
+impl Fixture {
+    /// Builds a fixture from a factory.
+    pub async fn new<F, Fut>(factory: F) -> Fixture
+    where
+        F: FnOnce(CommitHook) -> Fut,
+        Fut: std::future::Future<Output = (Arc<dyn Store>, Box<dyn Any + Send>)>,
+    {
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let log = committed.clone();
+        let hook: CommitHook = Arc::new(move |c| log.lock().push(c));
+        let (store, keep) = factory(hook).await;
+        Fixture {
+            store,
+            committed,
+            _keep: keep,
+        }
+    }
+}
+
+fn text(conv: &str, from: &str, cid: &str, body: &str) -> NewMessage {
+    NewMessage {
+        conv: conv.into(),
+        from: from.into(),
+        client_msg_id: cid.into(),
+        content_type: ContentType::Text,
+        content: json!(body),
+        dm_members: None,
+        origin: 7,
+    }
+}
+
+fn dm(a: &str, b: &str, from: &str, cid: &str, body: &str) -> NewMessage {
+    NewMessage {
+        dm_members: Some((a.into(), b.into())),
+        ..text(&format!("dm:{a}:{b}"), from, cid, body)
+    }
+}
+
+async fn append(s: &dyn Store, m: NewMessage) -> Message {
+    s.append(m).await.expect("append").message
+}
+
+async fn seqs(s: &dyn Store, conv: &str) -> Vec<u64> {
+    s.history(
+        conv,
+        HistoryQuery::After {
+            after: 0,
+            limit: 10_000,
+        },
+    )
+    .await
+    .expect("history")
+    .messages
+    .iter()
+    .map(|m| m.seq)
+    .collect()
+}
+
+/// `seq` is 1, 2, 3, ... per conversation, independent across conversations.
+pub async fn seq_is_contiguous_per_conversation(f: Fixture) {
+    let s = &*f.store;
+    s.join_room("room:a", "u").await.unwrap();
+    s.join_room("room:b", "u").await.unwrap();
+    for i in 0..5 {
+        let m = append(s, text("room:a", "u", &format!("a{i}"), "x")).await;
+        assert_eq!(m.seq, i + 1);
+    }
+    for i in 0..3 {
+        let m = append(s, text("room:b", "u", &format!("b{i}"), "x")).await;
+        assert_eq!(m.seq, i + 1);
+    }
+    assert_eq!(seqs(s, "room:a").await, vec![1, 2, 3, 4, 5]);
+    assert_eq!(s.last_seq("room:a").await.unwrap(), 5);
+    assert_eq!(s.last_seq("room:b").await.unwrap(), 3);
+    assert_eq!(s.last_seq("room:none").await.unwrap(), 0);
+}
+
+/// Concurrent appends to one conversation get exactly 1..=N, no gaps, no repeats, and
+/// calls made one after the other are numbered in call order.
+pub async fn concurrent_appends_have_no_gaps(f: Fixture) {
+    let s = f.store.clone();
+    s.join_room("room:busy", "u").await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            // Issue 100 appends without awaiting in between: seqs follow call order.
+            let futs: Vec<_> = (0..100)
+                .map(|i| {
+                    s.append(text(
+                        "room:busy",
+                        &format!("u{t}"),
+                        &format!("{t}-{i}"),
+                        "x",
+                    ))
+                })
+                .collect();
+            let mut got = Vec::new();
+            for fut in futs {
+                got.push(fut.await.expect("append").message.seq);
+            }
+            assert!(
+                got.windows(2).all(|w| w[0] < w[1]),
+                "call order kept: {got:?}"
+            );
+            got
+        }));
+    }
+    let mut all = BTreeSet::new();
+    for t in tasks {
+        for seq in t.await.unwrap() {
+            assert!(all.insert(seq), "seq {seq} given twice");
+        }
+    }
+    assert_eq!(all, (1..=800).collect());
+    assert_eq!(seqs(&*s, "room:busy").await, (1..=800).collect::<Vec<_>>());
+}
+
+/// A retried append (same sender, same `client_msg_id`) returns the original and
+/// stores nothing; another sender's equal id is a different message; reusing an id in
+/// another conversation is a conflict.
+pub async fn appends_are_idempotent_per_sender(f: Fixture) {
+    let s = &*f.store;
+    s.join_room("room:a", "u").await.unwrap();
+    let first = s
+        .append(text("room:a", "u", "same", "hello"))
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    let again = s
+        .append(text("room:a", "u", "same", "hello"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.message, first.message);
+    let other = s
+        .append(text("room:a", "v", "same", "hello"))
+        .await
+        .unwrap();
+    assert!(!other.duplicate);
+    assert_eq!(other.message.seq, 2);
+    assert_eq!(seqs(s, "room:a").await, vec![1, 2]);
+    match s.append(text("room:b", "u", "same", "hello")).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let news = f
+        .committed
+        .lock()
+        .iter()
+        .filter(|c| matches!(c, Committed::Message { .. }))
+        .count();
+    assert_eq!(news, 2, "the hook never hears of duplicates");
+}
+
+/// The commit hook hears of each new message once, in commit order, with its origin.
+pub async fn commit_hook_sees_messages_in_order(f: Fixture) {
+    let s = &*f.store;
+    s.join_room("room:a", "u").await.unwrap();
+    let futs: Vec<_> = (0..20)
+        .map(|i| s.append(text("room:a", "u", &format!("c{i}"), &format!("m{i}"))))
+        .collect();
+    for fut in futs {
+        fut.await.unwrap();
+    }
+    let log = f.committed.lock();
+    let got: Vec<(u64, u64)> = log
+        .iter()
+        .filter_map(|c| match c {
+            Committed::Message { message, origin } => Some((message.seq, *origin)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, (1..=20).map(|s| (s, 7)).collect::<Vec<_>>());
+}
+
+/// History pages: newest, before, after, and `has_more` at the edges.
+pub async fn history_pages_in_both_directions(f: Fixture) {
+    let s = &*f.store;
+    s.join_room("room:h", "u").await.unwrap();
+    for i in 1..=10 {
+        append(s, text("room:h", "u", &format!("h{i}"), &format!("m{i}"))).await;
+    }
+    let page = |q| async move {
+        let p = s.history("room:h", q).await.unwrap();
+        (
+            p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            p.has_more,
+        )
+    };
+    assert_eq!(
+        page(HistoryQuery::Latest { limit: 3 }).await,
+        (vec![8, 9, 10], true)
+    );
+    assert!(!page(HistoryQuery::Latest { limit: 10 }).await.1);
+    assert_eq!(
+        page(HistoryQuery::Before {
+            before: 8,
+            limit: 3
+        })
+        .await,
+        (vec![5, 6, 7], true)
+    );
+    assert_eq!(
+        page(HistoryQuery::Before {
+            before: 4,
+            limit: 3
+        })
+        .await,
+        (vec![1, 2, 3], false)
+    );
+    assert_eq!(
+        page(HistoryQuery::After { after: 0, limit: 4 }).await,
+        (vec![1, 2, 3, 4], true)
+    );
+    assert_eq!(
+        page(HistoryQuery::After { after: 7, limit: 3 }).await,
+        (vec![8, 9, 10], false)
+    );
+    assert_eq!(
+        page(HistoryQuery::After {
+            after: 10,
+            limit: 3
+        })
+        .await,
+        (vec![], false)
+    );
+    let m = s.message("room:h", 4).await.unwrap().unwrap();
+    assert_eq!((m.seq, m.content), (4, Some(json!("m4"))));
+    assert_eq!(s.message("room:h", 11).await.unwrap(), None);
+}
+
+/// Rooms: the first join creates the room and makes the joiner its admin.
+pub async fn rooms_membership_and_roles(f: Fixture) {
+    let s = &*f.store;
+    let first = s.join_room("room:r", "alice").await.unwrap();
+    assert!(first.created && first.added);
+    let second = s.join_room("room:r", "bob").await.unwrap();
+    assert!(!second.created && second.added);
+    let again = s.join_room("room:r", "bob").await.unwrap();
+    assert!(!again.created && !again.added);
+    assert_eq!(
+        s.member_role("room:r", "alice").await.unwrap().as_deref(),
+        Some("admin")
+    );
+    assert_eq!(
+        s.member_role("room:r", "bob").await.unwrap().as_deref(),
+        Some("member")
+    );
+    assert_eq!(s.member_role("room:r", "carol").await.unwrap(), None);
+    let mut members = s.members("room:r").await.unwrap();
+    members.sort();
+    assert_eq!(members, vec!["alice", "bob"]);
+    assert!(s.is_member("room:r", "bob").await.unwrap());
+    assert!(s.leave_room("room:r", "bob").await.unwrap());
+    assert!(!s.leave_room("room:r", "bob").await.unwrap());
+    assert!(!s.is_member("room:r", "bob").await.unwrap());
+    s.join_room("room:q", "carol").await.unwrap();
+    let rooms = s.rooms().await.unwrap();
+    let counts: Vec<(String, u64)> = rooms.into_iter().map(|r| (r.conv, r.members)).collect();
+    assert_eq!(counts, vec![("room:q".into(), 1), ("room:r".into(), 1)]);
+    append(s, text("room:r", "alice", "j1", "x")).await;
+    assert_eq!(s.join_room("room:r", "bob").await.unwrap().last_seq, 1);
+}
+
+/// A DM's two users become its members with its first message; conversations list
+/// rooms and DMs with read positions and unread counts that exclude one's own messages.
+pub async fn conversations_read_cursors_and_unread(f: Fixture) {
+    let s = &*f.store;
+    append(s, dm("a", "b", "a", "d1", "hi")).await;
+    append(s, dm("a", "b", "b", "d2", "yo")).await;
+    append(s, dm("a", "b", "a", "d3", "?")).await;
+    assert!(s.is_member("dm:a:b", "a").await.unwrap());
+    assert!(s.is_member("dm:a:b", "b").await.unwrap());
+    assert!(s.share_conversation("a", "b").await.unwrap());
+    assert!(!s.share_conversation("a", "c").await.unwrap());
+    s.join_room("room:x", "b").await.unwrap();
+    s.join_room("room:x", "c").await.unwrap();
+    append(s, text("room:x", "c", "x1", "hello")).await;
+    assert!(s.share_conversation("b", "c").await.unwrap());
+
+    let b = s.conversations("b").await.unwrap();
+    let find = |conv: &str| b.iter().find(|c| c.conv == conv).cloned().unwrap();
+    let d = find("dm:a:b");
+    assert_eq!(
+        (d.last_seq, d.read_seq, d.unread),
+        (3, 0, 2),
+        "b's own message is not unread"
+    );
+    let r = find("room:x");
+    assert_eq!((r.last_seq, r.read_seq, r.unread), (1, 0, 1));
+
+    assert_eq!(s.mark_read("dm:a:b", "b", 2, 9).await.unwrap(), 2);
+    assert_eq!(
+        s.mark_read("dm:a:b", "b", 1, 9).await.unwrap(),
+        2,
+        "never backwards"
+    );
+    assert_eq!(
+        s.mark_read("dm:a:b", "b", 99, 9).await.unwrap(),
+        3,
+        "capped at the last"
+    );
+    let d = s
+        .conversations("b")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.conv == "dm:a:b")
+        .unwrap();
+    assert_eq!((d.read_seq, d.unread), (3, 0));
+    let receipts: Vec<u64> = f
+        .committed
+        .lock()
+        .iter()
+        .filter_map(|c| match c {
+            Committed::Receipt {
+                user,
+                seq,
+                origin: 9,
+                ..
+            } if user == "b" => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(receipts, vec![2, 3], "only forward moves are announced");
+}
+
+/// Recall erases content and keeps the seq; edit replaces content; both are announced.
+pub async fn recall_and_edit(f: Fixture) {
+    let s = &*f.store;
+    s.join_room("room:e", "u").await.unwrap();
+    append(s, text("room:e", "u", "e1", "secret")).await;
+    append(s, text("room:e", "u", "e2", "typo")).await;
+
+    s.recall("room:e", 1, "u", 3).await.unwrap();
+    s.recall("room:e", 1, "u", 3).await.unwrap();
+    let m = s.message("room:e", 1).await.unwrap().unwrap();
+    assert!(m.recalled);
+    assert_eq!(m.content, None);
+    let page = s
+        .history("room:e", HistoryQuery::Latest { limit: 10 })
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 2);
+    assert!(page.messages[0].recalled && page.messages[0].content.is_none());
+
+    let edited_at = s.edit("room:e", 2, json!("fixed"), 4).await.unwrap();
+    let m = s.message("room:e", 2).await.unwrap().unwrap();
+    assert_eq!(
+        (m.content, m.edited_at),
+        (Some(json!("fixed")), Some(edited_at))
+    );
+    match s.edit("room:e", 1, json!("back"), 4).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("editing a recalled message: {other:?}"),
+    }
+    match s.edit("room:e", 9, json!("x"), 4).await {
+        Err(StoreError::NotFound(_)) => {}
+        other => panic!("editing a missing message: {other:?}"),
+    }
+    match s.recall("room:e", 9, "u", 4).await {
+        Err(StoreError::NotFound(_)) => {}
+        other => panic!("recalling a missing message: {other:?}"),
+    }
+    let log = f.committed.lock();
+    let recalls = log
+        .iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Committed::Recalled {
+                    seq: 1,
+                    origin: 3,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(recalls, 1, "a second recall changes nothing");
+    assert!(log.iter().any(|c| matches!(
+        c,
+        Committed::Edited { seq: 2, origin: 4, edited_at: e, .. } if *e == edited_at
+    )));
+}
+
+/// Accounts and files.
+pub async fn accounts_and_files(f: Fixture) {
+    let s = &*f.store;
+    s.create_user("alice", "$argon2id$hash").await.unwrap();
+    match s.create_user("alice", "$argon2id$other").await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("a taken name: {other:?}"),
+    }
+    assert_eq!(
+        s.password_hash("alice").await.unwrap().as_deref(),
+        Some("$argon2id$hash")
+    );
+    assert_eq!(s.password_hash("bob").await.unwrap(), None);
+    let meta = FileMeta {
+        id: "01ARZ3NDEKTSV4RRFFQ69G5FAV".into(),
+        name: "cat.png".into(),
+        mime: "image/png".into(),
+        size: 1234,
+        uploader: "alice".into(),
+        created_at: 1_700_000_000_000,
+    };
+    s.put_file(meta.clone()).await.unwrap();
+    assert_eq!(s.file(&meta.id).await.unwrap(), Some(meta));
+    assert_eq!(s.file("nope").await.unwrap(), None);
+    s.ping().await.unwrap();
+}
+
+/// Runs every property of the suite as its own `#[tokio::test]`, given an async
+/// factory `fn(CommitHook) -> (Arc<dyn Store>, Box<dyn Any + Send>)`.
+#[macro_export]
+macro_rules! store_conformance {
+    ($factory:path) => {
+        $crate::store_conformance!(@tests $factory;
+            seq_is_contiguous_per_conversation,
+            concurrent_appends_have_no_gaps,
+            appends_are_idempotent_per_sender,
+            commit_hook_sees_messages_in_order,
+            history_pages_in_both_directions,
+            rooms_membership_and_roles,
+            conversations_read_cursors_and_unread,
+            recall_and_edit,
+            accounts_and_files,
+        );
+    };
+    (@tests $factory:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let f = $crate::store::conformance::Fixture::new($factory).await;
+                $crate::store::conformance::$name(f).await;
+            }
+        )*
+    };
+}
