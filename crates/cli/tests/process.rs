@@ -248,3 +248,192 @@ async fn user_add_and_token_verbs_work_against_a_running_server() {
     // carol's long-lived session is untouched.
     carol.ping().await.expect("the first session still works");
 }
+
+/// What one sender knows: acked (client_msg_id, seq), and the one it was sending when
+/// the connection died (to retry with the same id).
+#[derive(Default)]
+struct SenderLog {
+    acked: Vec<(String, u64)>,
+    unsure: Option<String>,
+    next: u64,
+}
+
+/// Sends into `room:load` as `user` until the connection fails; retries the unsure
+/// message first, with its original id.
+async fn send_until_failure(url: String, user: String, mut log: SenderLog) -> SenderLog {
+    let Ok(client) = Client::connect(ConnectOptions::guest(url, user.clone())).await else {
+        return log;
+    };
+    if client.join("load").await.is_err() {
+        return log;
+    }
+    loop {
+        let id = match log.unsure.take() {
+            Some(id) => id,
+            None => {
+                log.next += 1;
+                format!("{user}-{}", log.next)
+            }
+        };
+        let sent = client
+            .send_message(
+                "room:load",
+                &id,
+                hubbub_protocol::ContentType::Text,
+                serde_json::Value::String(id.clone()),
+            )
+            .await;
+        match sent {
+            Ok(s) => log.acked.push((id, s.seq)),
+            Err(_) => {
+                log.unsure = Some(id);
+                return log;
+            }
+        }
+    }
+}
+
+/// Every acked message is stored with its seq; seqs are 1..=N; each text appears once.
+async fn check_store(server: &Server, logs: &[SenderLog]) -> usize {
+    let reader = server
+        .connect(ConnectOptions::guest(server.url(), "auditor"))
+        .await;
+    reader.join("load").await.unwrap();
+    let mut stored = Vec::new();
+    let mut cursors = std::collections::BTreeMap::from([("room:load".to_string(), 0u64)]);
+    for _ in 0..1000 {
+        let r = reader.sync(cursors.clone(), Some(1000)).await.unwrap();
+        stored.extend(r.messages);
+        cursors = r.cursors;
+        if r.caught_up {
+            break;
+        }
+    }
+    let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=stored.len() as u64).collect::<Vec<_>>(),
+        "no gaps"
+    );
+    let by_text: std::collections::HashMap<String, u64> = stored
+        .iter()
+        .map(|m| {
+            (
+                m.content.clone().unwrap().as_str().unwrap().to_string(),
+                m.seq,
+            )
+        })
+        .collect();
+    assert_eq!(by_text.len(), stored.len(), "no message stored twice");
+    let mut acked = 0;
+    for log in logs {
+        for (id, seq) in &log.acked {
+            assert_eq!(by_text.get(id), Some(seq), "acked {id} lost or renumbered");
+            acked += 1;
+        }
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_at_random_moments_loses_no_acked_message() {
+    const SENDERS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let mut logs: Vec<SenderLog> = (0..SENDERS).map(|_| SenderLog::default()).collect();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    for round in 0..3u64 {
+        let mut server = Server::start(dir.path(), &[]);
+        let tasks: Vec<_> = logs
+            .drain(..)
+            .enumerate()
+            .map(|(i, log)| tokio::spawn(send_until_failure(server.url(), format!("s{i}"), log)))
+            .collect();
+        // A random moment between 200 and 800 ms into the load.
+        let delay = 200
+            + (seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(round * 1442695040888963407)
+                >> 33)
+                % 600;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+        for t in tasks {
+            logs.push(
+                tokio::time::timeout(WAIT, t)
+                    .await
+                    .expect("sender stops")
+                    .unwrap(),
+            );
+        }
+    }
+    let server = Server::start(dir.path(), &[]);
+    // The senders reconnect once more and retry what they were unsure of.
+    let tasks: Vec<_> = logs
+        .drain(..)
+        .enumerate()
+        .map(|(i, mut log)| {
+            let url = server.url();
+            tokio::spawn(async move {
+                if let Some(id) = log.unsure.take() {
+                    let c = Client::connect(ConnectOptions::guest(url, format!("s{i}")))
+                        .await
+                        .unwrap();
+                    let s = c
+                        .send_message(
+                            "room:load",
+                            &id,
+                            hubbub_protocol::ContentType::Text,
+                            serde_json::Value::String(id.clone()),
+                        )
+                        .await
+                        .unwrap();
+                    log.acked.push((id, s.seq));
+                }
+                log
+            })
+        })
+        .collect();
+    for t in tasks {
+        logs.push(t.await.unwrap());
+    }
+    let acked = check_store(&server, &logs).await;
+    assert!(acked > 50, "the load was real: {acked} acked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_acks_only_what_is_stored_and_exits_in_time() {
+    const SENDERS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let tasks: Vec<_> = (0..SENDERS)
+        .map(|i| {
+            tokio::spawn(send_until_failure(
+                server.url(),
+                format!("s{i}"),
+                SenderLog::default(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    server.signal("-TERM");
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let mut logs = Vec::new();
+    for t in tasks {
+        logs.push(
+            tokio::time::timeout(WAIT, t)
+                .await
+                .expect("sender stops")
+                .unwrap(),
+        );
+    }
+    let server = Server::start(dir.path(), &[]);
+    let acked = check_store(&server, &logs).await;
+    assert!(acked > 20, "the load was real: {acked} acked");
+}

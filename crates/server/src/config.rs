@@ -69,6 +69,9 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// Most rooms one user may be a member of.
     pub max_rooms_per_user: usize,
+    /// How long the store waits for a database locked by another process before the
+    /// operation fails with `unavailable`, in milliseconds.
+    pub store_busy_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -102,6 +105,7 @@ impl Default for Config {
             max_connections: 100_000,
             max_connections_per_ip: 1_000,
             max_rooms_per_user: 1_000,
+            store_busy_timeout_ms: 5_000,
         }
     }
 }

@@ -76,10 +76,11 @@ pub async fn run(
     let (bus, workers) = Bus::new(shards);
     let hook: CommitHook = Arc::new(move |change| bus.publish(change));
     let metrics = Metrics::new();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with_metrics(
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(
         &config.data_dir,
         hook,
         metrics.clone(),
+        std::time::Duration::from_millis(config.store_busy_timeout_ms),
     )?);
     let hub = Arc::new(Hub::new(metrics.clone()));
     let background = TaskTracker::new();

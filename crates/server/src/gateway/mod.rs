@@ -136,7 +136,12 @@ pub async fn ws_handler(
         .max_frame_size(cfg.max_frame_bytes)
         .on_upgrade(move |socket| {
             // Every log line of the session carries who it is.
-            let span = tracing::info_span!("session", user = %identity.user, device = %device);
+            let span = tracing::info_span!(
+                "session",
+                user = %identity.user,
+                device = %device,
+                session = tracing::field::Empty
+            );
             tracker.track_future(
                 async move {
                     session::run(socket, state, identity, device, codec).await;

@@ -74,7 +74,8 @@ pub(crate) async fn run(
     if state.shutdown.is_cancelled() {
         session.close(CloseReason::SHUTDOWN);
     }
-    tracing::debug!(user = %identity.user, device = %device, session = session.id, "session open");
+    tracing::Span::current().record("session", session.public_id());
+    tracing::debug!("session open");
 
     let (sink, stream) = socket.split();
     let last_seen = Arc::new(AtomicI64::new(now_ms()));

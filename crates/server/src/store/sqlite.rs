@@ -149,24 +149,27 @@ struct Inner {
 impl SqliteStore {
     /// Opens (creating if needed) `dir/hubbub.db`, runs migrations and starts the writer.
     pub fn open(dir: &Path, hook: CommitHook) -> StoreResult<SqliteStore> {
-        Self::open_with_metrics(dir, hook, Metrics::new())
+        Self::open_with(dir, hook, Metrics::new(), DEFAULT_BUSY_TIMEOUT)
     }
 
-    /// [`SqliteStore::open`], recording batch sizes and commit times in `metrics`.
-    pub fn open_with_metrics(
+    /// [`SqliteStore::open`], recording batch sizes and commit times in `metrics`, and
+    /// waiting at most `busy_timeout` for a database locked by someone else (then the
+    /// operations fail with `unavailable`).
+    pub fn open_with(
         dir: &Path,
         hook: CommitHook,
         metrics: Metrics,
+        busy_timeout: std::time::Duration,
     ) -> StoreResult<SqliteStore> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
         let path = dir.join("hubbub.db");
-        let mut conn = open_conn(&path).map_err(unavailable)?;
+        let mut conn = open_conn(&path, busy_timeout).map_err(unavailable)?;
         migrate(&mut conn).map_err(unavailable)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
-            let r = open_conn(&path).map_err(unavailable)?;
+            let r = open_conn(&path, busy_timeout).map_err(unavailable)?;
             r.pragma_update(None, "query_only", true)
                 .map_err(unavailable)?;
             readers.push(Mutex::new(r));
@@ -236,9 +239,12 @@ impl SqliteStore {
     }
 }
 
-fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
+/// How long a connection waits for a lock held by another process, by default.
+const DEFAULT_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn open_conn(path: &Path, busy_timeout: std::time::Duration) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(busy_timeout)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     Ok(conn)
