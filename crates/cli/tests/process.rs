@@ -437,3 +437,102 @@ async fn sigterm_under_load_acks_only_what_is_stored_and_exits_in_time() {
     let acked = check_store(&server, &logs).await;
     assert!(acked > 20, "the load was real: {acked} acked");
 }
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// Opens a WebSocket by hand and drops the TCP connection without a close handshake.
+async fn open_and_drop(addr: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return;
+    };
+    let req = format!(
+        "GET /ws?user=ghost HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).await.is_ok() {
+        let mut buf = [0u8; 512];
+        let _ = tokio::time::timeout(WAIT, s.read(&mut buf)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_junk_and_dropped_connections_leaves_memory_near_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let pid = server.child.id();
+    let mut alice = server
+        .connect(ConnectOptions::guest(server.url(), "alice"))
+        .await;
+    alice.join("calm").await.unwrap();
+    // Warm up allocator arenas and caches with the same kind of work first.
+    for _ in 0..3 {
+        let batch: Vec<_> = (0..200).map(|_| open_and_drop(&server.addr)).collect();
+        futures_util::future::join_all(batch).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let baseline = rss_bytes(pid);
+
+    // Junk: thousands of undecodable frames from mallory. Each gets an error until the
+    // frame rate limit runs out; a client that keeps going is closed with 1008.
+    let mut mallory = server
+        .connect(ConnectOptions::guest(server.url(), "mallory"))
+        .await;
+    let junk = (0..100)
+        .map(|i| format!("{{not json {i}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for _ in 0..30 {
+        if mallory.send_raw(junk.clone()).await.is_err() {
+            break;
+        }
+    }
+    let close = mallory
+        .wait_closed(WAIT)
+        .await
+        .unwrap()
+        .expect("close frame");
+    assert_eq!((close.code, close.reason.as_str()), (1008, "rate limited"));
+    // Thousands of connections opened and dropped without a close handshake, while
+    // alice keeps being served.
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let batch: Vec<_> = (0..200).map(|_| open_and_drop(&server.addr)).collect();
+        let ping = async {
+            let t = Instant::now();
+            let _ = alice.ping().await;
+            t.elapsed()
+        };
+        let (_, took) = tokio::join!(futures_util::future::join_all(batch), ping);
+        worst = worst.max(took);
+    }
+    assert!(
+        worst < Duration::from_secs(1),
+        "alice waited {worst:?} for a pong"
+    );
+    while alice.next_event(Duration::from_millis(50)).await.is_ok() {}
+
+    // Memory comes back near the baseline once the dropped connections are reaped.
+    let mut after = u64::MAX;
+    for _ in 0..100 {
+        after = rss_bytes(pid);
+        if after < baseline + 8 * 1024 * 1024 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("rss baseline {baseline} after {after}");
+    assert!(
+        after < baseline + 8 * 1024 * 1024,
+        "RSS {after} did not return near the baseline {baseline}"
+    );
+    alice.ping().await.unwrap();
+}

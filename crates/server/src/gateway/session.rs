@@ -119,6 +119,8 @@ async fn read_loop(
     let max_inflight = conn.state().config.max_inflight_sends;
     let mut pending: FuturesOrdered<futures_util::future::BoxFuture<'static, ServerFrame>> =
         FuturesOrdered::new();
+    // Whether the peer may still send (it has not closed, and reading has not failed).
+    let mut peer_open = true;
     loop {
         tokio::select! {
             biased;
@@ -131,7 +133,10 @@ async fn read_loop(
                 session.reply(answer).await;
             }
             msg = stream.next(), if pending.len() < max_inflight => {
-                let Some(msg) = msg else { break };
+                let Some(msg) = msg else {
+                    peer_open = false;
+                    break;
+                };
                 last_seen.store(now_ms(), Ordering::Relaxed);
                 match msg {
                     Ok(WsMessage::Text(text)) if codec == Codec::Json => {
@@ -154,8 +159,12 @@ async fn read_loop(
                             .await;
                     }
                     Ok(WsMessage::Ping(_)) | Ok(WsMessage::Pong(_)) => {}
-                    Ok(WsMessage::Close(_)) => break,
+                    Ok(WsMessage::Close(_)) => {
+                        peer_open = false;
+                        break;
+                    }
                     Err(e) => {
+                        peer_open = false;
                         if is_too_large(&e) {
                             session.close(CloseReason::TOO_LARGE);
                         }
@@ -171,6 +180,19 @@ async fn read_loop(
         if session.close_reason().is_none() {
             session.reply(answer).await;
         }
+    }
+    // We are closing and the peer may still be sending: keep reading (and discarding)
+    // until its close frame, so the socket is not reset with unread data, which would
+    // make the peer lose our close frame. Bounded, and not for dead peers.
+    if peer_open && session.close_reason() != Some(CloseReason::DEAD) {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, WsMessage::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 
