@@ -427,11 +427,21 @@ async fn files_upload_download_limits_and_safe_names() {
         "{url}"
     );
 
-    let r = http()
-        .get(server.http(&format!("{url}?user=bob")))
-        .send()
+    let get = |who: &str| http().get(server.http(&format!("{url}?user={who}"))).send();
+    // Only the uploader sees it until it is sent somewhere.
+    assert_eq!(get("alice").await.unwrap().status(), 200);
+    assert_eq!(get("bob").await.unwrap().status(), 404);
+    let alice = server.connect("alice").await;
+    alice
+        .send_message("dm:alice:bob", "photo-1", ContentType::Image, meta.clone())
         .await
         .unwrap();
+    assert_eq!(
+        get("carol").await.unwrap().status(),
+        404,
+        "not sent to carol"
+    );
+    let r = get("bob").await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "image/png");
     assert_eq!(r.headers()["x-content-type-options"], "nosniff");

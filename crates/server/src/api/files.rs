@@ -190,18 +190,18 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     }
 }
 
-/// Download an attachment (any authenticated user).
+/// Download an attachment: its uploader, or a member of a conversation it was sent to.
 #[utoipa::path(get, path = "/files/{id}/{name}", params(
     ("id" = String, Path, description = "file id from the upload"),
     ("name" = String, Path, description = "file name from the upload"),
 ), responses(
     (status = 200, description = "the bytes"),
     (status = 401, description = "no valid credential", body = super::docs::ErrorBody),
-    (status = 404, description = "no such file", body = super::docs::ErrorBody),
+    (status = 404, description = "no such file, or not sent to any conversation of the caller", body = super::docs::ErrorBody),
 ), security(("bearer" = [])))]
 pub async fn download(
     State(state): State<Arc<AppState>>,
-    Caller(_caller): Caller,
+    Caller(caller): Caller,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such file");
@@ -209,7 +209,8 @@ pub async fn download(
         return Err(not_found());
     }
     let meta = state.store.file(&id).await?.ok_or_else(not_found)?;
-    if meta.name != name {
+    // Others' files are invisible (404, not 403: their existence is not revealed).
+    if meta.name != name || !state.store.may_read_file(&id, &caller.user).await? {
         return Err(not_found());
     }
     let file = tokio::fs::File::open(files_dir(&state).join(&meta.id))

@@ -442,6 +442,48 @@ pub async fn accounts_and_files(f: Fixture) {
     s.ping().await.unwrap();
 }
 
+/// A file is visible to its uploader and to members of conversations it was sent to
+/// (by append or edit), and no longer to someone who left the room.
+pub async fn files_are_visible_to_uploader_and_recipients(f: Fixture) {
+    let s = &*f.store;
+    let id = "01ARZ3NDEKTSV4RRFFQ69G5FAW";
+    s.put_file(FileMeta {
+        id: id.into(),
+        name: "a.png".into(),
+        mime: "image/png".into(),
+        size: 1,
+        uploader: "alice".into(),
+        created_at: 0,
+    })
+    .await
+    .unwrap();
+    let attachment = json!({"url": format!("/files/{id}/a.png"), "name": "a.png"});
+    assert!(s.may_read_file(id, "alice").await.unwrap());
+    assert!(!s.may_read_file(id, "bob").await.unwrap());
+    let mut m = dm("alice", "bob", "alice", "f1", "");
+    m.content_type = ContentType::Image;
+    m.content = attachment.clone();
+    append(s, m).await;
+    assert!(s.may_read_file(id, "bob").await.unwrap());
+    assert!(!s.may_read_file(id, "carol").await.unwrap());
+
+    s.join_room("room:pics", "alice").await.unwrap();
+    s.join_room("room:pics", "carol").await.unwrap();
+    append(s, text("room:pics", "alice", "f2", "soon")).await;
+    assert!(!s.may_read_file(id, "carol").await.unwrap());
+    s.edit("room:pics", 1, attachment, 1).await.unwrap();
+    assert!(
+        s.may_read_file(id, "carol").await.unwrap(),
+        "shared by an edit"
+    );
+    s.leave_room("room:pics", "carol").await.unwrap();
+    assert!(
+        !s.may_read_file(id, "carol").await.unwrap(),
+        "former members lose access"
+    );
+    assert!(!s.may_read_file("nope", "alice").await.unwrap());
+}
+
 /// Runs every property of the suite as its own `#[tokio::test]`, given an async
 /// factory `fn(CommitHook) -> (Arc<dyn Store>, Box<dyn Any + Send>)`.
 #[macro_export]
@@ -457,6 +499,7 @@ macro_rules! store_conformance {
             conversations_read_cursors_and_unread,
             recall_and_edit,
             accounts_and_files,
+            files_are_visible_to_uploader_and_recipients,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

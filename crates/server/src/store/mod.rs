@@ -266,11 +266,23 @@ pub trait Store: Send + Sync + 'static {
     /// Whether two users share a room or a DM.
     fn share_conversation(&self, a: &str, b: &str) -> BoxFuture<'static, StoreResult<bool>>;
 
+    /// Whether `user` may download the file `id`: its uploader, or a member of a
+    /// conversation it was sent to (in an attachment's `url`).
+    fn may_read_file(&self, id: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>>;
+
     /// Checks that the store answers reads and writes.
     fn ping(&self) -> BoxFuture<'static, StoreResult<()>>;
 
     /// Commits everything queued and stops taking writes.
     fn close(&self) -> BoxFuture<'static, StoreResult<()>>;
+}
+
+/// The id of an uploaded file an attachment's content points to
+/// (`{"url": "/files/<id>/<name>"}`), if any.
+pub fn attachment_file_id(content: &serde_json::Value) -> Option<&str> {
+    let url = content.get("url")?.as_str()?;
+    let id = url.strip_prefix("/files/")?.split('/').next()?;
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(id)
 }
 
 /// Milliseconds since the Unix epoch.

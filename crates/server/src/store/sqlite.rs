@@ -86,6 +86,14 @@ CREATE TABLE files (
     created_at  INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
+    // Which conversations an uploaded file was sent to: their members may download it.
+    r#"
+CREATE TABLE file_shares (
+    file_id     TEXT NOT NULL,
+    conv        TEXT NOT NULL,
+    PRIMARY KEY (file_id, conv)
+) WITHOUT ROWID;
+"#,
 ];
 
 type Reply<T> = oneshot::Sender<StoreResult<T>>;
@@ -650,6 +658,7 @@ impl Writer {
                         "UPDATE messages SET content = ?3, edited_at = ?4 WHERE conv = ?1 AND seq = ?2",
                     )?
                     .execute(params![conv, seq, text, now])?;
+                self.share_file(conv, content)?;
                 Ok(Ok(Committed::Edited {
                     conv: conv.to_string(),
                     seq,
@@ -750,6 +759,7 @@ impl Writer {
                 content,
                 now
             ])?;
+        self.share_file(&msg.conv, &msg.content)?;
         self.seqs.insert(msg.conv.clone(), seq);
         Ok(Ok(Appended {
             message: Message {
@@ -766,6 +776,18 @@ impl Writer {
             },
             duplicate: false,
         }))
+    }
+
+    /// Records that the file an attachment points to was sent to `conv`.
+    fn share_file(&mut self, conv: &str, content: &serde_json::Value) -> rusqlite::Result<()> {
+        if let Some(id) = super::attachment_file_id(content) {
+            self.conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO file_shares (file_id, conv) VALUES (?1, ?2)",
+                )?
+                .execute(params![id, conv])?;
+        }
+        Ok(())
     }
 
     fn join(&mut self, conv: &str, user: &str, now: i64) -> rusqlite::Result<JoinOutcome> {
@@ -1120,6 +1142,18 @@ impl Store for SqliteStore {
                 "SELECT 1 FROM members x JOIN members y ON x.conv = y.conv WHERE x.user = ?1 AND y.user = ?2 LIMIT 1",
             )?
             .exists(params![a, b])
+        })
+    }
+
+    fn may_read_file(&self, id: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>> {
+        let (id, user) = (id.to_string(), user.to_string());
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT 1 FROM files WHERE id = ?1 AND uploader = ?2 \
+                 UNION ALL SELECT 1 FROM file_shares s JOIN members m ON m.conv = s.conv \
+                 WHERE s.file_id = ?1 AND m.user = ?2 LIMIT 1",
+            )?
+            .exists(params![id, user])
         })
     }
 
