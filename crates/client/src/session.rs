@@ -23,7 +23,7 @@ pub enum SessionEvent {
     Frame(ServerFrame),
     /// The connection dropped; a reconnect follows.
     Disconnected(Option<CloseInfo>),
-    /// Connected again and caught up (`missed` messages were replayed as frames).
+    /// Connected again and caught up; the `missed` messages follow as frames.
     Reconnected { missed: usize },
 }
 
@@ -129,18 +129,23 @@ impl Session {
             tokio::time::sleep(wait).await;
             self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
             match Client::connect(self.opts.clone()).await {
-                Ok(client) => {
-                    let missed = self.catch_up(&client).await;
-                    match missed {
-                        Ok(missed) => {
-                            self.client = Some(client);
-                            self.backoff = BACKOFF_MIN;
-                            self.pending.push_back(SessionEvent::Reconnected { missed });
-                            return Ok(());
-                        }
-                        Err(e) => tracing::debug!(error = %e, "catch-up failed; retrying"),
+                Ok(client) => match self.catch_up(&client).await {
+                    Ok(missed) => {
+                        self.saw(&missed);
+                        self.client = Some(client);
+                        self.backoff = BACKOFF_MIN;
+                        self.pending.push_back(SessionEvent::Reconnected {
+                            missed: missed.len(),
+                        });
+                        self.pending.extend(
+                            missed
+                                .into_iter()
+                                .map(|m| SessionEvent::Frame(ServerFrame::Message(m))),
+                        );
+                        return Ok(());
                     }
-                }
+                    Err(e) => tracing::debug!(error = %e, "catch-up failed; retrying"),
+                },
                 Err(ClientError::Connect {
                     status: Some(s @ (401 | 403)),
                     body,
@@ -155,20 +160,23 @@ impl Session {
         }
     }
 
-    /// Syncs every followed conversation until caught up; queues the missed messages.
-    async fn catch_up(&mut self, client: &Client) -> Result<usize, ClientError> {
-        let mut missed = 0;
-        // Bounded: each round moves every cursor forward or ends.
+    /// Syncs every followed conversation until caught up; returns the missed messages.
+    /// The cursors move only when the whole catch-up succeeded, so a failure halfway
+    /// loses nothing: the next attempt starts from the same place.
+    async fn catch_up(&self, client: &Client) -> Result<Vec<Message>, ClientError> {
+        let mut cursors = self.cursors.clone();
+        let mut missed = Vec::new();
+        // Bounded: each round moves some cursor forward or ends.
         for _ in 0..1000 {
-            if self.cursors.is_empty() {
+            if cursors.is_empty() {
                 break;
             }
-            let r = client.sync(self.cursors.clone(), None).await?;
+            let r = client.sync(cursors.clone(), None).await?;
             for m in r.messages {
-                if self.accept(&m) {
-                    missed += 1;
-                    self.pending
-                        .push_back(SessionEvent::Frame(ServerFrame::Message(m)));
+                let c = cursors.entry(m.conv.clone()).or_insert(0);
+                if m.seq > *c {
+                    *c = m.seq;
+                    missed.push(m);
                 }
             }
             if r.caught_up {

@@ -6,17 +6,15 @@
 //! The script asks for a server restart (same data dir, same port) by printing
 //! `@@RESTART`; this test restarts the server and answers `RESTARTED` on its stdin.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use hubbub_server::Config;
+use common::TestServer;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
 use tokio::process::Command;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// Bound for the whole browser run.
 const RUN_LIMIT: Duration = Duration::from_secs(150);
@@ -24,67 +22,6 @@ const RUN_LIMIT: Duration = Duration::from_secs(150);
 const INSTALL_HELP: &str = "the browser tests need node, npm packages and chromium. On Debian: \
      `apt-get install -y chromium nodejs npm` (or set HUBBUB_CHROMIUM / HUBBUB_NODE to the \
      executables), then `npm ci` in tests/browser. `.ci/run` does all of this.";
-
-struct Server {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Server {
-    /// Serves `dir` on `addr` (port 0 for any), retrying the bind while a previous
-    /// server's socket is still going away.
-    async fn start(dir: &Path, addr: SocketAddr) -> Server {
-        let mut tries = 0;
-        let listener = loop {
-            match TcpListener::bind(addr).await {
-                Ok(l) => break l,
-                Err(_) if tries < 100 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("cannot bind {addr} again: {e}"),
-            }
-        };
-        let addr = listener.local_addr().expect("addr");
-        let config = Config {
-            bind: addr,
-            data_dir: dir.to_path_buf(),
-            guest: Some(true),
-            ..Config::default()
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(hubbub_server::run(listener, config, async move {
-            let _ = stopped.await;
-        }));
-        Server {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(15), task)
-                .await
-                .expect("server did not stop in time")
-                .expect("server task panicked")
-                .expect("server returned an error");
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -142,8 +79,7 @@ async fn web_ui_in_a_real_browser() {
     let artifacts = target.join("browser-artifacts");
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut server = Some(Server::start(dir.path(), "127.0.0.1:0".parse().unwrap()).await);
+    let mut server = Some(TestServer::start().await);
     let addr = server.as_ref().unwrap().addr;
 
     let mut child = Command::new(&node)
@@ -165,8 +101,8 @@ async fn web_ui_in_a_real_browser() {
         while let Some(line) = lines.next_line().await.expect("read the script's output") {
             if line == "@@RESTART" {
                 println!("restarting the server on {addr}");
-                server.take().expect("a running server").stop().await;
-                server = Some(Server::start(dir.path(), addr).await);
+                let running = server.take().expect("a running server");
+                server = Some(running.restart().await);
                 stdin
                     .write_all(b"RESTARTED\n")
                     .await

@@ -17,6 +17,8 @@ pub const WAIT: Duration = Duration::from_secs(5);
 pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: TempDir,
+    /// The configuration it runs with (kept by `restart`).
+    pub config: Config,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -33,8 +35,34 @@ impl TestServer {
         Self::in_dir(dir, f).await
     }
 
-    /// A server on an existing data dir (for restarts).
+    /// A server on an existing data dir.
     pub async fn in_dir(dir: TempDir, f: impl FnOnce(&mut Config)) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::serve(listener, dir, f).await
+    }
+
+    /// Stops this server gracefully and starts a new one on the same address and data
+    /// dir (clients see a real disconnect and can reconnect to the same URL).
+    pub async fn restart(self) -> TestServer {
+        let addr = self.addr;
+        let config = self.config.clone();
+        let dir = self.stop().await;
+        let mut tries = 0;
+        // The old socket may take a moment to go away.
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot bind {addr} again: {e}"),
+            }
+        };
+        Self::serve(listener, dir, |c| *c = config).await
+    }
+
+    async fn serve(listener: TcpListener, dir: TempDir, f: impl FnOnce(&mut Config)) -> TestServer {
         // HUBBUB_TEST_LOG=debug shows the server's logs of a failing test.
         if let Ok(filter) = std::env::var("HUBBUB_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -42,7 +70,6 @@ impl TestServer {
                 .with_test_writer()
                 .try_init();
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut config = Config {
             bind: addr,
@@ -52,12 +79,13 @@ impl TestServer {
         };
         f(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(hubbub_server::run(listener, config, async move {
+        let task = tokio::spawn(hubbub_server::run(listener, config.clone(), async move {
             let _ = stopped.await;
         }));
         TestServer {
             addr,
             dir,
+            config,
             stop: Some(stop),
             task: Some(task),
         }
