@@ -292,7 +292,12 @@ function startChat() {
 
 window.addEventListener('online', () => conn && conn.kick());
 
+/** server_time of the previous connection's welcome: changes since then are replayed. */
+let connectedAt = null;
+
 async function onOpen(welcome, reconnect) {
+  const since = connectedAt;
+  connectedAt = welcome.server_time;
   // Unsent messages go out first (same client_msg_id: a retry never stores twice); the
   // sync replay may then bring them back too, which the seq map deduplicates.
   for (const c of convs.values()) {
@@ -300,7 +305,7 @@ async function onOpen(welcome, reconnect) {
   }
   if (reconnect) {
     try {
-      await resync();
+      await resync(since);
     } catch (e) {
       console.warn('sync failed', e);
     }
@@ -313,12 +318,17 @@ async function onOpen(welcome, reconnect) {
   refreshRooms();
 }
 
-/** Catch up every conversation from its cursor after a reconnect. */
-async function resync() {
+/**
+ * Catch up every conversation from its cursor after a reconnect; with `since`, the
+ * server also replays recalls and edits of messages already on screen.
+ */
+async function resync(since) {
   let cursors = {};
   for (const c of convs.values()) cursors[c.id] = c.loaded ? c.maxSeen : c.lastSeq;
   for (let round = 0; round < 50; round++) {
-    const ok = await conn.request({ type: 'sync', cursors }, 30000);
+    const req = { type: 'sync', cursors };
+    if (round === 0 && since != null) req.since = since;
+    const ok = await conn.request(req, 30000);
     for (const info of ok.conversations || []) {
       const c = convOf(info.conv);
       c.lastSeq = Math.max(c.lastSeq, info.last_seq || 0);

@@ -228,15 +228,26 @@ pub struct SyncResult {
     pub conversations: Vec<(String, u64)>,
     /// Named conversations the user may not read.
     pub denied: Vec<String>,
+    /// With `since`: recalls and edits of messages up to the cursors, as `recalled` and
+    /// `edited` frames (and any that arrived live meanwhile).
+    pub changes: Vec<ServerFrame>,
+    /// Pass this as `since` to the next sync.
+    pub server_time: i64,
 }
 
 type Reply = Result<Map<String, Value>, ProtoError>;
 
+struct SyncCollect {
+    convs: HashSet<String>,
+    messages: Vec<Message>,
+    changes: Vec<ServerFrame>,
+}
+
 #[derive(Default)]
 struct Shared {
     pending: HashMap<String, oneshot::Sender<Reply>>,
-    /// While a `sync` runs: the conversations it names and the messages collected.
-    sync: Option<(HashSet<String>, Vec<Message>)>,
+    /// While a `sync` runs: the conversations it names and what was collected.
+    sync: Option<SyncCollect>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -555,24 +566,39 @@ impl Client {
         cursors: BTreeMap<String, u64>,
         limit: Option<u32>,
     ) -> Result<SyncResult, ClientError> {
+        self.sync_since(cursors, limit, None).await
+    }
+
+    /// [`Client::sync`], also replaying recalls and edits made since `since` (the
+    /// `server_time` of a previous sync or welcome) to messages up to the cursors.
+    pub async fn sync_since(
+        &self,
+        cursors: BTreeMap<String, u64>,
+        limit: Option<u32>,
+        since: Option<i64>,
+    ) -> Result<SyncResult, ClientError> {
         let _one_at_a_time = self.sync_lock.lock().await;
-        self.shared.lock().sync = Some((cursors.keys().cloned().collect(), Vec::new()));
+        self.shared.lock().sync = Some(SyncCollect {
+            convs: cursors.keys().cloned().collect(),
+            messages: Vec::new(),
+            changes: Vec::new(),
+        });
         let result = self
             .request(ClientFrame::Sync {
                 id: None,
                 cursors: cursors.clone(),
                 limit,
+                since,
             })
             .await;
-        let collected = self
-            .shared
-            .lock()
-            .sync
-            .take()
-            .map(|s| s.1)
+        let collected = self.shared.lock().sync.take();
+        let (collected, changes) = collected
+            .map(|c| (c.messages, c.changes))
             .unwrap_or_default();
         let body = result?;
         let mut out = SyncResult {
+            changes,
+            server_time: body.get("server_time").and_then(Value::as_i64).unwrap_or(0),
             caught_up: body
                 .get("caught_up")
                 .and_then(Value::as_bool)
@@ -831,12 +857,19 @@ fn route(
             return;
         }
     }
-    if let ServerFrame::Message(m) = &frame {
-        if let Some((convs, collected)) = sh.sync.as_mut() {
-            if convs.contains(&m.conv) {
-                collected.push(m.clone());
+    if let Some(c) = sh.sync.as_mut() {
+        match &frame {
+            ServerFrame::Message(m) if c.convs.contains(&m.conv) => {
+                c.messages.push(m.clone());
                 return;
             }
+            ServerFrame::Recalled { conv, .. } | ServerFrame::Edited { conv, .. }
+                if c.convs.contains(conv) =>
+            {
+                c.changes.push(frame);
+                return;
+            }
+            _ => {}
         }
     }
     drop(sh);

@@ -23,7 +23,8 @@ pub enum SessionEvent {
     Frame(ServerFrame),
     /// The connection dropped; a reconnect follows.
     Disconnected(Option<CloseInfo>),
-    /// Connected again and caught up; the `missed` messages follow as frames.
+    /// Connected again and caught up; recalls and edits made meanwhile follow as
+    /// frames, then the `missed` messages.
     Reconnected { missed: usize },
 }
 
@@ -35,6 +36,9 @@ pub struct Session {
     cursors: BTreeMap<String, u64>,
     pending: std::collections::VecDeque<SessionEvent>,
     backoff: Duration,
+    /// `server_time` of the current connection's welcome: recalls and edits from then
+    /// on arrive live, earlier ones are replayed by the catch-up after a reconnect.
+    connected_at: i64,
 }
 
 impl Session {
@@ -42,6 +46,7 @@ impl Session {
     pub async fn connect(opts: ConnectOptions) -> Result<Session, ClientError> {
         let client = Client::connect(opts.clone()).await?;
         Ok(Session {
+            connected_at: client.welcome().server_time,
             opts,
             client: Some(client),
             cursors: BTreeMap::new(),
@@ -130,13 +135,16 @@ impl Session {
             self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
             match Client::connect(self.opts.clone()).await {
                 Ok(client) => match self.catch_up(&client).await {
-                    Ok(missed) => {
+                    Ok((changes, missed)) => {
                         self.saw(&missed);
+                        self.connected_at = client.welcome().server_time;
                         self.client = Some(client);
                         self.backoff = BACKOFF_MIN;
                         self.pending.push_back(SessionEvent::Reconnected {
                             missed: missed.len(),
                         });
+                        self.pending
+                            .extend(changes.into_iter().map(SessionEvent::Frame));
                         self.pending.extend(
                             missed
                                 .into_iter()
@@ -160,18 +168,27 @@ impl Session {
         }
     }
 
-    /// Syncs every followed conversation until caught up; returns the missed messages.
-    /// The cursors move only when the whole catch-up succeeded, so a failure halfway
-    /// loses nothing: the next attempt starts from the same place.
-    async fn catch_up(&self, client: &Client) -> Result<Vec<Message>, ClientError> {
+    /// Syncs every followed conversation until caught up; returns the recalls and
+    /// edits of messages the caller already had, and the missed messages. The cursors
+    /// move only when the whole catch-up succeeded, so a failure halfway loses nothing:
+    /// the next attempt starts from the same place.
+    async fn catch_up(
+        &self,
+        client: &Client,
+    ) -> Result<(Vec<ServerFrame>, Vec<Message>), ClientError> {
         let mut cursors = self.cursors.clone();
         let mut missed = Vec::new();
+        let mut changes = Vec::new();
+        let mut since = Some(self.connected_at);
         // Bounded: each round moves some cursor forward or ends.
         for _ in 0..1000 {
             if cursors.is_empty() {
                 break;
             }
-            let r = client.sync(cursors.clone(), None).await?;
+            let r = client.sync_since(cursors.clone(), None, since).await?;
+            // Changes are replayed by the first round; later rounds only page messages.
+            since = None;
+            changes.extend(r.changes);
             for m in r.messages {
                 let c = cursors.entry(m.conv.clone()).or_insert(0);
                 if m.seq > *c {
@@ -183,6 +200,6 @@ impl Session {
                 break;
             }
         }
-        Ok(missed)
+        Ok((changes, missed))
     }
 }

@@ -358,6 +358,10 @@ pub enum ClientFrame {
         cursors: BTreeMap<String, u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
+        /// `server_time` of the previous sync: also replay recalls and edits made since
+        /// then to messages up to the cursors (a hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<i64>,
     },
     Read {
         #[serde(default, skip_serializing_if = "Option::is_none")]

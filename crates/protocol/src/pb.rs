@@ -329,9 +329,15 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             after_seq,
             limit,
         }),
-        ClientFrame::Sync { cursors, limit, .. } => CF::Sync(wire::Sync {
+        ClientFrame::Sync {
+            cursors,
+            limit,
+            since,
+            ..
+        } => CF::Sync(wire::Sync {
             cursors: cursors.into_iter().collect(),
             limit,
+            since,
         }),
         ClientFrame::Read { conv, seq, .. } => CF::Read(wire::Read { conv, seq }),
         ClientFrame::Typing { conv, .. } => CF::Typing(wire::Typing { conv }),
@@ -397,6 +403,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
             id,
             cursors: s.cursors.into_iter().collect(),
             limit: s.limit,
+            since: s.since,
         },
         CF::Read(r) => ClientFrame::Read {
             id,
@@ -452,6 +459,7 @@ mod tests {
                 id: Some(json!("s")),
                 cursors: [("room:a".to_string(), 3u64)].into_iter().collect(),
                 limit: Some(10),
+                since: Some(1_700_000_000_000),
             },
         ];
         for f in frames {

@@ -364,3 +364,82 @@ async fn a_json_client_and_a_protobuf_client_chat_in_one_room() {
     pb_client.ping().await.unwrap();
     let _ = pb_client.next_event(Duration::from_millis(10)).await;
 }
+
+#[tokio::test]
+async fn recalls_and_edits_made_while_offline_are_replayed_by_sync_since() {
+    let server = TestServer::start().await;
+    let alice = server.connect("alice").await;
+    let bob = server.connect("bob").await;
+    alice.join("news").await.unwrap();
+    bob.join("news").await.unwrap();
+    for text in ["oops, a secret", "teh typo", "fine"] {
+        bob.send_text("room:news", text).await.unwrap();
+    }
+    // alice has seen all three, then goes away.
+    let seen_at = alice.welcome().server_time;
+    let page = alice.history("room:news", None, None, None).await.unwrap();
+    assert_eq!(page.messages.len(), 3);
+    alice.close().await.unwrap();
+
+    bob.request(ClientFrame::Recall {
+        id: None,
+        conv: "room:news".into(),
+        seq: 1,
+    })
+    .await
+    .unwrap();
+    let edited = bob
+        .request(ClientFrame::Edit {
+            id: None,
+            conv: "room:news".into(),
+            seq: 2,
+            content: json!("the typo"),
+        })
+        .await
+        .unwrap();
+    bob.send_text("room:news", "new one").await.unwrap();
+
+    let alice = server.connect("alice").await;
+    let r = alice
+        .sync_since(
+            BTreeMap::from([("room:news".to_string(), 3)]),
+            None,
+            Some(seen_at),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.changes,
+        vec![
+            ServerFrame::Recalled {
+                conv: "room:news".into(),
+                seq: 1,
+                by: "bob".into()
+            },
+            ServerFrame::Edited {
+                conv: "room:news".into(),
+                seq: 2,
+                content: json!("the typo"),
+                edited_at: edited["edited_at"].as_i64().unwrap(),
+            },
+        ]
+    );
+    assert!(!format!("{:?}", r.changes).contains("secret"));
+    assert_eq!(
+        r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![4]
+    );
+    assert!(r.server_time >= seen_at);
+    // From the new server_time on, nothing is replayed again.
+    let again = alice
+        .sync_since(r.cursors.clone(), None, Some(r.server_time))
+        .await
+        .unwrap();
+    assert!(again.changes.is_empty() && again.messages.is_empty());
+    // Without `since`, sync is as before: only new messages.
+    let plain = alice
+        .sync(BTreeMap::from([("room:news".to_string(), 3)]), None)
+        .await
+        .unwrap();
+    assert!(plain.changes.is_empty());
+}

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::access::{history_query, page_limit};
 use crate::auth::Identity;
 use crate::hub::{CloseReason, OutFrame, Room, SessionHandle};
-use crate::store::{HistoryQuery, NewMessage};
+use crate::store::{now_ms, HistoryQuery, NewMessage};
 use crate::AppState;
 
 /// Most user names in one `presence` query.
@@ -142,7 +142,12 @@ impl Conn {
                 limit,
                 ..
             } => self.history(&conv, before_seq, after_seq, limit).await,
-            ClientFrame::Sync { cursors, limit, .. } => self.sync(cursors, limit).await,
+            ClientFrame::Sync {
+                cursors,
+                limit,
+                since,
+                ..
+            } => self.sync(cursors, limit, since).await,
             ClientFrame::Presence { users, .. } => self.presence(&users),
             ClientFrame::Typing { conv, .. } => self.typing(&conv).await.map(|()| Value::Null),
             ClientFrame::Signal {
@@ -316,7 +321,15 @@ impl Conn {
         Ok(json!({"messages": page.messages, "has_more": page.has_more}))
     }
 
-    async fn sync(&self, cursors: BTreeMap<String, u64>, limit: Option<u32>) -> Answer {
+    async fn sync(
+        &self,
+        cursors: BTreeMap<String, u64>,
+        limit: Option<u32>,
+        since: Option<i64>,
+    ) -> Answer {
+        // Taken before reading anything: a change committed while this sync runs is
+        // replayed again by the next one rather than missed (replays are idempotent).
+        let server_time = now_ms();
         if cursors.len() > MAX_SYNC_CONVS {
             return Err(ProtoError::bad_request(format!(
                 "at most {MAX_SYNC_CONVS} conversations per sync"
@@ -346,8 +359,15 @@ impl Conn {
                 )
                 .await?;
             let last = page.messages.last().map_or(cursor, |m| m.seq);
-            for m in page.messages {
-                if !self.session.reply(ServerFrame::Message(m)).await {
+            let mut frames: Vec<ServerFrame> = Vec::new();
+            if let Some(since) = since {
+                // Recalls and edits of messages the client already has.
+                let changes = self.state.store.changes_since(&conv, since, cursor).await?;
+                frames.extend(changes.into_iter().filter_map(change_frame));
+            }
+            frames.extend(page.messages.into_iter().map(ServerFrame::Message));
+            for f in frames {
+                if !self.session.reply(f).await {
                     return Err(ProtoError::new(ErrorCode::Unavailable, "session closing"));
                 }
             }
@@ -365,6 +385,7 @@ impl Conn {
             .map(|c| json!({"conv": c.conv, "last_seq": c.last_seq}))
             .collect();
         let mut body = json!({
+            "server_time": server_time,
             "cursors": out,
             "caught_up": more.is_empty(),
             "more": more,
@@ -561,5 +582,26 @@ fn answer_frame(id: Option<ReqId>, result: Answer) -> ServerFrame {
     match result {
         Ok(body) => ServerFrame::ok(id, body),
         Err(e) => ServerFrame::error(id, e),
+    }
+}
+
+/// The frame a replayed change is pushed as.
+fn change_frame(c: crate::store::Committed) -> Option<ServerFrame> {
+    use crate::store::Committed;
+    match c {
+        Committed::Recalled { conv, seq, by, .. } => Some(ServerFrame::Recalled { conv, seq, by }),
+        Committed::Edited {
+            conv,
+            seq,
+            content,
+            edited_at,
+            ..
+        } => Some(ServerFrame::Edited {
+            conv,
+            seq,
+            content,
+            edited_at,
+        }),
+        Committed::Message { .. } | Committed::Receipt { .. } => None,
     }
 }

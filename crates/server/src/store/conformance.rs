@@ -394,6 +394,27 @@ pub async fn recall_and_edit(f: Fixture) {
         Err(StoreError::NotFound(_)) => {}
         other => panic!("recalling a missing message: {other:?}"),
     }
+    // Both changes are reported as current state to a reconnecting reader, once each.
+    let changes = s.changes_since("room:e", 0, 2).await.unwrap();
+    assert!(matches!(&changes[0], Committed::Recalled { seq: 1, by, .. } if by == "u"));
+    assert!(matches!(
+        &changes[1],
+        Committed::Edited { seq: 2, content, edited_at: e, .. }
+            if *content == json!("fixed") && *e == edited_at
+    ));
+    assert_eq!(changes.len(), 2);
+    assert!(
+        s.changes_since("room:e", 0, 1).await.unwrap().len() == 1,
+        "only up to the cursor"
+    );
+    assert!(
+        s.changes_since("room:e", edited_at, 2)
+            .await
+            .unwrap()
+            .is_empty(),
+        "only after since"
+    );
+
     let log = f.committed.lock();
     let recalls = log
         .iter()

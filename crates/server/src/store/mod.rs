@@ -266,6 +266,15 @@ pub trait Store: Send + Sync + 'static {
     /// Whether two users share a room or a DM.
     fn share_conversation(&self, a: &str, b: &str) -> BoxFuture<'static, StoreResult<bool>>;
 
+    /// Recalls and edits made after `since` (ms) to messages up to `up_to`, one per
+    /// message, as its current state (`Recalled` or `Edited`, origin 0), by `seq`.
+    fn changes_since(
+        &self,
+        conv: &str,
+        since: i64,
+        up_to: u64,
+    ) -> BoxFuture<'static, StoreResult<Vec<Committed>>>;
+
     /// Whether `user` may download the file `id`: its uploader, or a member of a
     /// conversation it was sent to (in an attachment's `url`).
     fn may_read_file(&self, id: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>>;

@@ -94,6 +94,13 @@ CREATE TABLE file_shares (
     PRIMARY KEY (file_id, conv)
 ) WITHOUT ROWID;
 "#,
+    // When a message was last recalled or edited (and by whom it was recalled), so that a
+    // reconnecting client can be told about changes to messages it already has.
+    r#"
+ALTER TABLE messages ADD COLUMN modified_at INTEGER;
+ALTER TABLE messages ADD COLUMN recalled_by TEXT;
+CREATE INDEX messages_modified ON messages (conv, modified_at) WHERE modified_at IS NOT NULL;
+"#,
 ];
 
 type Reply<T> = oneshot::Sender<StoreResult<T>>;
@@ -618,9 +625,10 @@ impl Writer {
             Some(false) => {
                 self.conn
                     .prepare_cached(
-                        "UPDATE messages SET recalled = 1, content = 'null' WHERE conv = ?1 AND seq = ?2",
+                        "UPDATE messages SET recalled = 1, content = 'null', recalled_by = ?3, modified_at = ?4 \
+                         WHERE conv = ?1 AND seq = ?2",
                     )?
-                    .execute(params![conv, seq])?;
+                    .execute(params![conv, seq, by, now_ms()])?;
                 Ok(Ok(Some(Committed::Recalled {
                     conv: conv.to_string(),
                     seq,
@@ -655,7 +663,7 @@ impl Writer {
                 let text = serde_json::to_string(content).unwrap_or_else(|_| "null".into());
                 self.conn
                     .prepare_cached(
-                        "UPDATE messages SET content = ?3, edited_at = ?4 WHERE conv = ?1 AND seq = ?2",
+                        "UPDATE messages SET content = ?3, edited_at = ?4, modified_at = ?4 WHERE conv = ?1 AND seq = ?2",
                     )?
                     .execute(params![conv, seq, text, now])?;
                 self.share_file(conv, content)?;
@@ -1142,6 +1150,43 @@ impl Store for SqliteStore {
                 "SELECT 1 FROM members x JOIN members y ON x.conv = y.conv WHERE x.user = ?1 AND y.user = ?2 LIMIT 1",
             )?
             .exists(params![a, b])
+        })
+    }
+
+    fn changes_since(
+        &self,
+        conv: &str,
+        since: i64,
+        up_to: u64,
+    ) -> BoxFuture<'static, StoreResult<Vec<Committed>>> {
+        let conv = conv.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, recalled, recalled_by, content, edited_at FROM messages \
+                 WHERE conv = ?1 AND modified_at > ?2 AND seq <= ?3 ORDER BY seq",
+            )?;
+            let rows = stmt.query_map(params![conv, since, up_to], |r| {
+                let seq: u64 = r.get(0)?;
+                let recalled: bool = r.get(1)?;
+                if recalled {
+                    Ok(Committed::Recalled {
+                        conv: conv.clone(),
+                        seq,
+                        by: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                        origin: 0,
+                    })
+                } else {
+                    let content: String = r.get(3)?;
+                    Ok(Committed::Edited {
+                        conv: conv.clone(),
+                        seq,
+                        content: serde_json::from_str(&content).unwrap_or(serde_json::Value::Null),
+                        edited_at: r.get::<_, Option<i64>>(4)?.unwrap_or_default(),
+                        origin: 0,
+                    })
+                }
+            })?;
+            rows.collect()
         })
     }
 
