@@ -5,17 +5,10 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::{TestServer, WAIT};
+use common::{error_code, TestServer, WAIT};
 use hubbub_client::{ClientError, ConnectOptions, Event};
 use hubbub_protocol::{ClientFrame, ContentType, ErrorCode, MemberEvent, ServerFrame};
 use serde_json::json;
-
-fn server_error(e: ClientError) -> ErrorCode {
-    match e {
-        ClientError::Server(p) => p.code,
-        other => panic!("expected an error answer, got {other:?}"),
-    }
-}
 
 #[tokio::test]
 async fn a_new_connection_is_welcomed_first() {
@@ -132,11 +125,11 @@ async fn joining_a_room_tells_members_who_came_and_how_many_are_online() {
         "{left:?}"
     );
     assert_eq!(
-        server_error(bob.leave("ops").await.unwrap_err()),
+        error_code(bob.leave("ops").await.unwrap_err()),
         ErrorCode::NotMember
     );
     assert_eq!(
-        server_error(bob.join("bad name").await.unwrap_err()),
+        error_code(bob.join("bad name").await.unwrap_err()),
         ErrorCode::BadRequest
     );
 }
@@ -220,11 +213,11 @@ async fn attachments_roundtrip_and_oversized_text_is_refused() {
         .expect("16384 bytes pass");
     let over = "a".repeat(16_385);
     assert_eq!(
-        server_error(alice.send_text("room:media", &over).await.unwrap_err()),
+        error_code(alice.send_text("room:media", &over).await.unwrap_err()),
         ErrorCode::TooLarge
     );
     assert_eq!(
-        server_error(
+        error_code(
             alice
                 .send_message(
                     "room:media",
@@ -280,7 +273,7 @@ async fn a_retried_send_is_stored_once() {
     // The same id in another conversation is a conflict, not a silent no-op.
     alice.join("other").await.unwrap();
     assert_eq!(
-        server_error(
+        error_code(
             alice
                 .send_message("room:other", "retry-me", ContentType::Text, json!("x"))
                 .await
@@ -313,11 +306,11 @@ async fn a_dm_is_private_to_its_two_users() {
         .expect("bob answers");
 
     assert_eq!(
-        server_error(mallory.send_text("dm:alice:bob", "hi").await.unwrap_err()),
+        error_code(mallory.send_text("dm:alice:bob", "hi").await.unwrap_err()),
         ErrorCode::Forbidden
     );
     assert_eq!(
-        server_error(
+        error_code(
             mallory
                 .history("dm:alice:bob", None, None, None)
                 .await
@@ -327,20 +320,20 @@ async fn a_dm_is_private_to_its_two_users() {
     );
     // Unsorted or self DMs are malformed ids.
     assert_eq!(
-        server_error(alice.send_text("dm:bob:alice", "x").await.unwrap_err()),
+        error_code(alice.send_text("dm:bob:alice", "x").await.unwrap_err()),
         ErrorCode::BadRequest
     );
     assert_eq!(
-        server_error(alice.send_text("dm:alice:alice", "x").await.unwrap_err()),
+        error_code(alice.send_text("dm:alice:alice", "x").await.unwrap_err()),
         ErrorCode::BadRequest
     );
     // A room nobody joined: not a member.
     assert_eq!(
-        server_error(mallory.send_text("room:secret", "x").await.unwrap_err()),
+        error_code(mallory.send_text("room:secret", "x").await.unwrap_err()),
         ErrorCode::NotMember
     );
     assert_eq!(
-        server_error(
+        error_code(
             mallory
                 .history("room:secret", None, None, None)
                 .await
@@ -399,7 +392,7 @@ async fn history_pages_backwards_and_forwards() {
         "limit is capped at 200, all 120 fit"
     );
     assert_eq!(
-        server_error(
+        error_code(
             alice
                 .history("room:log", Some(5), Some(1), None)
                 .await
@@ -617,7 +610,7 @@ async fn call_signals_are_relayed_to_every_session_of_the_callee() {
         data: json!(null),
     };
     assert_eq!(
-        server_error(alice.request(to_offline).await.unwrap_err()),
+        error_code(alice.request(to_offline).await.unwrap_err()),
         ErrorCode::NotFound
     );
     let unrelated = ClientFrame::Signal {
@@ -628,7 +621,7 @@ async fn call_signals_are_relayed_to_every_session_of_the_callee() {
         data: json!(null),
     };
     assert_eq!(
-        server_error(stranger.request(unrelated).await.unwrap_err()),
+        error_code(stranger.request(unrelated).await.unwrap_err()),
         ErrorCode::Forbidden
     );
 }

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use common::{http, register_and_login, token_opts, TestServer, SECRET, WAIT};
+use common::{http, post_json, register_and_login, token_opts, TestServer, SECRET, WAIT};
 use hubbub_client::{Client, ClientError};
 use hubbub_protocol::{ContentType, ServerFrame};
 use serde_json::{json, Value};
@@ -33,40 +33,16 @@ fn b64(v: &Value) -> String {
 #[tokio::test]
 async fn register_then_login_gives_a_token_the_socket_accepts_by_header_and_query() {
     let server = accounts_server().await;
-    let http = http();
     let creds = json!({"username": "alice", "password": "correct horse"});
-    let r = http
-        .post(server.http("/api/register"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    assert_eq!(r.json::<Value>().await.unwrap()["user"], "alice");
-    let r = http
-        .post(server.http("/api/register"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 409);
-    assert_eq!(r.json::<Value>().await.unwrap()["code"], "conflict");
-
-    let r = http
-        .post(server.http("/api/register"))
-        .json(&json!({"username": "bad name", "password": "correct horse"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let r = http
-        .post(server.http("/api/register"))
-        .json(&json!({"username": "shorty", "password": "short"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let r = http
+    let (status, v) = post_json(&server, "/api/register", &creds).await;
+    assert_eq!((status, &v["user"]), (201, &json!("alice")));
+    let (status, v) = post_json(&server, "/api/register", &creds).await;
+    assert_eq!((status, &v["code"]), (409, &json!("conflict")));
+    let bad_name = json!({"username": "bad name", "password": "correct horse"});
+    assert_eq!(post_json(&server, "/api/register", &bad_name).await.0, 400);
+    let short = json!({"username": "shorty", "password": "short"});
+    assert_eq!(post_json(&server, "/api/register", &short).await.0, 400);
+    let r = http()
         .post(server.http("/api/register"))
         .body("{not json")
         .header("content-type", "application/json")
@@ -76,14 +52,8 @@ async fn register_then_login_gives_a_token_the_socket_accepts_by_header_and_quer
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "bad_request");
 
-    let r = http
-        .post(server.http("/api/login"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
+    let (status, v) = post_json(&server, "/api/login", &creds).await;
+    assert_eq!(status, 200);
     let token = v["token"].as_str().unwrap().to_string();
     let expires_at = v["expires_at"].as_i64().unwrap();
     assert!(expires_at > hubbub_server::store::now_ms());
@@ -96,14 +66,9 @@ async fn register_then_login_gives_a_token_the_socket_accepts_by_header_and_quer
     let by_query = server.connect_opts(q).await;
     assert_eq!(by_query.welcome().user, "alice");
 
-    let r = http
-        .post(server.http("/api/login"))
-        .json(&json!({"username": "alice", "password": "wrong horse"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    assert_eq!(r.json::<Value>().await.unwrap()["code"], "unauthorized");
+    let wrong = json!({"username": "alice", "password": "wrong horse"});
+    let (status, v) = post_json(&server, "/api/login", &wrong).await;
+    assert_eq!((status, &v["code"]), (401, &json!("unauthorized")));
     // Guests are refused when guest mode is off.
     assert_eq!(
         refused_status(hubbub_client::ConnectOptions::guest(server.url(), "alice")).await,

@@ -5,17 +5,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{TestServer, WAIT};
-use hubbub_client::{ClientError, ConnectOptions};
+use common::{error_code, TestServer, WAIT};
+use hubbub_client::ConnectOptions;
 use hubbub_protocol::{ClientFrame, ErrorCode, ServerFrame, SUBPROTOCOL_PB};
 use serde_json::json;
-
-fn code(e: ClientError) -> ErrorCode {
-    match e {
-        ClientError::Server(p) => p.code,
-        other => panic!("expected an error answer, got {other:?}"),
-    }
-}
 
 #[tokio::test]
 async fn recall_by_the_sender_is_pushed_persisted_and_stays_recalled_after_sync() {
@@ -41,7 +34,7 @@ async fn recall_by_the_sender_is_pushed_persisted_and_stays_recalled_after_sync(
         })
         .await
         .unwrap_err();
-    assert_eq!(code(e), ErrorCode::Forbidden);
+    assert_eq!(error_code(e), ErrorCode::Forbidden);
     let outsider = server.connect("mallory").await;
     let e = outsider
         .request(ClientFrame::Recall {
@@ -51,7 +44,7 @@ async fn recall_by_the_sender_is_pushed_persisted_and_stays_recalled_after_sync(
         })
         .await
         .unwrap_err();
-    assert_eq!(code(e), ErrorCode::NotMember);
+    assert_eq!(error_code(e), ErrorCode::NotMember);
     let e = alice
         .request(ClientFrame::Recall {
             id: None,
@@ -60,7 +53,7 @@ async fn recall_by_the_sender_is_pushed_persisted_and_stays_recalled_after_sync(
         })
         .await
         .unwrap_err();
-    assert_eq!(code(e), ErrorCode::NotFound);
+    assert_eq!(error_code(e), ErrorCode::NotFound);
 
     alice
         .request(ClientFrame::Recall {
@@ -152,7 +145,7 @@ async fn the_room_creator_may_recall_anyone_and_edit_is_for_the_sender_only() {
         })
         .await
         .unwrap_err();
-    assert_eq!(code(e), ErrorCode::Forbidden);
+    assert_eq!(error_code(e), ErrorCode::Forbidden);
     let e = member
         .request(ClientFrame::Edit {
             id: None,
@@ -163,7 +156,7 @@ async fn the_room_creator_may_recall_anyone_and_edit_is_for_the_sender_only() {
         .await
         .unwrap_err();
     assert_eq!(
-        code(e),
+        error_code(e),
         ErrorCode::Conflict,
         "a recalled message cannot be edited"
     );
@@ -176,7 +169,7 @@ async fn the_room_creator_may_recall_anyone_and_edit_is_for_the_sender_only() {
         })
         .await
         .unwrap_err();
-    assert_eq!(code(e), ErrorCode::BadRequest);
+    assert_eq!(error_code(e), ErrorCode::BadRequest);
 
     let mut owner = owner;
     let ok = member
@@ -217,54 +210,24 @@ async fn typing_is_pushed_to_others_and_never_stored() {
     let mut bob = server.connect("bob").await;
     alice.join("lobby").await.unwrap();
     bob.join("lobby").await.unwrap();
-    alice
-        .send_no_reply(ClientFrame::Typing {
+    for conv in ["room:lobby", "dm:alice:bob"] {
+        let typing = ClientFrame::Typing {
             id: None,
-            conv: "room:lobby".into(),
-        })
-        .await
-        .unwrap();
-    let f = bob
-        .wait_for(WAIT, |f| matches!(f, ServerFrame::Typing { .. }))
-        .await
-        .unwrap();
-    assert_eq!(
-        f,
-        ServerFrame::Typing {
-            conv: "room:lobby".into(),
-            user: "alice".into()
-        }
-    );
-    alice
-        .send_no_reply(ClientFrame::Typing {
-            id: None,
-            conv: "dm:alice:bob".into(),
-        })
-        .await
-        .unwrap();
-    let f = bob
-        .wait_for(WAIT, |f| matches!(f, ServerFrame::Typing { .. }))
-        .await
-        .unwrap();
-    assert_eq!(
-        f,
-        ServerFrame::Typing {
-            conv: "dm:alice:bob".into(),
-            user: "alice".into()
-        }
-    );
-    assert!(bob
-        .history("room:lobby", None, None, None)
-        .await
-        .unwrap()
-        .messages
-        .is_empty());
-    assert!(bob
-        .history("dm:alice:bob", None, None, None)
-        .await
-        .unwrap()
-        .messages
-        .is_empty());
+            conv: conv.into(),
+        };
+        alice.send_no_reply(typing).await.unwrap();
+        let f = bob
+            .wait_for(WAIT, |f| matches!(f, ServerFrame::Typing { .. }))
+            .await
+            .unwrap();
+        let want = ServerFrame::Typing {
+            conv: conv.into(),
+            user: "alice".into(),
+        };
+        assert_eq!(f, want);
+        let page = bob.history(conv, None, None, None).await.unwrap();
+        assert!(page.messages.is_empty(), "typing is never stored");
+    }
     let e = server
         .connect("mallory")
         .await
@@ -274,7 +237,7 @@ async fn typing_is_pushed_to_others_and_never_stored() {
         })
         .await
         .unwrap_err();
-    assert_eq!(code(e), ErrorCode::NotMember);
+    assert_eq!(error_code(e), ErrorCode::NotMember);
 }
 
 #[tokio::test]
@@ -332,7 +295,7 @@ async fn a_json_client_and_a_protobuf_client_chat_in_one_room() {
         })
         .await
         .unwrap_err();
-    assert_eq!(code(e), ErrorCode::NotMember);
+    assert_eq!(error_code(e), ErrorCode::NotMember);
     let page = pb_client
         .history("room:mixed", None, None, None)
         .await

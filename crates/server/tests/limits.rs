@@ -6,17 +6,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{http, TestServer, WAIT};
+use common::{error_code, http, TestServer, WAIT};
 use hubbub_client::{Client, ClientError, ConnectOptions};
 use hubbub_protocol::{ClientFrame, ErrorCode, ServerFrame};
 use serde_json::{json, Value};
-
-fn code(e: ClientError) -> ErrorCode {
-    match e {
-        ClientError::Server(p) => p.code,
-        other => panic!("expected an error answer, got {other:?}"),
-    }
-}
 
 async fn refused(server: &TestServer, user: &str) -> Option<u16> {
     match Client::connect(ConnectOptions::guest(server.url(), user)).await {
@@ -64,7 +57,7 @@ async fn a_user_may_join_at_most_the_configured_number_of_rooms() {
     alice.join("one").await.unwrap();
     alice.join("two").await.unwrap();
     assert_eq!(
-        code(alice.join("three").await.unwrap_err()),
+        error_code(alice.join("three").await.unwrap_err()),
         ErrorCode::Forbidden
     );
     // Joining a room one is already in is not a new room.
@@ -131,14 +124,14 @@ async fn send(c: &Client) -> Option<ErrorCode> {
     )
     .await
     .err()
-    .map(code)
+    .map(error_code)
 }
 
 async fn history(c: &Client) -> Option<ErrorCode> {
     c.history("room:club", None, None, None)
         .await
         .err()
-        .map(code)
+        .map(error_code)
 }
 
 async fn recall(c: &Client, seq: u64) -> Option<ErrorCode> {
@@ -149,7 +142,7 @@ async fn recall(c: &Client, seq: u64) -> Option<ErrorCode> {
     })
     .await
     .err()
-    .map(code)
+    .map(error_code)
 }
 
 async fn edit(c: &Client, seq: u64) -> Option<ErrorCode> {
@@ -161,7 +154,7 @@ async fn edit(c: &Client, seq: u64) -> Option<ErrorCode> {
     })
     .await
     .err()
-    .map(code)
+    .map(error_code)
 }
 
 /// Who tries what, and which error they get (`None`: allowed).
@@ -204,7 +197,7 @@ async fn membership_is_checked_on_every_message_bearing_path() {
             })
             .await
             .unwrap_err();
-        assert_eq!(code(e), ErrorCode::NotMember, "{who} read");
+        assert_eq!(error_code(e), ErrorCode::NotMember, "{who} read");
         let e = c
             .request(ClientFrame::Typing {
                 id: None,
@@ -212,7 +205,7 @@ async fn membership_is_checked_on_every_message_bearing_path() {
             })
             .await
             .unwrap_err();
-        assert_eq!(code(e), ErrorCode::NotMember, "{who} typing");
+        assert_eq!(error_code(e), ErrorCode::NotMember, "{who} typing");
         let s = c
             .sync(BTreeMap::from([("room:club".to_string(), 0)]), None)
             .await
@@ -252,12 +245,12 @@ async fn membership_is_checked_on_every_message_bearing_path() {
         .history("dm:member:owner", None, None, None)
         .await
         .unwrap_err();
-    assert_eq!(code(e), ErrorCode::Forbidden);
+    assert_eq!(error_code(e), ErrorCode::Forbidden);
     let e = outsider
         .send_text("dm:member:owner", "let me in")
         .await
         .unwrap_err();
-    assert_eq!(code(e), ErrorCode::Forbidden);
+    assert_eq!(error_code(e), ErrorCode::Forbidden);
     let e = outsider
         .request(ClientFrame::Recall {
             id: None,
@@ -266,5 +259,5 @@ async fn membership_is_checked_on_every_message_bearing_path() {
         })
         .await
         .unwrap_err();
-    assert_eq!(code(e), ErrorCode::Forbidden);
+    assert_eq!(error_code(e), ErrorCode::Forbidden);
 }

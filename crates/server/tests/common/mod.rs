@@ -152,6 +152,30 @@ pub fn http() -> reqwest::Client {
         .expect("http client")
 }
 
+/// The code of an `error` answer (panics on any other failure).
+pub fn error_code(e: hubbub_client::ClientError) -> hubbub_protocol::ErrorCode {
+    match e {
+        hubbub_client::ClientError::Server(p) => p.code,
+        other => panic!("expected an error answer, got {other:?}"),
+    }
+}
+
+/// POSTs a JSON body; returns the status and the JSON answer (`Null` if none).
+pub async fn post_json(
+    server: &TestServer,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = http()
+        .post(server.http(path))
+        .json(body)
+        .send()
+        .await
+        .expect("http request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
 /// Connection options that authenticate with `token` (as `Authorization: Bearer`).
 pub fn token_opts(url: String, token: &str) -> hubbub_client::ConnectOptions {
     let mut o = hubbub_client::ConnectOptions::guest(url, "unused");
