@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 mod admin;
 mod bench;
+mod chat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Serve WebSocket chat, the HTTP API and the web page on one port (the default).
     Serve(ServeArgs),
+    /// Full-screen terminal chat client.
+    Chat(chat::ChatArgs),
     /// Load generator: measure a running server (loopback only).
     Bench(bench::BenchArgs),
     /// Manage accounts in a server's data dir.
@@ -115,6 +118,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::User(cmd) => admin::user(cmd),
         Command::Token(args) => admin::token(args),
     }

@@ -36,6 +36,8 @@ pub struct Session {
     cursors: BTreeMap<String, u64>,
     pending: std::collections::VecDeque<SessionEvent>,
     backoff: Duration,
+    /// When the next reconnect attempt is due (while disconnected).
+    next_attempt: Option<tokio::time::Instant>,
     /// `server_time` of the current connection's welcome: recalls and edits from then
     /// on arrive live, earlier ones are replayed by the catch-up after a reconnect.
     connected_at: i64,
@@ -52,6 +54,7 @@ impl Session {
             cursors: BTreeMap::new(),
             pending: Default::default(),
             backoff: BACKOFF_MIN,
+            next_attempt: None,
         })
     }
 
@@ -123,15 +126,21 @@ impl Session {
         }
     }
 
+    /// Waits for the next attempt (or the caller's deadline, whichever is first) and
+    /// tries to reconnect. The backoff schedule does not depend on how often the caller
+    /// polls: short `next` timeouts just return `Timeout` until the attempt is due.
     async fn reconnect(&mut self, deadline: tokio::time::Instant) -> Result<(), ClientError> {
         loop {
-            let jitter = Duration::from_millis(u64::from(std::process::id() % 97));
-            let wait = self.backoff + jitter;
-            if tokio::time::Instant::now() + wait > deadline {
+            let due = *self.next_attempt.get_or_insert_with(|| {
+                let jitter = Duration::from_millis(u64::from(std::process::id() % 97));
+                tokio::time::Instant::now() + self.backoff + jitter
+            });
+            if due > deadline {
                 tokio::time::sleep_until(deadline).await;
                 return Err(ClientError::Timeout);
             }
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep_until(due).await;
+            self.next_attempt = None;
             self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
             match Client::connect(self.opts.clone()).await {
                 Ok(client) => match self.catch_up(&client).await {
