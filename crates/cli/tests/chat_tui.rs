@@ -1,8 +1,7 @@
 //! `hubbub chat` end to end: the real terminal client inside tmux, the real server, and
 //! a second user on the client library.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hubbub_client::{Client, ConnectOptions};
@@ -10,33 +9,11 @@ use hubbub_protocol::ServerFrame;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-struct Server(Child, String);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::Server;
 
 fn start_server(dir: &std::path::Path, bind: &str) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
-        .args(["serve", "--bind", bind, "--data-dir"])
-        .arg(dir)
-        .env("HUBBUB_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn hubbub serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("hubbub listening on http://")
-        .expect("listening line")
-        .to_string();
-    Server(child, addr)
+    Server::start(dir, bind, &[])
 }
 
 /// A tmux session on a private tmux server (its own socket, so no other tmux is
@@ -115,7 +92,7 @@ impl Drop for Tmux {
 async fn typed_text_reaches_another_client_and_theirs_appears_on_screen() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = start_server(dir.path(), "127.0.0.1:0");
-    let url = format!("ws://{}", server.1);
+    let url = format!("ws://{}", server.addr);
     let name = format!("hubbub-tui-{}", std::process::id());
     let tui = Tmux::start(
         &name,
@@ -161,10 +138,10 @@ async fn typed_text_reaches_another_client_and_theirs_appears_on_screen() {
 
     // The server goes away and comes back on the same address: the client reconnects
     // and catches up what was sent meanwhile.
-    let addr = server.1.clone();
+    let addr = server.addr.clone();
     drop(bob);
-    let _ = server.0.kill();
-    let _ = server.0.wait();
+    let _ = server.child.kill();
+    let _ = server.child.wait();
     tui.wait_for("the drop to show", |s| s.contains("reconnecting"));
     server = start_server(dir.path(), &addr);
     let mut bob = Client::connect(ConnectOptions::guest(&url, "bob"))

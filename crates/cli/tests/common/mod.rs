@@ -1,0 +1,49 @@
+//! Shared by the binary's tests: `hubbub serve` as a child process.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// A `hubbub serve` child process, killed on drop.
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    /// `HOST:PORT` it listens on.
+    pub(crate) addr: String,
+}
+
+impl Server {
+    /// Starts `hubbub serve --bind BIND --data-dir DIR` with extra environment and
+    /// waits for its listening line.
+    pub(crate) fn start(dir: &Path, bind: &str, env: &[(&str, &str)]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
+            .args(["serve", "--bind", bind, "--data-dir"])
+            .arg(dir)
+            .env("HUBBUB_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn hubbub serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("hubbub listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server { child, addr }
+    }
+
+    #[allow(dead_code)] // not every test binary uses it
+    pub(crate) fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
