@@ -85,7 +85,7 @@ impl Default for Config {
             max_frame_bytes: 65_536,
             max_text_bytes: 16_384,
             queue_frames: 1024,
-            ws_read_buffer: 4096,
+            ws_read_buffer: 512,
             max_coalesce_bytes: 64 * 1024,
             large_room: 1000,
             send_rate_per_sec: 100,

@@ -17,7 +17,6 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use hubbub_protocol::{Conv, ServerFrame};
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -114,7 +113,7 @@ pub struct Session {
     pub id: u64,
     pub user: Arc<str>,
     pub device: Arc<str>,
-    tx: mpsc::Sender<Arc<OutFrame>>,
+    tx: flume::Sender<Arc<OutFrame>>,
     closing: CancellationToken,
     close_reason: Mutex<Option<CloseReason>>,
     metrics: Metrics,
@@ -127,7 +126,7 @@ impl Session {
         id: u64,
         user: Arc<str>,
         device: Arc<str>,
-        tx: mpsc::Sender<Arc<OutFrame>>,
+        tx: flume::Sender<Arc<OutFrame>>,
         metrics: Metrics,
     ) -> SessionHandle {
         Arc::new(Session {
@@ -151,21 +150,21 @@ impl Session {
     pub fn push(&self, frame: &Arc<OutFrame>) -> bool {
         match self.tx.try_send(frame.clone()) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(flume::TrySendError::Full(_)) => {
                 if self.close(CloseReason::SLOW_CONSUMER) {
                     self.metrics.slow_consumer_closes.inc();
                     tracing::info!(user = %self.user, session = self.id, "closing slow consumer");
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(flume::TrySendError::Disconnected(_)) => false,
         }
     }
 
     /// Queues an answer to this session's own request, waiting for room in the queue.
     pub async fn reply(&self, frame: ServerFrame) -> bool {
         tokio::select! {
-            r = self.tx.send(OutFrame::new(frame)) => r.is_ok(),
+            r = self.tx.send_async(OutFrame::new(frame)) => r.is_ok(),
             _ = self.closing.cancelled() => false,
         }
     }

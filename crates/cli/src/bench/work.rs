@@ -755,7 +755,13 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
     let run_id = ctx.run_id.clone();
     let pair_share = ctx.share(pairs);
     // Connection 2p is user a of pair p, 2p+1 user b.
-    let name = |i: usize| format!("b{run_id}{}{}", if i.is_multiple_of(2) { 'a' } else { 'b' }, i / 2);
+    let name = |i: usize| {
+        format!(
+            "b{run_id}{}{}",
+            if i.is_multiple_of(2) { 'a' } else { 'b' },
+            i / 2
+        )
+    };
     let sockets = open_all(
         ctx,
         pair_share.start * 2..pair_share.end * 2,

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
+use futures_util::StreamExt;
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Query, State};
@@ -142,14 +143,18 @@ pub async fn ws_handler(
                 device = %device,
                 session = tracing::field::Empty
             );
-            tracker.track_future(
-                async move {
-                    session::run(socket, state, identity, device, codec).await;
-                    // The connection's place is freed when its session ends.
-                    drop(permit);
-                }
-                .instrument(span),
-            )
+            // Split here, before the session's future exists: the socket moves to the
+            // heap once instead of also taking a slot in every connection's task.
+            let (sink, stream) = socket.split();
+            let conn = session::Upgraded {
+                sink,
+                stream,
+                identity,
+                device,
+                codec,
+                permit,
+            };
+            tracker.track_future(session::run(conn, state).instrument(span))
         })
 }
 

@@ -18,12 +18,12 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use bytes::BytesMut;
-use futures_util::stream::{FuturesOrdered, SplitSink, StreamExt};
+use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream, StreamExt};
 use futures_util::SinkExt;
 use hubbub_protocol::{ProtoError, ServerFrame};
-use tokio::sync::mpsc;
 
 use super::handler::Conn;
+use super::limits::ConnPermit;
 use crate::auth::Identity;
 use crate::hub::{CloseReason, OutFrame, Session, SessionHandle};
 use crate::store::now_ms;
@@ -44,14 +44,29 @@ pub enum Codec {
     Protobuf,
 }
 
-pub(crate) async fn run(
-    socket: WebSocket,
-    state: Arc<AppState>,
-    identity: Identity,
-    device: String,
-    codec: Codec,
-) {
-    let (tx, rx) = mpsc::channel(state.config.queue_frames);
+/// An accepted connection, ready for its session.
+pub(crate) struct Upgraded {
+    pub(crate) sink: SplitSink<WebSocket, WsMessage>,
+    pub(crate) stream: SplitStream<WebSocket>,
+    pub(crate) identity: Identity,
+    pub(crate) device: String,
+    pub(crate) codec: Codec,
+    /// Its place in the connection limits, freed when the session ends.
+    pub(crate) permit: ConnPermit,
+}
+
+pub(crate) async fn run(conn: Upgraded, state: Arc<AppState>) {
+    let Upgraded {
+        sink,
+        stream,
+        identity,
+        device,
+        codec,
+        permit,
+    } = conn;
+    // flume's queue grows as it fills, so an idle session holds no slots (a tokio mpsc
+    // channel allocates a block of them up front).
+    let (tx, rx) = flume::bounded(state.config.queue_frames);
     let session = Session::new(
         state.hub.next_session_id(),
         Arc::from(identity.user.as_str()),
@@ -77,7 +92,6 @@ pub(crate) async fn run(
     tracing::Span::current().record("session", session.public_id());
     tracing::debug!("session open");
 
-    let (sink, stream) = socket.split();
     let last_seen = Arc::new(AtomicI64::new(now_ms()));
     let writer = tokio::spawn(write_loop(
         sink,
@@ -90,22 +104,25 @@ pub(crate) async fn run(
 
     let expires_at = identity.expires_at;
     let mut conn = Conn::new(state.clone(), session.clone(), identity);
+    // Request handlers are boxed while they run: inlined, their largest state would be
+    // part of every idle connection's task (kilobytes each).
     if registered.first {
-        conn.announce_presence(true).await;
+        Box::pin(conn.announce_presence(true)).await;
     }
     read_loop(&mut conn, stream, &last_seen, expires_at, codec).await;
 
     session.close(CloseReason::NORMAL);
     let _ = writer.await;
     if state.hub.unregister(&session) {
-        conn.announce_presence(false).await;
+        Box::pin(conn.announce_presence(false)).await;
     }
     tracing::debug!(user = %session.user, session = session.id, reason = ?session.close_reason(), "session closed");
+    drop(permit);
 }
 
 async fn read_loop(
     conn: &mut Conn,
-    mut stream: futures_util::stream::SplitStream<WebSocket>,
+    mut stream: SplitStream<WebSocket>,
     last_seen: &AtomicI64,
     expires_at: Option<i64>,
     codec: Codec,
@@ -142,21 +159,20 @@ async fn read_loop(
                     Ok(WsMessage::Text(text)) if codec == Codec::Json => {
                         for line in hubbub_protocol::split_frames(text.as_str()) {
                             conn.state().hub.metrics().frames_in.inc();
-                            conn.handle_line(line, &mut pending).await;
+                            Box::pin(conn.handle_line(line, &mut pending)).await;
                         }
                     }
                     Ok(WsMessage::Binary(bytes)) if codec == Codec::Protobuf => {
                         conn.state().hub.metrics().frames_in.inc();
-                        conn.handle(hubbub_protocol::pb::decode_client(&bytes), &mut pending).await;
+                        Box::pin(conn.handle(hubbub_protocol::pb::decode_client(&bytes), &mut pending)).await;
                     }
                     Ok(WsMessage::Text(_)) | Ok(WsMessage::Binary(_)) => {
                         let message = match codec {
                             Codec::Json => "binary frames are not part of hubbub.v1.json; send text frames",
                             Codec::Protobuf => "text frames are not part of hubbub.v1.pb; send binary protobuf frames",
                         };
-                        session
-                            .reply(ServerFrame::error(None, ProtoError::bad_request(message)))
-                            .await;
+                        let error = ServerFrame::error(None, ProtoError::bad_request(message));
+                        Box::pin(session.reply(error)).await;
                     }
                     Ok(WsMessage::Ping(_)) | Ok(WsMessage::Pong(_)) => {}
                     Ok(WsMessage::Close(_)) => {
@@ -175,7 +191,18 @@ async fn read_loop(
             }
         }
     }
-    // Answer the sends already handed to the store, if the peer is still there.
+    // Runs once, at the end, so boxed: inlined it would widen every idle task.
+    Box::pin(finish_reading(&session, pending, stream, peer_open)).await;
+}
+
+/// After the read loop: answers the sends already handed to the store and lets the peer
+/// finish its side of the close.
+async fn finish_reading(
+    session: &Session,
+    mut pending: FuturesOrdered<futures_util::future::BoxFuture<'static, ServerFrame>>,
+    mut stream: SplitStream<WebSocket>,
+    peer_open: bool,
+) {
     while let Some(answer) = pending.next().await {
         if session.close_reason().is_none() {
             session.reply(answer).await;
@@ -210,7 +237,7 @@ fn is_too_large(e: &axum::Error) -> bool {
 
 async fn write_loop(
     mut sink: SplitSink<WebSocket, WsMessage>,
-    mut rx: mpsc::Receiver<Arc<OutFrame>>,
+    mut rx: flume::Receiver<Arc<OutFrame>>,
     session: SessionHandle,
     state: Arc<AppState>,
     last_seen: Arc<AtomicI64>,
@@ -225,7 +252,7 @@ async fn write_loop(
         let msg = tokio::select! {
             biased;
             _ = session.closing().cancelled() => break,
-            first = rx.recv() => match first {
+            first = rx.recv_async() => match first.ok() {
                 Some(first) => encode(codec, first, &mut rx, max_coalesce),
                 None => break,
             },
@@ -276,7 +303,7 @@ async fn write_loop(
 fn encode(
     codec: Codec,
     first: Arc<OutFrame>,
-    rx: &mut mpsc::Receiver<Arc<OutFrame>>,
+    rx: &mut flume::Receiver<Arc<OutFrame>>,
     max: usize,
 ) -> WsMessage {
     match codec {
@@ -286,7 +313,11 @@ fn encode(
 }
 
 /// Joins `first` and whatever else is queued (up to `max` bytes) into one text frame.
-fn coalesce(first: Arc<OutFrame>, rx: &mut mpsc::Receiver<Arc<OutFrame>>, max: usize) -> WsMessage {
+fn coalesce(
+    first: Arc<OutFrame>,
+    rx: &mut flume::Receiver<Arc<OutFrame>>,
+    max: usize,
+) -> WsMessage {
     let head = first.json();
     let Ok(next) = rx.try_recv() else {
         return text_frame(head.clone());

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: hubbub (embedded SQLite, every message stored) and the
+# reference broadcast hub in bench/gohub, each pinned to one core with the load
+# generator pinned to the other. Prints each run's summary; the JSON lines go to
+# $OUT (default target/bench-results.jsonl).
+#
+#   bench/compare.sh [all|idle|connect|fanout|sweep|bigroom|dm]...
+#
+# Environment: SERVER_CPU (default 0), BENCH_CPU (default 1), IDLE_CONNS (19000),
+# SWEEP_RATES (per-sender messages/s for the 1,000-member sweep).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SERVER_CPU=${SERVER_CPU:-0}
+BENCH_CPU=${BENCH_CPU:-1}
+IDLE_CONNS=${IDLE_CONNS:-19000}
+SWEEP_RATES=${SWEEP_RATES:-"10 20 50 100 200"}
+HUBBUB_PORT=${HUBBUB_PORT:-18080}
+GOHUB_PORT=${GOHUB_PORT:-19001}
+OUT=${OUT:-target/bench-results.jsonl}
+mkdir -p target/gohub
+: >"$OUT"
+
+cargo build --release -q -p hubbub
+(cd bench/gohub && GO111MODULE=off GOPATH=/usr/share/gocode go build -o ../../target/gohub/gohub .)
+HUBBUB=target/release/hubbub
+DATA=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    rm -rf "$DATA"
+}
+trap cleanup EXIT
+
+# hubbub with the per-connection rate limits lifted (the generator sends far faster
+# than a person) and no per-address connection cap (every client is 127.0.0.x).
+HUBBUB_SEND_RATE_PER_SEC=10000000 HUBBUB_SEND_BURST=10000000 \
+HUBBUB_FRAME_RATE_PER_SEC=10000000 HUBBUB_FRAME_BURST=10000000 \
+HUBBUB_MAX_CONNECTIONS_PER_IP=1000000 HUBBUB_LOG=warn \
+    taskset -c "$SERVER_CPU" "$HUBBUB" serve --bind "127.0.0.1:$HUBBUB_PORT" --data-dir "$DATA" >/dev/null &
+HUBBUB_PID=$!
+PIDS+=("$HUBBUB_PID")
+taskset -c "$SERVER_CPU" target/gohub/gohub --port "$GOHUB_PORT" 2>/dev/null &
+GOHUB_PID=$!
+PIDS+=("$GOHUB_PID")
+sleep 1
+
+# bench TARGET ARGS...: one run against hubbub or gohub.
+bench() {
+    local target=$1
+    shift
+    local url pid
+    if [ "$target" = hubbub ]; then url=ws://127.0.0.1:$HUBBUB_PORT pid=$HUBBUB_PID; else url=ws://127.0.0.1:$GOHUB_PORT pid=$GOHUB_PID; fi
+    local tflag=hubbub
+    [ "$target" = gohub ] && tflag=raw
+    echo "== $target: $*"
+    taskset -c "$BENCH_CPU" "$HUBBUB" bench --url "$url" --server-pid "$pid" --target "$tflag" \
+        --source-addrs 4 "$@" | tee >(head -n1 | sed "s/^{/{\"server\":\"$target\",/" >>"$OUT") | tail -n +2
+    sleep 2
+}
+
+both() {
+    bench gohub "$@"
+    bench hubbub "$@"
+}
+
+run() {
+    case $1 in
+    idle) both idle --conns "$IDLE_CONNS" --rate 4000 --hold 5 ;;
+    connect) both connect --conns 10000 --concurrency 200 ;;
+    fanout) both fanout --members 1000 --senders 10 --rate 20 --duration 10 ;;
+    sweep) for r in $SWEEP_RATES; do both fanout --members 1000 --senders 10 --rate "$r" --duration 10; done ;;
+    bigroom) both fanout --members 10000 --senders 1 --rate 1 --duration 10 --drain 10 ;;
+    dm)
+        bench hubbub dm --pairs 50 --rate 0 --inflight 64 --duration 10
+        bench hubbub dm --pairs 50 --rate 500 --duration 10
+        ;;
+    all) for s in idle connect fanout sweep bigroom dm; do run "$s"; done ;;
+    *) echo "unknown scenario $1" >&2; exit 2 ;;
+    esac
+}
+
+[ $# -eq 0 ] && set -- all
+for s in "$@"; do run "$s"; done
+echo "JSON lines: $OUT"

@@ -1,0 +1,210 @@
+//! Micro-benchmarks of the SQLite append path, as the gateway uses it: every `send` calls
+//! `Store::append` without waiting for earlier ones (pipelining), and the store's single
+//! writer thread commits whatever is queued in one transaction (group commit, WAL,
+//! `synchronous = FULL`, one fsync per commit).
+//!
+//! One iteration issues `n` appends back to back and waits until all are durable. The
+//! writer forms its batches by itself, so a burst of `n` may take more than one commit;
+//! the number of commits seen per iteration is printed after the results.
+//!
+//! - `one_conversation`: `n` messages to one room (the sender is a member, as checked by
+//!   the gateway before appending).
+//! - `many_conversations`: `n` messages to `n` DMs never written before (each creates the
+//!   conversation and its two members, like a first DM).
+//!
+//! The database lives in a temporary directory under Cargo's target dir (a real disk,
+//! unlike a tmpfs `/tmp`), with the same settings as the server.
+//!
+//! Run with `cargo bench -p hubbub-server --bench store_append`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use divan::counter::ItemsCount;
+use divan::Bencher;
+use hubbub_protocol::{ContentType, Conv};
+use hubbub_server::metrics::Metrics;
+use hubbub_server::store::{CommitHook, NewMessage, SqliteStore, Store};
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// Messages appended per iteration.
+const BURSTS: [usize; 3] = [1, 16, 128];
+/// Each sample is at least one fsync: keep the run short.
+const SAMPLES: u32 = 60;
+
+fn main() {
+    divan::main();
+    print_commits();
+}
+
+/// A fresh store and the runtime its futures are awaited on.
+struct Bed {
+    store: SqliteStore,
+    metrics: Metrics,
+    rt: tokio::runtime::Runtime,
+    next: AtomicU64,
+    // Dropped last: the database files live in it.
+    _dir: TempDir,
+}
+
+impl Bed {
+    fn open() -> Bed {
+        let dir = tempfile::Builder::new()
+            .prefix("hubbub-store-bench")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("temp dir");
+        // The server's hook publishes to the fan-out bus; here nobody listens.
+        let hook: CommitHook = Arc::new(|_| {});
+        let metrics = Metrics::new();
+        let store =
+            SqliteStore::open_with(dir.path(), hook, metrics.clone(), Duration::from_secs(5))
+                .expect("open store");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Bed {
+            store,
+            metrics,
+            rt,
+            next: AtomicU64::new(0),
+            _dir: dir,
+        }
+    }
+
+    fn id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Appends every message (all queued before any is awaited) and waits for all.
+    fn append_all(&self, msgs: Vec<NewMessage>) {
+        let pending: Vec<_> = msgs.into_iter().map(|m| self.store.append(m)).collect();
+        self.rt.block_on(async {
+            for p in pending {
+                let a = p.await.expect("append");
+                assert!(!a.duplicate);
+            }
+        });
+    }
+
+    fn commits(&self) -> (u64, f64) {
+        let h = &self.metrics.store_batch_size;
+        (h.get_sample_count(), h.get_sample_sum())
+    }
+
+    fn close(self, name: &str, n: usize, before: (u64, f64)) {
+        let (count, sum) = self.commits();
+        let iterations = self.next.load(Ordering::Relaxed) / n as u64;
+        self.rt.block_on(self.store.close()).expect("close");
+        COMMITS.lock().expect("report").push(Commits {
+            name: name.to_string(),
+            n,
+            iterations,
+            commits: count - before.0,
+            ops: sum - before.1,
+        });
+    }
+}
+
+/// A ~100-byte chat line.
+fn content(i: u64) -> Value {
+    Value::String(format!(
+        "message {i:>8}: are we still on for the 3pm sync? I pushed the reconnect fix."
+    ))
+}
+
+#[divan::bench(args = BURSTS, sample_count = SAMPLES)]
+fn one_conversation(bencher: Bencher, n: usize) {
+    let bed = Bed::open();
+    let conv = Conv::room_id("general");
+    bed.rt
+        .block_on(bed.store.join_room(&conv, "alice"))
+        .expect("join");
+    let before = bed.commits();
+    bencher
+        .counter(ItemsCount::new(n))
+        .with_inputs(|| {
+            (0..n)
+                .map(|_| {
+                    let i = bed.id();
+                    NewMessage {
+                        conv: conv.clone(),
+                        from: "alice".into(),
+                        client_msg_id: format!("c-{i}"),
+                        content_type: ContentType::Text,
+                        content: content(i),
+                        dm_members: None,
+                        origin: 1,
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .bench_local_values(|msgs| bed.append_all(msgs));
+    bed.close("one_conversation", n, before);
+}
+
+#[divan::bench(args = BURSTS, sample_count = SAMPLES)]
+fn many_conversations(bencher: Bencher, n: usize) {
+    let bed = Bed::open();
+    let before = bed.commits();
+    bencher
+        .counter(ItemsCount::new(n))
+        .with_inputs(|| {
+            (0..n)
+                .map(|_| {
+                    let i = bed.id();
+                    let (a, b) = (format!("u{i}a"), format!("u{i}b"));
+                    NewMessage {
+                        conv: Conv::dm_id(&a, &b),
+                        from: a.clone(),
+                        client_msg_id: format!("c-{i}"),
+                        content_type: ContentType::Text,
+                        content: content(i),
+                        dm_members: Some((a, b)),
+                        origin: 1,
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .bench_local_values(|msgs| bed.append_all(msgs));
+    bed.close("many_conversations", n, before);
+}
+
+/// Commits observed by one benchmark.
+struct Commits {
+    name: String,
+    n: usize,
+    iterations: u64,
+    commits: u64,
+    ops: f64,
+}
+
+static COMMITS: Mutex<Vec<Commits>> = Mutex::new(Vec::new());
+
+fn print_commits() {
+    let rows = COMMITS.lock().expect("report");
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!("group commits (writer transactions) per iteration:");
+    println!(
+        "{:<20} {:>5} {:>10} {:>9} {:>14} {:>16}",
+        "bench", "n", "iterations", "commits", "commits/iter", "appends/commit"
+    );
+    for r in rows.iter() {
+        let iters = r.iterations.max(1) as f64;
+        let commits = r.commits.max(1) as f64;
+        println!(
+            "{:<20} {:>5} {:>10} {:>9} {:>14.2} {:>16.1}",
+            r.name,
+            r.n,
+            r.iterations,
+            r.commits,
+            r.commits as f64 / iters,
+            r.ops / commits
+        );
+    }
+}
