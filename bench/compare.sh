@@ -54,8 +54,11 @@ bench() {
     local tflag=hubbub
     [ "$target" = gohub ] && tflag=raw
     echo "== $target: $*"
-    taskset -c "$BENCH_CPU" "$HUBBUB" bench --url "$url" --server-pid "$pid" --target "$tflag" \
-        --source-addrs 4 "$@" | tee >(head -n1 | sed "s/^{/{\"server\":\"$target\",/" >>"$OUT") | tail -n +2
+    local out
+    out=$(taskset -c "$BENCH_CPU" "$HUBBUB" bench --url "$url" --server-pid "$pid" --target "$tflag" \
+        --source-addrs 4 "$@")
+    head -n1 <<<"$out" | sed "s/^{/{\"server\":\"$target\",/" >>"$OUT"
+    tail -n +2 <<<"$out"
     sleep 2
 }
 

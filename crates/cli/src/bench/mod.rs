@@ -300,8 +300,9 @@ fn coordinate(args: &BenchArgs, procs: usize) -> anyhow::Result<()> {
         report: &total,
     };
     let (json_line, text) = summary.render();
-    println!("{json_line}");
-    println!("{text}");
+    // A closed pipe (`| head -1`) is not an error worth a panic.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{json_line}").and_then(|()| writeln!(out, "{text}"));
     Ok(())
 }
 

@@ -49,10 +49,18 @@ impl Conn {
         let burst = NonZeroU32::new(cfg.send_burst).unwrap_or(NonZeroU32::MIN);
         let frame_rate = NonZeroU32::new(cfg.frame_rate_per_sec).unwrap_or(NonZeroU32::MIN);
         let frame_burst = NonZeroU32::new(cfg.frame_burst).unwrap_or(NonZeroU32::MIN);
+        // One clock for all limiters: creating one calibrates it (CPUID and timing),
+        // which cost more than the rest of accepting a connection.
+        static CLOCK: std::sync::LazyLock<governor::clock::DefaultClock> =
+            std::sync::LazyLock::new(governor::clock::DefaultClock::default);
         Conn {
-            send_limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
-            frame_limiter: RateLimiter::direct(
+            send_limiter: RateLimiter::direct_with_clock(
+                Quota::per_second(rate).allow_burst(burst),
+                CLOCK.clone(),
+            ),
+            frame_limiter: RateLimiter::direct_with_clock(
                 Quota::per_second(frame_rate).allow_burst(frame_burst),
+                CLOCK.clone(),
             ),
             state,
             session,

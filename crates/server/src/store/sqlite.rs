@@ -262,6 +262,14 @@ fn open_conn(path: &Path, busy_timeout: std::time::Duration) -> rusqlite::Result
     conn.busy_timeout(busy_timeout)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // Every statement is prepared once per connection and kept (rusqlite keeps 16).
+    conn.set_prepared_statement_cache_capacity(128);
+    // Plans stay fixed once prepared: otherwise SQLite (built with STAT4) may recompile
+    // a cached statement whenever a bound value changes, which dominated reads here.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     Ok(conn)
 }
 
