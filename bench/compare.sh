@@ -71,12 +71,12 @@ run() {
     case $1 in
     idle) both idle --conns "$IDLE_CONNS" --rate 4000 --hold 5 ;;
     connect) both connect --conns 10000 --concurrency 200 ;;
-    fanout) both fanout --members 1000 --senders 10 --rate 20 --duration 10 ;;
+    fanout) for r in 20 50; do both fanout --members 1000 --senders 10 --rate "$r" --duration 10; done ;;
     sweep) for r in $SWEEP_RATES; do both fanout --members 1000 --senders 10 --rate "$r" --duration 10; done ;;
     bigroom) both fanout --members 10000 --senders 1 --rate 1 --duration 10 --drain 10 ;;
     dm)
         bench hubbub dm --pairs 50 --rate 0 --inflight 64 --duration 10
-        bench hubbub dm --pairs 50 --rate 500 --duration 10
+        bench hubbub dm --pairs 50 --rate 160 --duration 10
         ;;
     all) for s in idle connect fanout sweep bigroom dm; do run "$s"; done ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;

@@ -32,6 +32,9 @@ pub struct Config {
     pub ws_read_buffer: usize,
     /// Most coalesced bytes the writer puts into one outgoing frame.
     pub max_coalesce_bytes: usize,
+    /// A connection written to less than this many milliseconds ago waits until then
+    /// before its next frame, so that a busy connection's messages share frames (0: off).
+    pub write_linger_ms: u64,
     /// Rooms with more members than this send no `member`, `typing` or room `presence`.
     pub large_room: usize,
     /// Sustained `send` rate per connection (messages per second).
@@ -87,6 +90,7 @@ impl Default for Config {
             queue_frames: 1024,
             ws_read_buffer: 512,
             max_coalesce_bytes: 64 * 1024,
+            write_linger_ms: 5,
             large_room: 1000,
             send_rate_per_sec: 100,
             send_burst: 200,

@@ -246,6 +246,8 @@ async fn write_loop(
     let hb = Duration::from_millis(state.config.heartbeat_ms);
     let dead_after = (state.config.heartbeat_ms as i64) * 5 / 2;
     let max_coalesce = state.config.max_coalesce_bytes;
+    let linger = Duration::from_millis(state.config.write_linger_ms);
+    let mut last_write = tokio::time::Instant::now() - linger;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + hb, hb);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -253,7 +255,21 @@ async fn write_loop(
             biased;
             _ = session.closing().cancelled() => break,
             first = rx.recv_async() => match first.ok() {
-                Some(first) => encode(codec, first, &mut rx, max_coalesce),
+                Some(first) => {
+                    // Busy: let what follows join this frame (one wake-up and one write
+                    // for many messages). Quiet: write at once.
+                    let until = last_write + linger;
+                    if tokio::time::Instant::now() < until {
+                        let wait = Box::pin(tokio::time::sleep_until(until));
+                        tokio::select! {
+                            biased;
+                            _ = session.closing().cancelled() => {}
+                            _ = wait => {}
+                        }
+                    }
+                    last_write = tokio::time::Instant::now();
+                    encode(codec, first, &mut rx, max_coalesce)
+                }
                 None => break,
             },
             _ = ticker.tick() => {
