@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use serde_json::json;
 
 use conn::{Dialer, Target};
 use report::{now_us, Report};
@@ -57,7 +56,8 @@ pub(crate) struct BenchArgs {
     scenario: Scenario,
 }
 
-#[derive(Debug, Clone, Subcommand)]
+#[derive(Debug, Clone, Subcommand, serde::Serialize)]
+#[serde(untagged)]
 pub(super) enum Scenario {
     /// Open N idle connections at a given rate, hold them, report server memory per
     /// connection.
@@ -306,32 +306,9 @@ fn coordinate(args: &BenchArgs, procs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Lets the JSON output name the scenario parameters.
+/// The scenario's parameters, for the JSON output.
 fn scenario_json(s: &Scenario) -> serde_json::Value {
-    match s {
-        Scenario::Idle { conns, rate, hold } => json!({"conns": conns, "rate": rate, "hold": hold}),
-        Scenario::Connect { conns, concurrency } => {
-            json!({"conns": conns, "concurrency": concurrency})
-        }
-        Scenario::Fanout {
-            members,
-            senders,
-            rate,
-            inflight,
-            duration,
-            size,
-            drain,
-        } => json!({"members": members, "senders": senders, "rate": rate,
-            "inflight": inflight, "duration": duration, "size": size, "drain": drain}),
-        Scenario::Dm {
-            pairs,
-            rate,
-            inflight,
-            duration,
-            size,
-        } => json!({"pairs": pairs, "rate": rate, "inflight": inflight,
-            "duration": duration, "size": size}),
-    }
+    serde_json::to_value(s).unwrap_or_default()
 }
 
 fn radix36(mut n: u64) -> String {

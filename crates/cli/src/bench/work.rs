@@ -612,6 +612,27 @@ fn shared_for(plan: &Plan) -> Arc<Shared> {
     })
 }
 
+/// READY/GO with the parent, then starts the connections' tasks and waits for them.
+async fn start_and_finish(
+    ctl: &mut Control,
+    go_tx: watch::Sender<Option<(u64, Instant)>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    let go = ctl.ready().await?;
+    let _ = go_tx.send(Some(go));
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+/// A hubbub `send` of `text` to `conv` as request `k`.
+fn send_frame(k: u64, conv: &str, text: &str) -> String {
+    format!(
+        r#"{{"type":"send","id":{k},"conv":"{conv}","client_msg_id":"m{k}","content_type":"text","content":"{text}"}}"#
+    )
+}
+
 fn finish(report: &Mutex<Report>, shared: &Shared, plan: &Plan) -> Report {
     let mut r = std::mem::take(&mut *report.lock().expect("report lock"));
     r.latency = to_pairs(&shared.latency.lock().expect("histogram lock"));
@@ -681,16 +702,21 @@ async fn fanout(
             let (sender, idle_sink) = if is_sender {
                 let state = state.clone();
                 let (conv, size) = (conv.clone(), plan.size);
-                let handle = tokio::spawn(send_loop(sink, plan, start_us, start, state, move |k, due| {
-                    let text = payload(i, k, due, size);
-                    if hubbub {
-                        format!(
-                            r#"{{"type":"send","id":{k},"conv":"{conv}","client_msg_id":"m{k}","content_type":"text","content":"{text}"}}"#
-                        )
-                    } else {
-                        text
-                    }
-                }));
+                let handle = tokio::spawn(send_loop(
+                    sink,
+                    plan,
+                    start_us,
+                    start,
+                    state,
+                    move |k, due| {
+                        let text = payload(i, k, due, size);
+                        if hubbub {
+                            send_frame(k, &conv, &text)
+                        } else {
+                            text
+                        }
+                    },
+                ));
                 (Some(handle), None)
             } else {
                 (None, Some(sink))
@@ -709,7 +735,8 @@ async fn fanout(
                 let acked = !is_sender
                     || !hubbub
                     || (state.done.load(Ordering::Acquire)
-                        && state.acked.load(Ordering::Relaxed) >= state.sent.load(Ordering::Relaxed));
+                        && state.acked.load(Ordering::Relaxed)
+                            >= state.sent.load(Ordering::Relaxed));
                 got >= expected && acked
             })
             .await;
@@ -741,11 +768,7 @@ async fn fanout(
             }
         }));
     }
-    let go = ctl.ready().await?;
-    let _ = go_tx.send(Some(go));
-    for t in tasks {
-        let _ = t.await;
-    }
+    start_and_finish(ctl, go_tx, tasks).await?;
     Ok(finish(&report, &shared, &plan))
 }
 
@@ -791,9 +814,7 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
                 state.clone(),
                 move |k, due| {
                     let text = payload(0, k, due, plan.size);
-                    format!(
-                        r#"{{"type":"send","id":{k},"conv":"{conv}","client_msg_id":"m{k}","content_type":"text","content":"{text}"}}"#
-                    )
+                    send_frame(k, &conv, &text)
                 },
             ));
             let mut rx = Receiver::new(1);
@@ -818,11 +839,7 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
             }
         }));
     }
-    let go = ctl.ready().await?;
-    let _ = go_tx.send(Some(go));
-    for t in tasks {
-        let _ = t.await;
-    }
+    start_and_finish(ctl, go_tx, tasks).await?;
     Ok(finish(&report, &shared, &plan))
 }
 
