@@ -10,14 +10,14 @@
 //! `sync` after reconnecting; the store has everything).
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
 use hubbub_protocol::{Conv, ServerFrame};
 use parking_lot::{Mutex, RwLock};
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -114,9 +114,15 @@ pub struct Session {
     pub user: Arc<str>,
     pub device: Arc<str>,
     tx: flume::Sender<Arc<OutFrame>>,
-    closing: CancellationToken,
+    /// Set when the session is asked to close; `close_waker` then wakes its task (the
+    /// only one that waits for it).
+    closing: AtomicBool,
+    close_waker: AtomicWaker,
+    /// An answer to the session's own request is queued: write without lingering (the
+    /// client is waiting for it).
+    answer_queued: AtomicBool,
     close_reason: Mutex<Option<CloseReason>>,
-    metrics: Metrics,
+    slow_consumer_closes: prometheus::IntCounter,
 }
 
 pub type SessionHandle = Arc<Session>;
@@ -127,16 +133,18 @@ impl Session {
         user: Arc<str>,
         device: Arc<str>,
         tx: flume::Sender<Arc<OutFrame>>,
-        metrics: Metrics,
+        metrics: &Metrics,
     ) -> SessionHandle {
         Arc::new(Session {
             id,
             user,
             device,
             tx,
-            closing: CancellationToken::new(),
+            closing: AtomicBool::new(false),
+            answer_queued: AtomicBool::new(false),
+            close_waker: AtomicWaker::new(),
             close_reason: Mutex::new(None),
-            metrics,
+            slow_consumer_closes: metrics.slow_consumer_closes.clone(),
         })
     }
 
@@ -152,7 +160,7 @@ impl Session {
             Ok(()) => true,
             Err(flume::TrySendError::Full(_)) => {
                 if self.close(CloseReason::SLOW_CONSUMER) {
-                    self.metrics.slow_consumer_closes.inc();
+                    self.slow_consumer_closes.inc();
                     tracing::info!(user = %self.user, session = self.id, "closing slow consumer");
                 }
                 false
@@ -163,10 +171,54 @@ impl Session {
 
     /// Queues an answer to this session's own request, waiting for room in the queue.
     pub async fn reply(&self, frame: ServerFrame) -> bool {
-        tokio::select! {
-            r = self.tx.send_async(OutFrame::new(frame)) => r.is_ok(),
-            _ = self.closing.cancelled() => false,
+        self.reply_frame(OutFrame::new(frame)).await
+    }
+
+    /// [`Session::reply`] with an already wrapped frame.
+    pub async fn reply_frame(&self, frame: Arc<OutFrame>) -> bool {
+        let closing = std::future::poll_fn(|cx| {
+            if self.poll_closing(cx) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        });
+        let queued = tokio::select! {
+            r = self.tx.send_async(frame) => r.is_ok(),
+            () = closing => false,
+        };
+        self.answer_queued.store(true, Ordering::Release);
+        queued
+    }
+
+    /// Queues an answer if there is room; gives it back if the queue is full.
+    pub fn try_reply(&self, frame: Arc<OutFrame>) -> Result<(), Arc<OutFrame>> {
+        match self.tx.try_send(frame) {
+            Ok(()) => {
+                self.answer_queued.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(flume::TrySendError::Full(f)) => Err(f),
+            // Closed: nobody reads the queue any more.
+            Err(flume::TrySendError::Disconnected(_)) => Ok(()),
         }
+    }
+
+    /// Queues an answer without waiting; false if the queue is full or the session gone.
+    pub fn reply_now(&self, frame: ServerFrame) -> bool {
+        let queued = self.tx.try_send(OutFrame::new(frame)).is_ok();
+        self.answer_queued.store(true, Ordering::Release);
+        queued
+    }
+
+    /// Whether an answer was queued since the writer last took what is queued.
+    pub fn answer_queued(&self) -> bool {
+        self.answer_queued.load(Ordering::Acquire)
+    }
+
+    /// Called by the writer before it takes what is queued.
+    pub fn clear_answer_queued(&self) {
+        self.answer_queued.store(false, Ordering::Release);
     }
 
     /// Asks the session to close; the first reason wins. Returns true for the first call.
@@ -180,17 +232,22 @@ impl Session {
                 false
             }
         };
-        self.closing.cancel();
+        self.closing.store(true, Ordering::Release);
+        self.close_waker.wake();
         first
+    }
+
+    /// Whether the session was asked to close; if not, `cx` is woken when it is.
+    pub fn poll_closing(&self, cx: &mut std::task::Context<'_>) -> bool {
+        if self.closing.load(Ordering::Acquire) {
+            return true;
+        }
+        self.close_waker.register(cx.waker());
+        self.closing.load(Ordering::Acquire)
     }
 
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.close_reason.lock().clone()
-    }
-
-    /// Resolves when the session has been asked to close.
-    pub fn closing(&self) -> &CancellationToken {
-        &self.closing
     }
 }
 

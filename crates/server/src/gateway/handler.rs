@@ -28,7 +28,40 @@ const MAX_SYNC_CONVS: usize = 1000;
 /// Default sync page size.
 const DEFAULT_SYNC: u32 = 500;
 
-type Pending = FuturesOrdered<BoxFuture<'static, ServerFrame>>;
+/// A session's pipelined `send`s, answered in order. Created on the first `send`: an
+/// empty `FuturesOrdered` already holds two allocations, which idle connections skip.
+#[derive(Default)]
+pub(crate) struct Pending(Option<FuturesOrdered<BoxFuture<'static, ServerFrame>>>);
+
+impl Pending {
+    pub(crate) fn push_back(&mut self, answer: BoxFuture<'static, ServerFrame>) {
+        self.0
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(answer);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesOrdered::len)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl futures_util::Stream for Pending {
+    type Item = ServerFrame;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<ServerFrame>> {
+        match &mut self.0 {
+            Some(p) => futures_util::StreamExt::poll_next_unpin(p, cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
 
 /// The request handler of one session.
 pub(crate) struct Conn {

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use futures_util::StreamExt;
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Query, State};
@@ -121,41 +120,72 @@ pub async fn ws_handler(
         Err(refusal) => return refusal.into_response(),
     };
     let cfg = &state.config;
-    let tracker = state.sessions.clone();
+    let (read_buffer, max_frame) = (cfg.ws_read_buffer, cfg.max_frame_bytes);
+    // What the session needs once upgraded, in one box: axum keeps the callback beside
+    // the session's future for as long as the connection lives.
+    let accepted = Box::new(Accepted {
+        identity,
+        device,
+        codec,
+        permit,
+        state,
+    });
     upgrade
         .protocols([match codec {
             Codec::Json => SUBPROTOCOL_JSON,
             Codec::Protobuf => SUBPROTOCOL_PB,
         }])
-        .read_buffer_size(cfg.ws_read_buffer)
+        .read_buffer_size(read_buffer)
         .write_buffer_size(0)
-        // The writer task writes one frame at a time and waits for it to be flushed, so
-        // the write buffer never holds more than one frame (plus control frames); a cap
-        // here would only break large answers (a full history page can be megabytes).
+        // The session writes one frame at a time and waits for it to be flushed, so the
+        // write buffer never holds more than one frame (plus control frames); a cap here
+        // would only break large answers (a full history page can be megabytes).
         .max_write_buffer_size(usize::MAX)
-        .max_message_size(cfg.max_frame_bytes)
-        .max_frame_size(cfg.max_frame_bytes)
-        .on_upgrade(move |socket| {
-            // Every log line of the session carries who it is.
-            let span = tracing::info_span!(
-                "session",
-                user = %identity.user,
-                device = %device,
-                session = tracing::field::Empty
-            );
-            // Split here, before the session's future exists: the socket moves to the
-            // heap once instead of also taking a slot in every connection's task.
-            let (sink, stream) = socket.split();
-            let conn = session::Upgraded {
-                sink,
-                stream,
-                identity,
-                device,
-                codec,
-                permit,
-            };
-            tracker.track_future(session::run(conn, state).instrument(span))
-        })
+        .max_message_size(max_frame)
+        .max_frame_size(max_frame)
+        .on_upgrade(move |socket| accepted.start(socket))
+}
+
+/// An authorized connection waiting for its WebSocket upgrade.
+struct Accepted {
+    identity: crate::auth::Identity,
+    device: String,
+    codec: Codec,
+    permit: limits::ConnPermit,
+    state: Arc<AppState>,
+}
+
+impl Accepted {
+    // Boxed on purpose: the box is what the upgrade callback captures.
+    #[allow(clippy::boxed_local)]
+    fn start(
+        self: Box<Self>,
+        socket: axum::extract::ws::WebSocket,
+    ) -> impl std::future::Future<Output = ()> {
+        let Accepted {
+            identity,
+            device,
+            codec,
+            permit,
+            state,
+        } = *self;
+        // Every log line of the session carries who it is.
+        let span = tracing::info_span!(
+            "session",
+            user = %identity.user,
+            device = %device,
+            session = tracing::field::Empty
+        );
+        let tracker = state.sessions.clone();
+        let conn = session::Upgraded {
+            socket,
+            identity,
+            device,
+            codec,
+            permit,
+        };
+        tracker.track_future(session::run(conn, state).instrument(span))
+    }
 }
 
 /// Browsers send `Origin`; it must be the server's own origin or on the allow-list.

@@ -1,28 +1,37 @@
-//! One session per WebSocket connection.
+//! One session per WebSocket connection, served by one task.
 //!
-//! Two tasks serve a connection:
-//! - the reader (this module's [`run`]) decodes frames and handles requests. `send`s are
-//!   pipelined: each is handed to the store at once (so its `seq` follows the order of
-//!   the frames) and its `ok` is queued when the commit lands, in order. Any other
-//!   request first waits for the sends before it, so a `history` after a `send` sees it.
-//! - the writer owns the socket's write half: it drains the bounded outgoing queue,
-//!   coalescing what is queued into one frame (messages separated by `\n`), sends the
-//!   heartbeat pings and closes dead connections.
+//! The task owns the whole socket and does both jobs of a connection:
+//! - reading: it decodes frames and handles requests. `send`s are pipelined: each is
+//!   handed to the store at once (so its `seq` follows the order of the frames) and its
+//!   `ok` is queued when the commit lands, in order. Any other request first waits for
+//!   the sends before it, so a `history` after a `send` sees it.
+//! - writing: it drains the bounded outgoing queue, coalescing what is queued into one
+//!   frame (messages separated by `\n`), sends the heartbeat pings, and closes dead or
+//!   stuck connections.
+//!
+//! Writing never waits for reading: while a request handler runs, the task keeps
+//! writing beside it (see [`Io::drive`]), so a handler that waits for room in the queue
+//! is unblocked by the same task. One task and one state machine per connection keeps an
+//! idle connection small (BENCHMARKS.md has the budget).
 //!
 //! Anyone else (fan-out, kicks, shutdown) talks to the session through its
 //! [`Session`](crate::hub::Session) handle: push into the queue or ask it to close.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use bytes::BytesMut;
-use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream, StreamExt};
-use futures_util::SinkExt;
+use futures_util::stream::StreamExt;
+use futures_util::{Sink, SinkExt, Stream};
 use hubbub_protocol::{ProtoError, ServerFrame};
+use tokio::time::{Instant, Sleep};
 
-use super::handler::Conn;
+use super::handler::{Conn, Pending};
 use super::limits::ConnPermit;
 use crate::auth::Identity;
 use crate::hub::{CloseReason, OutFrame, Session, SessionHandle};
@@ -34,7 +43,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one write may block before the peer is considered stuck.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves one upgraded connection until it closes.
 /// The encoding a connection chose with its subprotocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
@@ -46,8 +54,7 @@ pub enum Codec {
 
 /// An accepted connection, ready for its session.
 pub(crate) struct Upgraded {
-    pub(crate) sink: SplitSink<WebSocket, WsMessage>,
-    pub(crate) stream: SplitStream<WebSocket>,
+    pub(crate) socket: WebSocket,
     pub(crate) identity: Identity,
     pub(crate) device: String,
     pub(crate) codec: Codec,
@@ -55,167 +62,463 @@ pub(crate) struct Upgraded {
     pub(crate) permit: ConnPermit,
 }
 
-pub(crate) async fn run(conn: Upgraded, state: Arc<AppState>) {
+/// Sets the session up (its queue, the `welcome`, its place in the hub) and returns the
+/// future that serves it until it closes.
+///
+/// The setup runs here, outside the future, so that what it needs only once does not
+/// take room in every connection's state machine.
+pub(crate) fn run(conn: Upgraded, state: Arc<AppState>) -> impl Future<Output = ()> + Send {
     let Upgraded {
-        sink,
-        stream,
+        socket,
         identity,
         device,
         codec,
         permit,
     } = conn;
+    let cfg = &state.config;
     // flume's queue grows as it fills, so an idle session holds no slots (a tokio mpsc
     // channel allocates a block of them up front).
-    let (tx, rx) = flume::bounded(state.config.queue_frames);
+    let (tx, rx) = flume::bounded(cfg.queue_frames);
     let session = Session::new(
         state.hub.next_session_id(),
         Arc::from(identity.user.as_str()),
         Arc::from(device.as_str()),
         tx,
-        state.hub.metrics().clone(),
+        state.hub.metrics(),
     );
     let welcome = ServerFrame::Welcome {
         user: identity.user.clone(),
-        device: device.clone(),
+        device,
         session: session.public_id(),
-        heartbeat_ms: state.config.heartbeat_ms,
+        heartbeat_ms: cfg.heartbeat_ms,
         server_time: now_ms(),
-        max_frame_bytes: state.config.max_frame_bytes,
+        max_frame_bytes: cfg.max_frame_bytes,
     };
     // The welcome goes into the queue before the session is visible to anyone, so it is
     // always the first frame.
     session.push(&OutFrame::new(welcome));
-    let registered = state.hub.register(&session);
+    let first = state.hub.register(&session).first;
     if state.shutdown.is_cancelled() {
         session.close(CloseReason::SHUTDOWN);
     }
+    let io = Io::new(
+        session.clone(),
+        socket,
+        rx,
+        codec,
+        &state,
+        identity.expires_at,
+    );
+    let parts = Box::new(Parts {
+        io,
+        conn: Conn::new(state, session.clone(), identity),
+        pending: Pending::default(),
+        permit,
+    });
+    serve(parts, session, first)
+}
+
+/// Everything a session keeps while it lives, on the heap in one piece: in the future
+/// itself, the arguments of an `async fn` take their room twice.
+struct Parts {
+    io: Io,
+    conn: Conn,
+    pending: Pending,
+    /// Its place in the connection limits, freed when the session ends.
+    permit: ConnPermit,
+}
+
+async fn serve(mut parts: Box<Parts>, session: SessionHandle, first: bool) {
     tracing::Span::current().record("session", session.public_id());
     tracing::debug!("session open");
-
-    let last_seen = Arc::new(AtomicI64::new(now_ms()));
-    let writer = tokio::spawn(write_loop(
-        sink,
-        rx,
-        session.clone(),
-        state.clone(),
-        last_seen.clone(),
-        codec,
-    ));
-
-    let expires_at = identity.expires_at;
-    let mut conn = Conn::new(state.clone(), session.clone(), identity);
+    let Parts {
+        io, conn, pending, ..
+    } = &mut *parts;
     // Request handlers are boxed while they run: inlined, their largest state would be
-    // part of every idle connection's task (kilobytes each).
-    if registered.first {
-        Box::pin(conn.announce_presence(true)).await;
+    // part of every idle connection's future (kilobytes each).
+    if first {
+        let _ = io.drive(Box::pin(conn.announce_presence(true))).await;
     }
-    read_loop(&mut conn, stream, &last_seen, expires_at, codec).await;
-
-    session.close(CloseReason::NORMAL);
-    let _ = writer.await;
-    if state.hub.unregister(&session) {
+    let max_inflight = conn.state().config.max_inflight_sends;
+    let peer_open = loop {
+        let event = poll_fn(|cx| {
+            let read = pending.len() < max_inflight;
+            io.poll_event(cx, &session, pending, read)
+        })
+        .await;
+        let stop = match event {
+            Event::Closing => break true,
+            Event::Stop(stop) => Some(stop),
+            Event::Answer(answer) => match session.try_reply(answer) {
+                Ok(()) => None,
+                Err(answer) => io.drive(Box::pin(session.reply_frame(answer))).await.err(),
+            },
+            // Boxed: a frame's handling holds more state than an idle session should.
+            Event::Frame(msg) => Box::pin(io.handle_frame(conn, msg, pending)).await.err(),
+            Event::PeerClosed => break false,
+            Event::ReadError(e) => {
+                if is_too_large(&e) {
+                    session.close(CloseReason::TOO_LARGE);
+                }
+                tracing::debug!(session = session.id, error = %e, "read error");
+                break false;
+            }
+        };
+        match stop {
+            None => {}
+            Some(Stop::Expired) => {
+                session.close(CloseReason::TOKEN_EXPIRED);
+                break true;
+            }
+            Some(Stop::Dead) => {
+                session.close(CloseReason::DEAD);
+                break true;
+            }
+            Some(Stop::Broken) => {
+                session.close(CloseReason::NORMAL);
+                break false;
+            }
+        }
+    };
+    // Runs once, at the end, so boxed: inlined it would widen every idle connection.
+    let pending = std::mem::take(pending);
+    Box::pin(io.finish(&session, pending, peer_open)).await;
+    if conn.state().hub.unregister(&session) {
         Box::pin(conn.announce_presence(false)).await;
     }
     tracing::debug!(user = %session.user, session = session.id, reason = ?session.close_reason(), "session closed");
+    // Last: the socket closes, then the connection's place in the limits is freed.
+    let Parts { io, permit, .. } = *parts;
+    drop(io);
     drop(permit);
 }
 
-async fn read_loop(
-    conn: &mut Conn,
-    mut stream: SplitStream<WebSocket>,
-    last_seen: &AtomicI64,
-    expires_at: Option<i64>,
+/// What woke the session.
+enum Event {
+    /// The session was asked to close.
+    Closing,
+    /// The writing side gave up.
+    Stop(Stop),
+    /// The answer to the oldest pipelined `send`.
+    Answer(Arc<OutFrame>),
+    /// A frame from the peer.
+    Frame(WsMessage),
+    /// The peer closed (or the connection ended).
+    PeerClosed,
+    ReadError(axum::Error),
+}
+
+/// Why the writing side gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Nothing heard from the peer for too long.
+    Dead,
+    /// The token the session was opened with expired.
+    Expired,
+    /// A write failed or stayed blocked longer than [`WRITE_TIMEOUT`].
+    Broken,
+}
+
+/// The socket of a session and the writing state.
+struct Io {
+    ws: WebSocket,
+    /// The outgoing queue: `frames` to wait for the next one, `rx` to take what else is
+    /// queued without waiting.
+    rx: flume::Receiver<Arc<OutFrame>>,
+    frames: flume::r#async::RecvStream<'static, Arc<OutFrame>>,
+    session: SessionHandle,
+    /// Frames taken from the queue while the write linger runs (none when idle).
+    held: VecDeque<Arc<OutFrame>>,
+    /// A frame was handed to the socket and is not flushed yet.
+    flushing: bool,
+    ping_due: bool,
+    /// A heartbeat passed: see whether the peer is still there.
+    judge: bool,
+    /// One timer for every deadline below.
+    timer: Pin<Box<Sleep>>,
+    next_ping: Instant,
+    last_write: Instant,
+    write_deadline: Option<Instant>,
+    expires: Option<Instant>,
+    /// When the peer was last heard from (ms since the epoch).
+    last_seen: i64,
+    state: Arc<AppState>,
     codec: Codec,
-) {
-    let session = conn.session().clone();
-    // Far enough in the future never to fire for guests.
-    let expiry = tokio::time::sleep(Duration::from_millis(
-        expires_at.map_or(30 * 365 * 86_400_000, |e| (e - now_ms()).max(0) as u64),
-    ));
-    tokio::pin!(expiry);
-    let max_inflight = conn.state().config.max_inflight_sends;
-    let mut pending: FuturesOrdered<futures_util::future::BoxFuture<'static, ServerFrame>> =
-        FuturesOrdered::new();
-    // Whether the peer may still send (it has not closed, and reading has not failed).
-    let mut peer_open = true;
-    loop {
-        tokio::select! {
-            biased;
-            _ = session.closing().cancelled() => break,
-            _ = &mut expiry, if expires_at.is_some() => {
-                session.close(CloseReason::TOKEN_EXPIRED);
-                break;
+    frames_out: prometheus::IntCounter,
+}
+
+impl Io {
+    fn new(
+        session: SessionHandle,
+        ws: WebSocket,
+        rx: flume::Receiver<Arc<OutFrame>>,
+        codec: Codec,
+        state: &Arc<AppState>,
+        expires_at: Option<i64>,
+    ) -> Io {
+        let cfg = &state.config;
+        let now = Instant::now();
+        let next_ping = now + Duration::from_millis(cfg.heartbeat_ms);
+        let linger = Duration::from_millis(cfg.write_linger_ms);
+        Io {
+            ws,
+            frames: rx.clone().into_stream(),
+            rx,
+            session,
+            held: VecDeque::new(),
+            flushing: false,
+            ping_due: false,
+            judge: false,
+            timer: Box::pin(tokio::time::sleep_until(next_ping)),
+            next_ping,
+            last_write: now.checked_sub(linger).unwrap_or(now),
+            write_deadline: None,
+            expires: expires_at
+                .map(|e| now + Duration::from_millis(e.saturating_sub(now_ms()).max(0) as u64)),
+            last_seen: now_ms(),
+            state: state.clone(),
+            codec,
+            frames_out: state.hub.metrics().frames_out.clone(),
+        }
+    }
+
+    /// Waits for the next thing the session must act on, writing meanwhile. Reads a
+    /// frame only when `read` (the pipeline has room).
+    fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+        session: &Session,
+        pending: &mut Pending,
+        read: bool,
+    ) -> Poll<Event> {
+        if session.poll_closing(cx) {
+            return Poll::Ready(Event::Closing);
+        }
+        if let Poll::Ready(stop) = self.poll_write(cx) {
+            return Poll::Ready(Event::Stop(stop));
+        }
+        if !pending.is_empty() {
+            if let Poll::Ready(Some(answer)) = pending.poll_next_unpin(cx) {
+                return Poll::Ready(Event::Answer(OutFrame::new(answer)));
             }
-            Some(answer) = pending.next(), if !pending.is_empty() => {
-                session.reply(answer).await;
+        }
+        if read {
+            match Pin::new(&mut self.ws).poll_next(cx) {
+                Poll::Ready(Some(Ok(msg))) => {
+                    self.last_seen = now_ms();
+                    return Poll::Ready(Event::Frame(msg));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Event::ReadError(e)),
+                Poll::Ready(None) => return Poll::Ready(Event::PeerClosed),
+                Poll::Pending => {}
             }
-            msg = stream.next(), if pending.len() < max_inflight => {
-                let Some(msg) = msg else {
-                    peer_open = false;
-                    break;
-                };
-                last_seen.store(now_ms(), Ordering::Relaxed);
-                match msg {
-                    Ok(WsMessage::Text(text)) if codec == Codec::Json => {
-                        for line in hubbub_protocol::split_frames(text.as_str()) {
-                            conn.state().hub.metrics().frames_in.inc();
-                            Box::pin(conn.handle_line(line, &mut pending)).await;
-                        }
-                    }
-                    Ok(WsMessage::Binary(bytes)) if codec == Codec::Protobuf => {
-                        conn.state().hub.metrics().frames_in.inc();
-                        Box::pin(conn.handle(hubbub_protocol::pb::decode_client(&bytes), &mut pending)).await;
-                    }
-                    Ok(WsMessage::Text(_)) | Ok(WsMessage::Binary(_)) => {
-                        let message = match codec {
-                            Codec::Json => "binary frames are not part of hubbub.v1.json; send text frames",
-                            Codec::Protobuf => "text frames are not part of hubbub.v1.pb; send binary protobuf frames",
-                        };
-                        let error = ServerFrame::error(None, ProtoError::bad_request(message));
-                        Box::pin(session.reply(error)).await;
-                    }
-                    Ok(WsMessage::Ping(_)) | Ok(WsMessage::Pong(_)) => {}
-                    Ok(WsMessage::Close(_)) => {
-                        peer_open = false;
-                        break;
-                    }
-                    Err(e) => {
-                        peer_open = false;
-                        if is_too_large(&e) {
-                            session.close(CloseReason::TOO_LARGE);
-                        }
-                        tracing::debug!(session = session.id, error = %e, "read error");
-                        break;
-                    }
+            // At each heartbeat, and only when there was nothing to read (a busy task must
+            // not take the peer's unread pong for silence): dead after two and a half
+            // heartbeats without a word from the peer.
+            if std::mem::take(&mut self.judge) {
+                let silent_ms = now_ms() - self.last_seen;
+                if silent_ms > (self.state.config.heartbeat_ms as i64) * 5 / 2 {
+                    return Poll::Ready(Event::Stop(Stop::Dead));
                 }
             }
         }
+        Poll::Pending
     }
-    // Runs once, at the end, so boxed: inlined it would widen every idle task.
-    Box::pin(finish_reading(&session, pending, stream, peer_open)).await;
-}
 
-/// After the read loop: answers the sends already handed to the store and lets the peer
-/// finish its side of the close.
-async fn finish_reading(
-    session: &Session,
-    mut pending: FuturesOrdered<futures_util::future::BoxFuture<'static, ServerFrame>>,
-    mut stream: SplitStream<WebSocket>,
-    peer_open: bool,
-) {
-    while let Some(answer) = pending.next().await {
-        if session.close_reason().is_none() {
-            session.reply(answer).await;
+    /// Runs `fut` (a request handler) to completion while writing beside it. Gives up
+    /// on it if writing stops: a handler may be waiting for room in the queue.
+    async fn drive<F: Future>(&mut self, mut fut: Pin<Box<F>>) -> Result<F::Output, Stop> {
+        poll_fn(|cx| {
+            if let Poll::Ready(t) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(t));
+            }
+            self.poll_write(cx).map(Err)
+        })
+        .await
+    }
+
+    /// Handles one frame from the peer.
+    async fn handle_frame(
+        &mut self,
+        conn: &mut Conn,
+        msg: WsMessage,
+        pending: &mut Pending,
+    ) -> Result<(), Stop> {
+        match msg {
+            WsMessage::Text(text) if self.codec == Codec::Json => {
+                for line in hubbub_protocol::split_frames(text.as_str()) {
+                    conn.state().hub.metrics().frames_in.inc();
+                    self.drive(Box::pin(conn.handle_line(line, pending)))
+                        .await?;
+                }
+            }
+            WsMessage::Binary(bytes) if self.codec == Codec::Protobuf => {
+                conn.state().hub.metrics().frames_in.inc();
+                let decoded = hubbub_protocol::pb::decode_client(&bytes);
+                self.drive(Box::pin(conn.handle(decoded, pending))).await?;
+            }
+            WsMessage::Text(_) | WsMessage::Binary(_) => {
+                let message = match self.codec {
+                    Codec::Json => "binary frames are not part of hubbub.v1.json; send text frames",
+                    Codec::Protobuf => {
+                        "text frames are not part of hubbub.v1.pb; send binary protobuf frames"
+                    }
+                };
+                let error = ServerFrame::error(None, ProtoError::bad_request(message));
+                let session = conn.session().clone();
+                self.drive(Box::pin(session.reply(error))).await?;
+            }
+            // Close frames end the stream (tungstenite answers them); pings are answered
+            // by tungstenite too.
+            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Close(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Writes what is queued and keeps the timers; returns only when writing must stop.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Stop> {
+        let cfg = &self.state.config;
+        let linger = Duration::from_millis(cfg.write_linger_ms);
+        loop {
+            if self.flushing {
+                match Pin::new(&mut self.ws).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.flushing = false;
+                        self.write_deadline = None;
+                        self.last_write = Instant::now();
+                        self.frames_out.inc();
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(Stop::Broken),
+                    Poll::Pending => {}
+                }
+            }
+            if !self.flushing {
+                let now = Instant::now();
+                // An answer to the client's own request goes out at once.
+                let lingering = now < self.last_write + linger && !self.session.answer_queued();
+                // Take frames out of the queue while the linger runs, so that a queue
+                // filling up meanwhile ends the linger instead of the session.
+                let enough = (cfg.queue_frames / 4).max(1);
+                while self.held.is_empty() || (lingering && self.held.len() < enough) {
+                    match self.frames.poll_next_unpin(cx) {
+                        Poll::Ready(Some(frame)) => self.held.push_back(frame),
+                        // Every sender is gone: only at the very end.
+                        Poll::Ready(None) => return Poll::Ready(Stop::Broken),
+                        Poll::Pending => break,
+                    }
+                }
+                let ready = self.ping_due
+                    || (!self.held.is_empty() && (!lingering || self.held.len() >= enough));
+                if ready {
+                    match Pin::new(&mut self.ws).poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {
+                            let msg = if self.ping_due {
+                                self.ping_due = false;
+                                WsMessage::Ping(bytes::Bytes::new())
+                            } else {
+                                self.session.clear_answer_queued();
+                                let max = cfg.max_coalesce_bytes;
+                                match next_message(self.codec, &mut self.held, &self.rx, max) {
+                                    Some(msg) => msg,
+                                    None => continue,
+                                }
+                            };
+                            if Pin::new(&mut self.ws).start_send(msg).is_err() {
+                                return Poll::Ready(Stop::Broken);
+                            }
+                            self.flushing = true;
+                            self.write_deadline = Some(now + WRITE_TIMEOUT);
+                            // Flush it (and maybe write the next one) in the same poll.
+                            continue;
+                        }
+                        Poll::Ready(Err(_)) => return Poll::Ready(Stop::Broken),
+                        Poll::Pending => {}
+                    }
+                }
+            }
+            // Timers.
+            let now = Instant::now();
+            if self.write_deadline.is_some_and(|d| now >= d) {
+                return Poll::Ready(Stop::Broken);
+            }
+            if self.expires.is_some_and(|e| now >= e) {
+                return Poll::Ready(Stop::Expired);
+            }
+            if now >= self.next_ping {
+                self.ping_due = true;
+                self.judge = true;
+                self.next_ping = now + Duration::from_millis(cfg.heartbeat_ms);
+                continue;
+            }
+            let mut deadline = self.next_ping;
+            if let Some(d) = self.write_deadline {
+                deadline = deadline.min(d);
+            }
+            if let Some(e) = self.expires {
+                deadline = deadline.min(e);
+            }
+            let linger_until = self.last_write + linger;
+            if !self.held.is_empty() && !self.flushing && linger_until > now {
+                deadline = deadline.min(linger_until);
+            }
+            if deadline != self.timer.deadline() {
+                self.timer.as_mut().reset(deadline);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
         }
     }
-    // We are closing and the peer may still be sending: keep reading (and discarding)
-    // until its close frame, so the socket is not reset with unread data, which would
-    // make the peer lose our close frame. Bounded, and not for dead peers.
-    if peer_open && session.close_reason() != Some(CloseReason::DEAD) {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            while let Some(Ok(msg)) = stream.next().await {
-                if matches!(msg, WsMessage::Close(_)) {
+
+    /// The end of a session: answers the sends already handed to the store (when the
+    /// peer closed), writes what is queued when the close reason allows, sends the close
+    /// frame and lets the peer finish its side of the close.
+    async fn finish(&mut self, session: &Session, mut pending: Pending, peer_open: bool) {
+        // The peer closed: the sends it made are stored; queue their answers (they are
+        // written below if the peer still reads).
+        if session.close_reason().is_none() {
+            while let Some(answer) = pending.next().await {
+                if session.close_reason().is_some() || !session.reply_now(answer) {
                     break;
+                }
+            }
+        }
+        drop(pending);
+        let reason = session.close_reason().unwrap_or(CloseReason::NORMAL);
+        session.close(reason.clone());
+        if reason == CloseReason::DEAD {
+            return;
+        }
+        let max_coalesce = self.state.config.max_coalesce_bytes;
+        let ws = &mut self.ws;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            if self.flushing && ws.flush().await.is_err() {
+                return;
+            }
+            if reason.flush {
+                while let Some(msg) =
+                    next_message(self.codec, &mut self.held, &self.rx, max_coalesce)
+                {
+                    if ws.feed(msg).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let close = WsMessage::Close(Some(CloseFrame {
+                code: reason.code,
+                reason: Utf8Bytes::from_static(reason.reason),
+            }));
+            if ws.send(close).await.is_err() {
+                return;
+            }
+            // The peer may still be sending: keep reading (and discarding) until its
+            // close frame, so the socket is not reset with unread data, which would make
+            // the peer lose our close frame.
+            if peer_open {
+                while let Some(Ok(msg)) = ws.next().await {
+                    if matches!(msg, WsMessage::Close(_)) {
+                        break;
+                    }
                 }
             }
         })
@@ -235,123 +538,36 @@ fn is_too_large(e: &axum::Error) -> bool {
     false
 }
 
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, WsMessage>,
-    mut rx: flume::Receiver<Arc<OutFrame>>,
-    session: SessionHandle,
-    state: Arc<AppState>,
-    last_seen: Arc<AtomicI64>,
+/// The next WebSocket frame from what is held and then what is queued: for JSON, as many
+/// messages as fit in `max` bytes, joined with `\n`; for protobuf, one message (binary
+/// frames carry one each). `None` if there is nothing to write.
+fn next_message(
     codec: Codec,
-) {
-    let hb = Duration::from_millis(state.config.heartbeat_ms);
-    let dead_after = (state.config.heartbeat_ms as i64) * 5 / 2;
-    let max_coalesce = state.config.max_coalesce_bytes;
-    let linger = Duration::from_millis(state.config.write_linger_ms);
-    let mut last_write = tokio::time::Instant::now() - linger;
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + hb, hb);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let msg = tokio::select! {
-            biased;
-            _ = session.closing().cancelled() => break,
-            first = rx.recv_async() => match first.ok() {
-                Some(first) => {
-                    // Busy: let what follows join this frame (one wake-up and one write
-                    // for many messages). Quiet: write at once.
-                    let until = last_write + linger;
-                    if tokio::time::Instant::now() < until {
-                        let wait = Box::pin(tokio::time::sleep_until(until));
-                        tokio::select! {
-                            biased;
-                            _ = session.closing().cancelled() => {}
-                            _ = wait => {}
-                        }
-                    }
-                    last_write = tokio::time::Instant::now();
-                    encode(codec, first, &mut rx, max_coalesce)
-                }
-                None => break,
-            },
-            _ = ticker.tick() => {
-                if now_ms() - last_seen.load(Ordering::Relaxed) > dead_after {
-                    session.close(CloseReason::DEAD);
-                    break;
-                }
-                WsMessage::Ping(bytes::Bytes::new())
-            }
-        };
-        let sent = tokio::select! {
-            r = tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)) => matches!(r, Ok(Ok(()))),
-            _ = session.closing().cancelled() => false,
-        };
-        if !sent {
-            break;
-        }
-        state.hub.metrics().frames_out.inc();
-    }
-    // Closing: why?
-    let reason = session.close_reason().unwrap_or(CloseReason::NORMAL);
-    session.close(reason.clone());
-    if reason == CloseReason::DEAD {
-        return;
-    }
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        if reason.flush {
-            while let Ok(first) = rx.try_recv() {
-                let msg = encode(codec, first, &mut rx, max_coalesce);
-                if sink.feed(msg).await.is_err() {
-                    return;
-                }
-            }
-        }
-        let close = WsMessage::Close(Some(CloseFrame {
-            code: reason.code,
-            reason: Utf8Bytes::from_static(reason.reason),
-        }));
-        let _ = sink.send(close).await;
-        let _ = sink.close().await;
-    })
-    .await;
-}
-
-/// The next WebSocket frame: for JSON, `first` and what else is queued, coalesced; for
-/// protobuf, `first` alone (binary frames carry one message each).
-fn encode(
-    codec: Codec,
-    first: Arc<OutFrame>,
-    rx: &mut flume::Receiver<Arc<OutFrame>>,
+    held: &mut VecDeque<Arc<OutFrame>>,
+    rx: &flume::Receiver<Arc<OutFrame>>,
     max: usize,
-) -> WsMessage {
-    match codec {
-        Codec::Json => coalesce(first, rx, max),
-        Codec::Protobuf => WsMessage::Binary(first.pb().clone()),
+) -> Option<WsMessage> {
+    let mut next = || held.pop_front().or_else(|| rx.try_recv().ok());
+    let first = next()?;
+    if codec == Codec::Protobuf {
+        return Some(WsMessage::Binary(first.pb().clone()));
     }
-}
-
-/// Joins `first` and whatever else is queued (up to `max` bytes) into one text frame.
-fn coalesce(
-    first: Arc<OutFrame>,
-    rx: &mut flume::Receiver<Arc<OutFrame>>,
-    max: usize,
-) -> WsMessage {
     let head = first.json();
-    let Ok(next) = rx.try_recv() else {
-        return text_frame(head.clone());
+    let Some(second) = next() else {
+        return Some(text_frame(head.clone()));
     };
     let mut buf = BytesMut::with_capacity((head.len() * 2 + 1).min(max.max(head.len())));
     buf.extend_from_slice(head);
-    let add = |f: &OutFrame, buf: &mut BytesMut| {
+    let mut frame = Some(second);
+    while let Some(f) = frame {
         buf.extend_from_slice(b"\n");
         buf.extend_from_slice(f.json());
-    };
-    add(&next, &mut buf);
-    while buf.len() < max {
-        match rx.try_recv() {
-            Ok(f) => add(&f, &mut buf),
-            Err(_) => break,
+        if buf.len() >= max {
+            break;
         }
+        frame = next();
     }
-    text_frame(buf.freeze())
+    Some(text_frame(buf.freeze()))
 }
 
 fn text_frame(bytes: bytes::Bytes) -> WsMessage {
