@@ -83,6 +83,10 @@ fn every_scenario_runs_against_hubbub_and_reports_sane_numbers() {
     assert_eq!(n(&fanout, "lost"), 0);
     assert_eq!(n(&fanout, "duplicates"), 0);
     assert!(fanout["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    // Few messages: each one's last delivery is reported, and every one arrived.
+    let each = fanout["last_delivery_each_ms"].as_array().unwrap();
+    assert_eq!(each.len(), 80);
+    assert!(each.iter().all(|v| v.as_f64().unwrap() > 0.0), "{each:?}");
     assert!(fanout["cpu_secs_per_million_deliveries"].as_f64().is_some());
 
     let closed_loop = bench(

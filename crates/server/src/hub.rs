@@ -251,11 +251,15 @@ impl Session {
     }
 }
 
+/// The hash of the hub's maps: a fan-out looks up every member's sessions by name, and
+/// SipHash (the default) was a visible share of its CPU. foldhash is seeded per process.
+type Hasher = foldhash::fast::RandomState;
+
 /// A room's members, as cached by the hub.
 #[derive(Debug, Default)]
 pub struct Room {
     loaded: tokio::sync::OnceCell<()>,
-    members: RwLock<HashSet<Arc<str>>>,
+    members: RwLock<HashSet<Arc<str>, Hasher>>,
 }
 
 impl Room {
@@ -297,8 +301,8 @@ pub struct Registered {
 /// Online sessions and room membership caches.
 #[derive(Debug)]
 pub struct Hub {
-    users: DashMap<Arc<str>, Vec<SessionHandle>>,
-    rooms: DashMap<String, Arc<Room>>,
+    users: DashMap<Arc<str>, Vec<SessionHandle>, Hasher>,
+    rooms: DashMap<String, Arc<Room>, Hasher>,
     next_session: AtomicU64,
     connections: AtomicU64,
     metrics: Metrics,
@@ -307,8 +311,8 @@ pub struct Hub {
 impl Hub {
     pub fn new(metrics: Metrics) -> Hub {
         Hub {
-            users: DashMap::new(),
-            rooms: DashMap::new(),
+            users: DashMap::default(),
+            rooms: DashMap::default(),
             next_session: AtomicU64::new(1),
             connections: AtomicU64::new(0),
             metrics,

@@ -269,6 +269,16 @@ impl Summary<'_> {
                 out["deliveries_per_sec"] = json!(per_sec.round());
                 out["latency_ms"] = lat.clone();
                 out["last_delivery_ms"] = last.clone();
+                // Per message, when there are few (sender-major order; 0: never arrived).
+                let each = (r.last_delivery.len() <= MAX_EACH).then(|| {
+                    r.last_delivery
+                        .iter()
+                        .map(|&us| (us as f64 / 100.0).round() / 10.0)
+                        .collect::<Vec<f64>>()
+                });
+                if let Some(each) = &each {
+                    out["last_delivery_each_ms"] = json!(each);
+                }
                 out["cpu_secs_per_million_deliveries"] = json!(cpu_per_m.map(round3));
                 let clean = lost == 0
                     && r.duplicates == 0
@@ -289,7 +299,9 @@ impl Summary<'_> {
                     self.server_cpu_secs.map_or("?".into(), |c| format!("{c:.2}")),
                     cpu_per_m.map_or("?".into(), |c| format!("{c:.2}")),
                     if clean { "clean" } else { "NOT clean" },
-                )
+                ) + &each.map_or(String::new(), |e| {
+                    format!("\n  send to last delivery, each message (ms): {e:?}")
+                })
             }
             Scenario::Dm {
                 pairs, duration, ..
@@ -318,6 +330,9 @@ impl Summary<'_> {
         (out.to_string(), text)
     }
 }
+
+/// Runs with at most this many messages also report each message's last delivery.
+const MAX_EACH: usize = 100;
 
 /// Percentiles over messages of the time from a message's due time to its last
 /// delivery.
