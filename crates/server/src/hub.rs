@@ -204,13 +204,6 @@ impl Session {
         }
     }
 
-    /// Queues an answer without waiting; false if the queue is full or the session gone.
-    pub fn reply_now(&self, frame: ServerFrame) -> bool {
-        let queued = self.tx.try_send(OutFrame::new(frame)).is_ok();
-        self.answer_queued.store(true, Ordering::Release);
-        queued
-    }
-
     /// Whether an answer was queued since the writer last took what is queued.
     pub fn answer_queued(&self) -> bool {
         self.answer_queued.load(Ordering::Acquire)

@@ -111,16 +111,7 @@ async fn a_slow_consumer_is_closed_with_1008_and_others_are_unaffected() {
         assert_eq!(sent.seq, i + 1);
     }
     // Bob got every message, in order.
-    for i in 0..N {
-        let f = bob
-            .wait_for(WAIT, |f| matches!(f, ServerFrame::Message(_)))
-            .await
-            .unwrap_or_else(|e| panic!("bob missed message {}: {e:?}", i + 1));
-        let ServerFrame::Message(m) = f else {
-            unreachable!()
-        };
-        assert_eq!(m.seq, i + 1);
-    }
+    expect_messages(&mut bob, N).await;
     // The slow client, reading again, finds the connection closed with 1008.
     let code = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(msg) = slow.next().await {
@@ -173,20 +164,25 @@ async fn a_burst_during_the_write_linger_is_written_not_dropped() {
             .unwrap();
     }
     let took = started.elapsed();
-    for i in 0..N {
-        let f = bob
-            .wait_for(WAIT, |f| matches!(f, ServerFrame::Message(_)))
-            .await
-            .unwrap_or_else(|e| panic!("bob missed message {}: {e:?}", i + 1));
-        let ServerFrame::Message(m) = f else {
-            unreachable!()
-        };
-        assert_eq!(m.seq, i + 1);
-    }
+    expect_messages(&mut bob, N).await;
     bob.ping().await.expect("bob is still connected");
     // Otherwise the test proved nothing about the linger.
     assert!(
         took < Duration::from_millis(300 * N / 16),
         "sending took {took:?}"
     );
+}
+
+/// Waits for messages with seq 1..=n, in order.
+async fn expect_messages(client: &mut hubbub_client::Client, n: u64) {
+    for i in 0..n {
+        let f = client
+            .wait_for(WAIT, |f| matches!(f, ServerFrame::Message(_)))
+            .await
+            .unwrap_or_else(|e| panic!("missed message {}: {e:?}", i + 1));
+        let ServerFrame::Message(m) = f else {
+            unreachable!()
+        };
+        assert_eq!(m.seq, i + 1);
+    }
 }

@@ -478,7 +478,8 @@ impl Io {
         // written below if the peer still reads).
         if session.close_reason().is_none() {
             while let Some(answer) = pending.next().await {
-                if session.close_reason().is_some() || !session.reply_now(answer) {
+                let queued = session.try_reply(OutFrame::new(answer)).is_ok();
+                if session.close_reason().is_some() || !queued {
                     break;
                 }
             }
