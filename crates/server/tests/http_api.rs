@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use common::{http, post_json, register_and_login, token_opts, TestServer, SECRET, WAIT};
+use common::{http, metric, post_json, register_and_login, token_opts, TestServer, SECRET, WAIT};
 use hubbub_client::{Client, ClientError};
 use hubbub_protocol::{ContentType, ServerFrame};
 use serde_json::{json, Value};
@@ -576,13 +576,6 @@ async fn admin_broadcast_reaches_every_online_session_and_is_refused_for_others(
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
 }
 
 #[tokio::test]

@@ -62,6 +62,23 @@ async fn a_client_that_answers_pings_stays_connected() {
 }
 
 #[tokio::test]
+async fn a_pause_of_the_whole_process_is_not_taken_for_the_peers_silence() {
+    let server = TestServer::with(|c| c.heartbeat_ms = 50).await;
+    let mut alice = server.connect("alice").await;
+    // The server and the client share this thread: blocking it pauses both, as a
+    // descheduled or swapping process would. No ping could go out meanwhile, so the
+    // peer was not silent; it must get its chance to answer the next one.
+    std::thread::sleep(Duration::from_millis(300));
+    let waited = alice
+        .wait_for(Duration::from_millis(300), |f| {
+            matches!(f, ServerFrame::Kicked { .. })
+        })
+        .await;
+    assert!(matches!(waited, Err(ClientError::Timeout)), "{waited:?}");
+    alice.ping().await.expect("still connected");
+}
+
+#[tokio::test]
 async fn a_slow_consumer_is_closed_with_1008_and_others_are_unaffected() {
     let server = TestServer::with(|c| {
         c.queue_frames = 16;
@@ -103,30 +120,42 @@ async fn a_slow_consumer_is_closed_with_1008_and_others_are_unaffected() {
 
     let text = "z".repeat(16_000);
     const N: u64 = 800;
-    for i in 0..N {
-        let sent = alice
-            .send_text("room:firehose", &text)
-            .await
-            .expect("alice is never blocked");
-        assert_eq!(sent.seq, i + 1);
-    }
-    // Bob got every message, in order.
-    expect_messages(&mut bob, N).await;
-    // The slow client, reading again, finds the connection closed with 1008.
-    let code = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(msg) = slow.next().await {
-            match msg {
-                Ok(Message::Close(Some(frame))) => {
-                    return Some((u16::from(frame.code), frame.reason.to_string()))
-                }
-                Ok(Message::Close(None)) | Err(_) => return None,
-                Ok(_) => {}
-            }
+    let send_all = async {
+        for i in 0..N {
+            let sent = alice
+                .send_text("room:firehose", &text)
+                .await
+                .expect("alice is never blocked");
+            assert_eq!(sent.seq, i + 1);
         }
-        None
-    })
-    .await
-    .expect("slow client was not closed");
+        // Bob got every message, in order.
+        expect_messages(&mut bob, N).await;
+    };
+    // The slow client reads again once the server has given up on it (the close frame
+    // waits behind what the server had written before; it must be read in time).
+    let read_close = async {
+        let mut waited = 0;
+        while server.metric("hubbub_slow_consumer_closes_total").await < 1.0 {
+            waited += 1;
+            assert!(waited < 600, "the slow client was never closed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(msg) = slow.next().await {
+                match msg {
+                    Ok(Message::Close(Some(frame))) => {
+                        return Some((u16::from(frame.code), frame.reason.to_string()))
+                    }
+                    Ok(Message::Close(None)) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+            None
+        })
+        .await
+        .expect("slow client was not closed")
+    };
+    let ((), code) = tokio::join!(send_all, read_close);
     assert_eq!(code, Some((1008, "slow consumer".to_string())));
     // And nothing was lost for it: history has all N.
     let page = alice

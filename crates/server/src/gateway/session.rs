@@ -240,8 +240,10 @@ struct Io {
     last_write: Instant,
     write_deadline: Option<Instant>,
     expires: Option<Instant>,
-    /// When the peer was last heard from (ms since the epoch).
-    last_seen: i64,
+    /// When the peer was last heard from.
+    last_seen: Instant,
+    /// When the first ping since then was due: the peer has had since then to answer.
+    unanswered: Option<Instant>,
     state: Arc<AppState>,
     codec: Codec,
     frames_out: prometheus::IntCounter,
@@ -275,7 +277,8 @@ impl Io {
             write_deadline: None,
             expires: expires_at
                 .map(|e| now + Duration::from_millis(e.saturating_sub(now_ms()).max(0) as u64)),
-            last_seen: now_ms(),
+            last_seen: now,
+            unanswered: None,
             state: state.clone(),
             codec,
             frames_out: state.hub.metrics().frames_out.clone(),
@@ -305,7 +308,8 @@ impl Io {
         if read {
             match Pin::new(&mut self.ws).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
-                    self.last_seen = now_ms();
+                    self.last_seen = Instant::now();
+                    self.unanswered = None;
                     return Poll::Ready(Event::Frame(msg));
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Event::ReadError(e)),
@@ -314,10 +318,15 @@ impl Io {
             }
             // At each heartbeat, and only when there was nothing to read (a busy task must
             // not take the peer's unread pong for silence): dead after two and a half
-            // heartbeats without a word from the peer.
+            // heartbeats without a word from the peer, and only if a ping went unanswered
+            // for a whole heartbeat (a stalled process that pinged late must give the
+            // peer its chance to answer before judging it).
             if std::mem::take(&mut self.judge) {
-                let silent_ms = now_ms() - self.last_seen;
-                if silent_ms > (self.state.config.heartbeat_ms as i64) * 5 / 2 {
+                let heartbeat = Duration::from_millis(self.state.config.heartbeat_ms);
+                let now = Instant::now();
+                let silent = now.duration_since(self.last_seen);
+                let pinged = self.unanswered.map(|t| now.duration_since(t));
+                if silent > heartbeat * 5 / 2 && pinged.is_some_and(|p| p >= heartbeat) {
                     return Poll::Ready(Event::Stop(Stop::Dead));
                 }
             }
@@ -447,6 +456,7 @@ impl Io {
             if now >= self.next_ping {
                 self.ping_due = true;
                 self.judge = true;
+                self.unanswered.get_or_insert(now);
                 self.next_ping = now + Duration::from_millis(cfg.heartbeat_ms);
                 continue;
             }

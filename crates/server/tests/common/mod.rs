@@ -99,6 +99,19 @@ impl TestServer {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The current value of an unlabelled metric from `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = http()
+            .get(self.http("/metrics"))
+            .send()
+            .await
+            .expect("scrape /metrics")
+            .text()
+            .await
+            .expect("read /metrics");
+        metric(&text, name)
+    }
+
     /// A connected guest on the default device.
     pub async fn connect(&self, user: &str) -> Client {
         self.connect_opts(ConnectOptions::guest(self.url(), user))
@@ -150,6 +163,14 @@ pub fn http() -> reqwest::Client {
         .timeout(WAIT)
         .build()
         .expect("http client")
+}
+
+/// The value of the unlabelled metric `name` in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
 }
 
 /// The code of an `error` answer (panics on any other failure).
