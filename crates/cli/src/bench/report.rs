@@ -84,6 +84,9 @@ pub(super) struct Report {
     pub(super) latency: Vec<(u64, u64)>,
     /// Fanout at a fixed rate, per message: its slowest delivery so far, µs.
     pub(super) last_delivery: Vec<u64>,
+    /// dm: send-to-delivery latency, µs, as histogram pairs.
+    #[serde(default)]
+    pub(super) delivery_latency: Vec<(u64, u64)>,
     /// Connect: time to an open (welcomed) connection, µs, as histogram pairs.
     pub(super) connect_latency: Vec<(u64, u64)>,
     /// When the worker finished its run phase (µs since the epoch).
@@ -125,12 +128,15 @@ impl Report {
             a + b
         });
         add_vec(&mut self.last_delivery, &r.last_delivery, u64::max);
-        let mut h = from_pairs(&self.latency);
-        let _ = h.add(from_pairs(&r.latency));
-        self.latency = to_pairs(&h);
-        let mut h = from_pairs(&self.connect_latency);
-        let _ = h.add(from_pairs(&r.connect_latency));
-        self.connect_latency = to_pairs(&h);
+        for (into, from) in [
+            (&mut self.latency, &r.latency),
+            (&mut self.delivery_latency, &r.delivery_latency),
+            (&mut self.connect_latency, &r.connect_latency),
+        ] {
+            let mut h = from_pairs(into);
+            let _ = h.add(from_pairs(from));
+            *into = to_pairs(&h);
+        }
         self.end_us = self.end_us.max(r.end_us);
     }
 
@@ -315,14 +321,17 @@ impl Summary<'_> {
                 out["delivered"] = json!(r.delivered);
                 out["acked_per_sec"] = json!(per_sec.round());
                 out["ack_ms"] = lat.clone();
+                let delivery = percentiles(&r.delivery_latency);
+                out["delivery_ms"] = delivery.clone();
                 format!(
-                    "dm: {pairs} pairs for {duration} s: {} sent, {} acked ({per_sec:.0}/s), {} delivered, errors {}, closed {}\n  ack latency: {}\n  server CPU {} s; {failures}",
+                    "dm: {pairs} pairs for {duration} s: {} sent, {} acked ({per_sec:.0}/s), {} delivered, errors {}, closed {}\n  ack latency: {}\n  delivery latency: {}\n  server CPU {} s; {failures}",
                     r.sent,
                     r.acked,
                     r.delivered,
                     r.errors,
                     r.closed,
                     ms_text(&lat),
+                    ms_text(&delivery),
                     self.server_cpu_secs.map_or("?".into(), |c| format!("{c:.2}")),
                 )
             }

@@ -426,6 +426,8 @@ impl Receiver {
 /// Shared by all connections of a worker.
 struct Shared {
     latency: Mutex<Histogram<u64>>,
+    /// dm: send-to-delivery latency (`latency` holds the acks').
+    delivery: Mutex<Histogram<u64>>,
     /// Fixed rate: per message (`sender * n + k`), its slowest delivery so far.
     last_delivery: Vec<AtomicU64>,
     errors_logged: AtomicU64,
@@ -433,10 +435,14 @@ struct Shared {
 
 impl Shared {
     fn record(&self, samples: &[u64]) {
+        Self::record_in(&self.latency, samples);
+    }
+
+    fn record_in(hist: &Mutex<Histogram<u64>>, samples: &[u64]) {
         if samples.is_empty() {
             return;
         }
-        let mut h = self.latency.lock().expect("histogram lock");
+        let mut h = hist.lock().expect("histogram lock");
         for &v in samples {
             let _ = h.record(v.max(1));
         }
@@ -471,6 +477,7 @@ async fn receive_loop(
     done: impl Fn(&Receiver) -> bool,
 ) -> bool {
     let mut samples = Vec::new();
+    let mut deliveries = Vec::new();
     let deadline = tokio::time::Instant::from(deadline);
     while !done(rx) {
         let msg = match tokio::time::timeout_at(deadline, stream.next()).await {
@@ -491,7 +498,9 @@ async fn receive_loop(
                 }
                 let lat = now.saturating_sub(due);
                 if matches!(acks, Acks::Time(..)) {
-                    continue; // dm times acks, not deliveries
+                    // dm: `latency` times the acks; deliveries have their own.
+                    deliveries.push(lat);
+                    continue;
                 }
                 samples.push(lat);
                 if let Some(n) = fixed_count {
@@ -526,6 +535,8 @@ async fn receive_loop(
         }
         shared.record(&samples);
         samples.clear();
+        Shared::record_in(&shared.delivery, &deliveries);
+        deliveries.clear();
     }
     false
 }
@@ -607,6 +618,7 @@ fn shared_for(plan: &Plan) -> Arc<Shared> {
     let slots = plan.fixed_count().map_or(0, |n| n as usize * plan.senders);
     Arc::new(Shared {
         latency: Mutex::new(histogram()),
+        delivery: Mutex::new(histogram()),
         last_delivery: (0..slots).map(|_| AtomicU64::new(0)).collect(),
         errors_logged: AtomicU64::new(0),
     })
@@ -636,6 +648,7 @@ fn send_frame(k: u64, conv: &str, text: &str) -> String {
 fn finish(report: &Mutex<Report>, shared: &Shared, plan: &Plan) -> Report {
     let mut r = std::mem::take(&mut *report.lock().expect("report lock"));
     r.latency = to_pairs(&shared.latency.lock().expect("histogram lock"));
+    r.delivery_latency = to_pairs(&shared.delivery.lock().expect("histogram lock"));
     if plan.fixed_count().is_some() {
         r.last_delivery = shared
             .last_delivery
@@ -795,17 +808,23 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
     .await;
     let (go_tx, go_rx) = watch::channel(None::<(u64, Instant)>);
     let mut tasks = Vec::new();
+    // Each connection reads until its peer's acked messages have arrived too.
+    let states: std::collections::HashMap<usize, Arc<SendState>> = sockets
+        .iter()
+        .map(|(i, _)| (*i, Arc::new(SendState::new(plan.inflight))))
+        .collect();
     for (i, ws) in sockets {
         let (report, shared) = (report.clone(), shared.clone());
         let conv = format!("dm:{}:{}", name(i & !1), name(i | 1));
         let mut go = go_rx.clone();
+        let state = states[&i].clone();
+        let peer = states.get(&(i ^ 1)).cloned();
         tasks.push(tokio::spawn(async move {
             let Ok(g) = go.wait_for(Option::is_some).await.map(|g| *g) else {
                 return;
             };
             let (start_us, start) = g.expect("waited for Some");
             let (sink, mut stream) = ws.split();
-            let state = Arc::new(SendState::new(plan.inflight));
             let sender = tokio::spawn(send_loop(
                 sink,
                 plan,
@@ -820,9 +839,15 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
             let mut rx = Receiver::new(1);
             let deadline = start + Duration::from_secs_f64(plan.duration + plan.drain);
             let acks = Acks::Time(&state, plan, start_us);
-            let closed = receive_loop(&mut stream, &mut rx, &shared, acks, None, deadline, |_| {
-                state.done.load(Ordering::Acquire)
-                    && state.acked.load(Ordering::Relaxed) >= state.sent.load(Ordering::Relaxed)
+            let finished = |st: &SendState| {
+                st.done.load(Ordering::Acquire)
+                    && st.acked.load(Ordering::Relaxed) >= st.sent.load(Ordering::Relaxed)
+            };
+            let closed = receive_loop(&mut stream, &mut rx, &shared, acks, None, deadline, |rx| {
+                finished(&state)
+                    && peer.as_ref().is_none_or(|p| {
+                        finished(p) && rx.delivered >= p.acked.load(Ordering::Relaxed)
+                    })
             })
             .await;
             let sink = sender.await.ok();
