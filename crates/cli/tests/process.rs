@@ -1,49 +1,31 @@
 //! The `hubbub` binary as a process: signals, crashes, restarts and the admin verbs.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hubbub_client::{Client, ConnectOptions};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A `hubbub serve` child process on 127.0.0.1:0.
-struct Server {
-    child: Child,
-    addr: String,
-}
+mod common;
+
+use common::Server;
 
 impl Server {
-    fn start(dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
-            .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .args(extra)
-            .env("HUBBUB_LOG", "warn")
-            // The crash test sends as fast as acks come back.
-            .env("HUBBUB_SEND_RATE_PER_SEC", "100000")
-            .env("HUBBUB_SEND_BURST", "100000")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn hubbub");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("hubbub listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Server { child, addr }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}", self.addr)
+    /// `hubbub serve` on 127.0.0.1:0 with extra arguments. The crash test sends as fast
+    /// as acks come back: the send limit is lifted.
+    fn start_on_any_port(dir: &Path, extra: &[&str]) -> Server {
+        Server::start_with(
+            dir,
+            "127.0.0.1:0",
+            extra,
+            &[
+                ("HUBBUB_SEND_RATE_PER_SEC", "100000"),
+                ("HUBBUB_SEND_BURST", "100000"),
+            ],
+        )
     }
 
     async fn connect(&self, opts: ConnectOptions) -> Client {
@@ -78,13 +60,6 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn hubbub(args: &[&str], stdin: Option<&str>) -> std::process::Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
         .args(args)
@@ -108,7 +83,7 @@ fn hubbub(args: &[&str], stdin: Option<&str>) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_every_client_with_1001_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), &[]);
+    let mut server = Server::start_on_any_port(dir.path(), &[]);
     let mut alice = server
         .connect(ConnectOptions::guest(server.url(), "alice"))
         .await;
@@ -133,7 +108,7 @@ async fn sigterm_closes_every_client_with_1001_and_exits_0() {
     assert!(start.elapsed() < Duration::from_secs(10));
 
     // The acked message survived the shutdown.
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_on_any_port(dir.path(), &[]);
     let alice = server
         .connect(ConnectOptions::guest(server.url(), "alice"))
         .await;
@@ -146,7 +121,7 @@ async fn sigterm_closes_every_client_with_1001_and_exits_0() {
 async fn kill_9_after_acked_sends_loses_none_of_them() {
     const N: u64 = 300;
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), &[]);
+    let mut server = Server::start_on_any_port(dir.path(), &[]);
     let alice = server
         .connect(ConnectOptions::guest(server.url(), "alice"))
         .await;
@@ -164,7 +139,7 @@ async fn kill_9_after_acked_sends_loses_none_of_them() {
     server.child.wait().unwrap();
     drop(alice);
 
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_on_any_port(dir.path(), &[]);
     let alice = server
         .connect(ConnectOptions::guest(server.url(), "alice"))
         .await;
@@ -219,7 +194,7 @@ async fn user_add_and_token_verbs_work_against_a_running_server() {
     assert!(!short.status.success());
     assert!(String::from_utf8_lossy(&short.stderr).contains("at least 8"));
 
-    let server = Server::start(dir.path(), &["--no-guest"]);
+    let server = Server::start_on_any_port(dir.path(), &["--no-guest"]);
     let token = hubbub(&["token", "carol", "--data-dir", d], None);
     assert!(token.status.success());
     let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
@@ -345,7 +320,7 @@ async fn kill_9_under_load_at_random_moments_loses_no_acked_message() {
         .unwrap()
         .subsec_nanos() as u64;
     for round in 0..3u64 {
-        let mut server = Server::start(dir.path(), &[]);
+        let mut server = Server::start_on_any_port(dir.path(), &[]);
         let tasks: Vec<_> = logs
             .drain(..)
             .enumerate()
@@ -370,7 +345,7 @@ async fn kill_9_under_load_at_random_moments_loses_no_acked_message() {
             );
         }
     }
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_on_any_port(dir.path(), &[]);
     // The senders reconnect once more and retry what they were unsure of.
     let tasks: Vec<_> = logs
         .drain(..)
@@ -408,7 +383,7 @@ async fn kill_9_under_load_at_random_moments_loses_no_acked_message() {
 async fn sigterm_under_load_acks_only_what_is_stored_and_exits_in_time() {
     const SENDERS: usize = 4;
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), &[]);
+    let mut server = Server::start_on_any_port(dir.path(), &[]);
     let tasks: Vec<_> = (0..SENDERS)
         .map(|i| {
             tokio::spawn(send_until_failure(
@@ -433,7 +408,7 @@ async fn sigterm_under_load_acks_only_what_is_stored_and_exits_in_time() {
                 .unwrap(),
         );
     }
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_on_any_port(dir.path(), &[]);
     let acked = check_store(&server, &logs).await;
     assert!(acked > 20, "the load was real: {acked} acked");
 }
@@ -467,7 +442,7 @@ async fn open_and_drop(addr: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_junk_and_dropped_connections_leaves_memory_near_baseline() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_on_any_port(dir.path(), &[]);
     let pid = server.child.id();
     let mut alice = server
         .connect(ConnectOptions::guest(server.url(), "alice"))

@@ -14,13 +14,26 @@ pub(crate) struct Server {
 impl Server {
     /// Starts `hubbub serve --bind BIND --data-dir DIR` with extra environment and
     /// waits for its listening line.
+    #[allow(dead_code)] // not every test binary uses it
     pub(crate) fn start(dir: &Path, bind: &str, env: &[(&str, &str)]) -> Server {
+        Self::start_with(dir, bind, &[], env)
+    }
+
+    /// [`Server::start`] with extra command-line arguments.
+    pub(crate) fn start_with(
+        dir: &Path,
+        bind: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
             .args(["serve", "--bind", bind, "--data-dir"])
             .arg(dir)
+            .args(args)
             .env("HUBBUB_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn hubbub serve");
         let mut line = String::new();
