@@ -142,13 +142,30 @@ async fn network(
     }
 }
 
+const NOT_CONNECTED: &str = "not connected; try again in a moment";
+
+/// The newest page of `conv`; the session follows it from now on (a reconnect catches
+/// it up).
+async fn newest_page(session: &mut Session, conv: &str) -> Result<Vec<Message>, String> {
+    let Some(client) = session.client() else {
+        return Err(NOT_CONNECTED.into());
+    };
+    let page = client
+        .history(conv, None, None, Some(50))
+        .await
+        .map_err(|e| e.to_string())?;
+    session.follow(conv, 0);
+    session.saw(&page.messages);
+    Ok(page.messages)
+}
+
 async fn command(
     session: &mut Session,
     cmd: Command,
     events: &mpsc::UnboundedSender<NetEvent>,
 ) -> Result<(), String> {
     let Some(client) = session.client() else {
-        return Err("not connected; try again in a moment".into());
+        return Err(NOT_CONNECTED.into());
     };
     let err = |e: ClientError| e.to_string();
     match cmd {
@@ -173,27 +190,17 @@ async fn command(
         Command::Join(room) => {
             client.join(&room).await.map_err(err)?;
             let conv = Conv::room_id(&room);
-            let page = client
-                .history(&conv, None, None, Some(50))
-                .await
-                .map_err(err)?;
-            session.follow(&conv, 0);
-            session.saw(&page.messages);
+            let messages = newest_page(session, &conv).await?;
             let _ = events.send(NetEvent::Joined(conv.clone()));
-            let _ = events.send(NetEvent::Page(conv, page.messages));
+            let _ = events.send(NetEvent::Page(conv, messages));
         }
         Command::Leave(room) => {
             client.leave(&room).await.map_err(err)?;
             let _ = events.send(NetEvent::Left(Conv::room_id(&room)));
         }
         Command::Open(conv) => {
-            let page = client
-                .history(&conv, None, None, Some(50))
-                .await
-                .map_err(err)?;
-            session.follow(&conv, 0);
-            session.saw(&page.messages);
-            let _ = events.send(NetEvent::Page(conv, page.messages));
+            let messages = newest_page(session, &conv).await?;
+            let _ = events.send(NetEvent::Page(conv, messages));
         }
         Command::Older { conv, before } => {
             let page = client
