@@ -697,6 +697,39 @@ async fn several_requests_in_one_frame_are_all_answered() {
     );
 }
 
+/// A client may pipeline more sends than the server keeps in flight: the server stops
+/// reading while its pipeline is full and reads on as soon as answers make room.
+#[tokio::test]
+async fn more_sends_than_the_pipeline_holds_are_all_answered_promptly() {
+    let server = TestServer::with(|c| {
+        c.max_inflight_sends = 4;
+        (c.send_burst, c.frame_burst) = (1000, 1000);
+    })
+    .await;
+    let mut alice = server.connect("alice").await;
+    alice.join("pipe").await.unwrap();
+    const N: u64 = 300;
+    for i in 1..=N {
+        alice
+            .send_raw(format!(r#"{{"type":"send","id":"p{i}","conv":"room:pipe","client_msg_id":"cp{i}","content_type":"text","content":"{i}"}}"#))
+            .await
+            .unwrap();
+    }
+    let started = std::time::Instant::now();
+    for i in 1..=N {
+        match alice
+            .wait_for(WAIT, |f| matches!(f, ServerFrame::Ok { .. }))
+            .await
+            .unwrap()
+        {
+            ServerFrame::Ok { body, .. } => assert_eq!(body["seq"], i, "answers in order"),
+            _ => unreachable!(),
+        }
+    }
+    // Far below the heartbeat (25 s), the only other timer that would wake the session.
+    assert!(started.elapsed() < WAIT, "took {:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn a_frame_over_the_limit_is_closed_with_1009() {
     let server = TestServer::with(|c| c.max_frame_bytes = 4096).await;

@@ -364,7 +364,10 @@ async fn send_loop(
             if Instant::now() >= end {
                 break;
             }
-            let Ok(permit) = state.window.acquire().await else {
+            // Bounded by the end of the run: a server that stops answering must not hang
+            // the generator.
+            let acquired = tokio::time::timeout_at(end.into(), state.window.acquire()).await;
+            let Ok(Ok(permit)) = acquired else {
                 break;
             };
             permit.forget();

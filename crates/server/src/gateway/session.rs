@@ -141,18 +141,11 @@ async fn serve(mut parts: Box<Parts>, session: SessionHandle, first: bool) {
     }
     let max_inflight = conn.state().config.max_inflight_sends;
     let peer_open = loop {
-        let event = poll_fn(|cx| {
-            let read = pending.len() < max_inflight;
-            io.poll_event(cx, &session, pending, read)
-        })
-        .await;
+        let event = poll_fn(|cx| io.poll_event(cx, &session, pending, max_inflight)).await;
         let stop = match event {
             Event::Closing => break true,
             Event::Stop(stop) => Some(stop),
-            Event::Answer(answer) => match session.try_reply(answer) {
-                Ok(()) => None,
-                Err(answer) => io.drive(Box::pin(session.reply_frame(answer))).await.err(),
-            },
+            Event::Answer(answer) => io.drive(Box::pin(session.reply_frame(answer))).await.err(),
             // Boxed: a frame's handling holds more state than an idle session should.
             Event::Frame(msg) => Box::pin(io.handle_frame(conn, msg, pending)).await.err(),
             Event::PeerClosed => break false,
@@ -199,7 +192,7 @@ enum Event {
     Closing,
     /// The writing side gave up.
     Stop(Stop),
-    /// The answer to the oldest pipelined `send`.
+    /// The answer to the oldest pipelined `send`, for which the queue has no room yet.
     Answer(Arc<OutFrame>),
     /// A frame from the peer.
     Frame(WsMessage),
@@ -286,26 +279,33 @@ impl Io {
     }
 
     /// Waits for the next thing the session must act on, writing meanwhile. Reads a
-    /// frame only when `read` (the pipeline has room).
+    /// frame only while fewer than `max_inflight` sends await their commit.
     fn poll_event(
         &mut self,
         cx: &mut Context<'_>,
         session: &Session,
         pending: &mut Pending,
-        read: bool,
+        max_inflight: usize,
     ) -> Poll<Event> {
         if session.poll_closing(cx) {
             return Poll::Ready(Event::Closing);
         }
+        // Answers first, so that the `ok`s of one commit go out in the same frame as the
+        // messages that commit delivered to this session (one write instead of two).
+        while !pending.is_empty() {
+            let Poll::Ready(Some(answer)) = pending.poll_next_unpin(cx) else {
+                break;
+            };
+            if let Err(answer) = session.try_reply(OutFrame::new(answer)) {
+                // The queue is full: wait for room (writing meanwhile).
+                return Poll::Ready(Event::Answer(answer));
+            }
+        }
         if let Poll::Ready(stop) = self.poll_write(cx) {
             return Poll::Ready(Event::Stop(stop));
         }
-        if !pending.is_empty() {
-            if let Poll::Ready(Some(answer)) = pending.poll_next_unpin(cx) {
-                return Poll::Ready(Event::Answer(OutFrame::new(answer)));
-            }
-        }
-        if read {
+        // After the answers above: they made room in the pipeline.
+        if pending.len() < max_inflight {
             match Pin::new(&mut self.ws).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
                     self.last_seen = Instant::now();
