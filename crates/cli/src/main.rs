@@ -8,6 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use hubbub_server::Config;
 use serde_json::{Map, Value};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod admin;
 mod bench;
 mod chat;

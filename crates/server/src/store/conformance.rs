@@ -175,6 +175,12 @@ pub async fn appends_are_idempotent_per_sender(f: Fixture) {
         Err(StoreError::Conflict(_)) => {}
         other => panic!("expected a conflict, got {other:?}"),
     }
+    // Refused in a DM that has no message yet: the DM is not created either.
+    match s.append(dm("u", "w", "u", "same", "hello")).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert!(s.conversations("w").await.unwrap().is_empty());
     let news = f
         .committed
         .lock()
