@@ -479,7 +479,7 @@ impl Writer {
     /// operation back so that the caller can answer it.
     fn apply(&mut self, op: WriteOp, now: i64) -> Result<Done, Box<(WriteOp, rusqlite::Error)>> {
         match op {
-            WriteOp::Append(msg, reply) => match self.append(&msg, now) {
+            WriteOp::Append(mut msg, reply) => match self.append(&mut msg, now) {
                 Ok(Ok(a)) => Ok(Done::Append(reply, a, msg.origin)),
                 Ok(Err(e)) => {
                     let _ = reply.send(Err(e));
@@ -730,7 +730,13 @@ impl Writer {
         ))
     }
 
-    fn append(&mut self, msg: &NewMessage, now: i64) -> rusqlite::Result<StoreResult<Appended>> {
+    /// Appends `msg`. Its strings move into the answer once nothing can fail any more;
+    /// on an error `msg` is left whole.
+    fn append(
+        &mut self,
+        msg: &mut NewMessage,
+        now: i64,
+    ) -> rusqlite::Result<StoreResult<Appended>> {
         let cached = self.seqs.get(&msg.conv).copied();
         let last = match cached {
             Some(s) => s,
@@ -774,16 +780,23 @@ impl Writer {
             add.execute(params![msg.conv, b, now])?;
         }
         self.share_file(&msg.conv, &msg.content)?;
-        self.seqs.insert(msg.conv.clone(), seq);
+        match self.seqs.get_mut(&msg.conv) {
+            Some(last) => *last = seq,
+            None => {
+                self.seqs.insert(msg.conv.clone(), seq);
+            }
+        }
+        // Nothing below can fail: the stored message takes the request's strings.
+        let take = std::mem::take::<String>;
         Ok(Ok(Appended {
             message: Message {
-                conv: msg.conv.clone(),
+                conv: take(&mut msg.conv),
                 seq,
                 msg_id,
-                from: msg.from.clone(),
-                client_msg_id: msg.client_msg_id.clone(),
+                from: take(&mut msg.from),
+                client_msg_id: take(&mut msg.client_msg_id),
                 content_type: msg.content_type,
-                content: Some(msg.content.clone()),
+                content: Some(msg.content.take()),
                 ts: now,
                 recalled: false,
                 edited_at: None,
