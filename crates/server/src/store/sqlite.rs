@@ -31,8 +31,6 @@ use super::{
 /// second in `hubbub bench dm`).
 pub(super) const MAX_BATCH: usize = 4096;
 const READERS: usize = 4;
-/// The writer connection's page cache, in KiB.
-const WRITER_CACHE_KIB: i64 = 32 * 1024;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -187,11 +185,6 @@ impl SqliteStore {
         let path = dir.join("hubbub.db");
         let mut conn = open_conn(&path, busy_timeout).map_err(unavailable)?;
         migrate(&mut conn).map_err(unavailable)?;
-        // The writer's page cache holds the pages a large batch touches (one leaf per busy
-        // conversation and sender, and their parents): with SQLite's default 2 MB it
-        // spilled pages to the WAL mid-batch and reread them from the file.
-        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
-            .map_err(unavailable)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             let r = open_conn(&path, busy_timeout).map_err(unavailable)?;
