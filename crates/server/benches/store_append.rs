@@ -94,6 +94,17 @@ impl Bed {
         (h.get_sample_count(), h.get_sample_sum())
     }
 
+    /// Measures bursts of `n` appends of `message(id)` (ids unique within this bed), then
+    /// records the commits they took.
+    fn bench(self, bencher: Bencher, name: &str, n: usize, message: impl Fn(u64) -> NewMessage) {
+        let before = self.commits();
+        bencher
+            .counter(ItemsCount::new(n))
+            .with_inputs(|| (0..n).map(|_| message(self.id())).collect::<Vec<_>>())
+            .bench_local_values(|msgs| self.append_all(msgs));
+        self.close(name, n, before);
+    }
+
     fn close(self, name: &str, n: usize, before: (u64, f64)) {
         let (count, sum) = self.commits();
         let iterations = self.next.load(Ordering::Relaxed) / n as u64;
@@ -122,54 +133,31 @@ fn one_conversation(bencher: Bencher, n: usize) {
     bed.rt
         .block_on(bed.store.join_room(&conv, "alice"))
         .expect("join");
-    let before = bed.commits();
-    bencher
-        .counter(ItemsCount::new(n))
-        .with_inputs(|| {
-            (0..n)
-                .map(|_| {
-                    let i = bed.id();
-                    NewMessage {
-                        conv: conv.clone(),
-                        from: "alice".into(),
-                        client_msg_id: format!("c-{i}"),
-                        content_type: ContentType::Text,
-                        content: content(i),
-                        dm_members: None,
-                        origin: 1,
-                    }
-                })
-                .collect::<Vec<_>>()
-        })
-        .bench_local_values(|msgs| bed.append_all(msgs));
-    bed.close("one_conversation", n, before);
+    bed.bench(bencher, "one_conversation", n, |i| NewMessage {
+        conv: conv.clone(),
+        from: "alice".into(),
+        client_msg_id: format!("c-{i}"),
+        content_type: ContentType::Text,
+        content: content(i),
+        dm_members: None,
+        origin: 1,
+    });
 }
 
 #[divan::bench(args = BURSTS, sample_count = SAMPLES)]
 fn many_conversations(bencher: Bencher, n: usize) {
-    let bed = Bed::open();
-    let before = bed.commits();
-    bencher
-        .counter(ItemsCount::new(n))
-        .with_inputs(|| {
-            (0..n)
-                .map(|_| {
-                    let i = bed.id();
-                    let (a, b) = (format!("u{i}a"), format!("u{i}b"));
-                    NewMessage {
-                        conv: Conv::dm_id(&a, &b),
-                        from: a.clone(),
-                        client_msg_id: format!("c-{i}"),
-                        content_type: ContentType::Text,
-                        content: content(i),
-                        dm_members: Some((a, b)),
-                        origin: 1,
-                    }
-                })
-                .collect::<Vec<_>>()
-        })
-        .bench_local_values(|msgs| bed.append_all(msgs));
-    bed.close("many_conversations", n, before);
+    Bed::open().bench(bencher, "many_conversations", n, |i| {
+        let (a, b) = (format!("u{i}a"), format!("u{i}b"));
+        NewMessage {
+            conv: Conv::dm_id(&a, &b),
+            from: a.clone(),
+            client_msg_id: format!("c-{i}"),
+            content_type: ContentType::Text,
+            content: content(i),
+            dm_members: Some((a, b)),
+            origin: 1,
+        }
+    });
 }
 
 /// Commits observed by one benchmark.

@@ -94,15 +94,9 @@ pub(super) enum Scenario {
         /// --inflight sends outstanding.
         #[arg(long, default_value_t = 10.0)]
         rate: f64,
-        /// Sends outstanding per sender when --rate is 0.
-        #[arg(long, default_value_t = 32)]
-        inflight: usize,
-        /// Seconds of sending.
-        #[arg(long, default_value_t = 5.0)]
-        duration: f64,
-        /// Message text size in bytes.
-        #[arg(long, default_value_t = 100)]
-        size: usize,
+        #[command(flatten)]
+        #[serde(flatten)]
+        load: Load,
         /// Seconds to wait for late deliveries after the last send.
         #[arg(long, default_value_t = 5.0)]
         drain: f64,
@@ -117,16 +111,24 @@ pub(super) enum Scenario {
         /// outstanding.
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
-        /// Sends outstanding per user when --rate is 0.
-        #[arg(long, default_value_t = 32)]
-        inflight: usize,
-        /// Seconds of sending.
-        #[arg(long, default_value_t = 5.0)]
-        duration: f64,
-        /// Message text size in bytes.
-        #[arg(long, default_value_t = 100)]
-        size: usize,
+        #[command(flatten)]
+        #[serde(flatten)]
+        load: Load,
     },
+}
+
+/// What every sender of `fanout` and `dm` does besides its rate (whose default differs).
+#[derive(Debug, Clone, Copy, Args, serde::Serialize)]
+pub(super) struct Load {
+    /// Sends outstanding per sender when --rate is 0.
+    #[arg(long, default_value_t = 32)]
+    pub(super) inflight: usize,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 5.0)]
+    pub(super) duration: f64,
+    /// Message text size in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub(super) size: usize,
 }
 
 impl Scenario {
@@ -267,10 +269,8 @@ fn coordinate(args: &BenchArgs, procs: usize) -> anyhow::Result<()> {
         writeln!(w.stdin, "GO {start_us}").context("starting a bench worker")?;
     }
     let run_limit = Duration::from_secs(match &args.scenario {
-        Scenario::Fanout {
-            duration, drain, ..
-        } => (duration + drain) as u64 + 120,
-        Scenario::Dm { duration, .. } => *duration as u64 + 120,
+        Scenario::Fanout { load, drain, .. } => (load.duration + drain) as u64 + 120,
+        Scenario::Dm { load, .. } => load.duration as u64 + 120,
         _ => 600,
     });
     let mut total = Report::default();

@@ -249,12 +249,13 @@ impl Summary<'_> {
                 )
             }
             Scenario::Fanout {
-                duration,
+                load,
                 rate,
                 members,
                 senders,
                 ..
             } => {
+                let duration = load.duration;
                 let expected = r.expected();
                 let lost = expected.saturating_sub(r.unique());
                 let lat = percentiles(&r.latency);
@@ -309,9 +310,8 @@ impl Summary<'_> {
                     format!("\n  send to last delivery, each message (ms): {e:?}")
                 })
             }
-            Scenario::Dm {
-                pairs, duration, ..
-            } => {
+            Scenario::Dm { pairs, load, .. } => {
+                let duration = load.duration;
                 let lat = percentiles(&r.latency);
                 let per_sec = r.acked as f64 / duration;
                 out["sent"] = json!(r.sent);

@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::conn::{self, Dialer, Target, Ws};
 use super::report::{histogram, now_us, to_pairs, Report};
-use super::Scenario;
+use super::{Load, Scenario};
 
 /// Connections set up at once by one worker (fanout and dm).
 const SETUP_CONCURRENCY: usize = 64;
@@ -50,37 +50,19 @@ pub(super) fn worker(
                 members,
                 senders,
                 rate,
-                inflight,
-                duration,
-                size,
+                load,
                 drain,
             } => {
-                let plan = Plan {
-                    senders,
-                    rate,
-                    inflight,
-                    duration,
-                    size,
-                    drain,
-                };
-                fanout(&ctx, &mut ctl, members, plan).await
+                fanout(
+                    &ctx,
+                    &mut ctl,
+                    members,
+                    Plan::new(senders, rate, load, drain),
+                )
+                .await
             }
-            Scenario::Dm {
-                pairs,
-                rate,
-                inflight,
-                duration,
-                size,
-            } => {
-                let plan = Plan {
-                    senders: 0,
-                    rate,
-                    inflight,
-                    duration,
-                    size,
-                    drain: 10.0,
-                };
-                dm(&ctx, &mut ctl, pairs, plan).await
+            Scenario::Dm { pairs, rate, load } => {
+                dm(&ctx, &mut ctl, pairs, Plan::new(0, rate, load, 10.0)).await
             }
         }
     })?;
@@ -276,6 +258,22 @@ struct Plan {
 }
 
 impl Plan {
+    fn new(senders: usize, rate: f64, load: Load, drain: f64) -> Plan {
+        let Load {
+            inflight,
+            duration,
+            size,
+        } = load;
+        Plan {
+            senders,
+            rate,
+            inflight,
+            duration,
+            size,
+            drain,
+        }
+    }
+
     /// Messages per sender at a fixed rate (None in closed loop).
     fn fixed_count(&self) -> Option<u64> {
         (self.rate > 0.0).then(|| (self.rate * self.duration).round() as u64)
