@@ -7,7 +7,8 @@
 #   bench/compare.sh [all|idle|connect|fanout|sweep|bigroom|dm]...
 #
 # Environment: SERVER_CPU (default 0), BENCH_CPU (default 1), IDLE_CONNS (19000),
-# SWEEP_RATES (per-sender messages/s for the 1,000-member sweep).
+# SWEEP_RATES (per-sender messages/s for the 1,000-member sweep), FEATURES (cargo
+# features of the hubbub build, e.g. mimalloc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,7 @@ OUT=${OUT:-target/bench-results.jsonl}
 mkdir -p target/gohub
 : >"$OUT"
 
-cargo build --release -q -p hubbub
+cargo build --release -q -p hubbub ${FEATURES:+--features "$FEATURES"}
 (cd bench/gohub && GO111MODULE=off GOPATH=/usr/share/gocode go build -o ../../target/gohub/gohub .)
 HUBBUB=target/release/hubbub
 DATA=$(mktemp -d)
@@ -75,8 +76,10 @@ run() {
     sweep) for r in $SWEEP_RATES; do both fanout --members 1000 --senders 10 --rate "$r" --duration 10; done ;;
     bigroom) both fanout --members 10000 --senders 1 --rate 1 --duration 10 --drain 10 ;;
     dm)
-        bench hubbub dm --pairs 50 --rate 0 --inflight 64 --duration 10
-        bench hubbub dm --pairs 50 --rate 160 --duration 10
+        # 50 and 10 pairs: a commit's cost follows the conversations it touches.
+        for p in 50 10; do bench hubbub dm --pairs "$p" --rate 0 --inflight 64 --duration 10; done
+        for r in 160 250; do bench hubbub dm --pairs 50 --rate "$r" --duration 10; done
+        for r in 1250 1750; do bench hubbub dm --pairs 10 --rate "$r" --duration 10; done
         ;;
     all) for s in idle connect fanout sweep bigroom dm; do run "$s"; done ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
