@@ -688,11 +688,14 @@ async fn fanout(
     .await;
     // Until GO, every connection drains what arrives (member pushes of later joins).
     let (go_tx, go_rx) = watch::channel(None::<(u64, Instant)>);
+    let receiving = Receiving::new(sockets.len());
     let mut tasks = Vec::new();
     for (i, ws) in sockets {
         let (report, shared, conv) = (report.clone(), shared.clone(), conv.clone());
         let mut go = go_rx.clone();
+        let receiving = receiving.clone();
         tasks.push(tokio::spawn(async move {
+            let done_receiving = receiving.guard();
             let (sink, mut stream) = ws.split();
             let (start_us, start) = loop {
                 if let Some(g) = *go.borrow_and_update() {
@@ -777,6 +780,8 @@ async fn fanout(
                     r.unique_per_sender[s] += rx.unique[s];
                 }
             }
+            drop(done_receiving);
+            receiving.all_done(deadline).await;
             if let Some(sink) = sink {
                 close(stream, sink).await;
             }
@@ -784,6 +789,38 @@ async fn fanout(
     }
     start_and_finish(ctl, go_tx, tasks).await?;
     Ok(finish(&report, &shared, &plan))
+}
+
+/// Connections of one worker that are still receiving. A connection closes only once
+/// all of them are done (or the run's deadline passed): closing early makes the server
+/// do its per-connection closing work (unregistering, presence) while other members
+/// still wait for the last message, which then looks slow.
+#[derive(Clone)]
+struct Receiving(Arc<watch::Sender<usize>>);
+
+/// Counts one connection out of [`Receiving`] when dropped (on every way out of a task).
+struct DoneReceiving(Arc<watch::Sender<usize>>);
+
+impl Receiving {
+    fn new(conns: usize) -> Receiving {
+        Receiving(Arc::new(watch::Sender::new(conns)))
+    }
+
+    fn guard(&self) -> DoneReceiving {
+        DoneReceiving(self.0.clone())
+    }
+
+    /// Waits until every connection is done receiving, or until `deadline`.
+    async fn all_done(&self, deadline: Instant) {
+        let mut rx = self.0.subscribe();
+        let _ = tokio::time::timeout_at(deadline.into(), rx.wait_for(|left| *left == 0)).await;
+    }
+}
+
+impl Drop for DoneReceiving {
+    fn drop(&mut self) {
+        self.0.send_modify(|left| *left = left.saturating_sub(1));
+    }
 }
 
 async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::Result<Report> {
