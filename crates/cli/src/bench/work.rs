@@ -18,6 +18,9 @@ use super::conn::{self, Dialer, Target, Ws};
 use super::report::{histogram, now_us, to_pairs, Report};
 use super::{Load, Scenario};
 
+/// How often a receiving connection that heard nothing checks again whether it is done.
+const RECHECK: Duration = Duration::from_millis(50);
+
 /// Connections set up at once by one worker (fanout and dm).
 const SETUP_CONCURRENCY: usize = 64;
 
@@ -481,7 +484,11 @@ async fn receive_loop(
     let mut deliveries = Vec::new();
     let deadline = tokio::time::Instant::from(deadline);
     while !done(rx) {
-        let msg = match tokio::time::timeout_at(deadline, stream.next()).await {
+        // `done` may wait on other connections (a dm peer's acks), whose progress sends
+        // this one nothing: look again now and then.
+        let wake = deadline.min(tokio::time::Instant::now() + RECHECK);
+        let msg = match tokio::time::timeout_at(wake, stream.next()).await {
+            Err(_) if wake < deadline => continue,
             Err(_) => return false,
             Ok(Some(Ok(m))) => m,
             Ok(_) => return true,
@@ -791,10 +798,10 @@ async fn fanout(
     Ok(finish(&report, &shared, &plan))
 }
 
-/// Connections of one worker that are still receiving. A connection closes only once
-/// all of them are done (or the run's deadline passed): closing early makes the server
-/// do its per-connection closing work (unregistering, presence) while other members
-/// still wait for the last message, which then looks slow.
+/// Connections of one worker that are still receiving (fanout and dm). A connection
+/// closes only once all of them are done (or the run's deadline passed): closing early
+/// makes the server do its per-connection closing work (unregistering, presence) while
+/// others still wait for their last messages, which then look slow.
 #[derive(Clone)]
 struct Receiving(Arc<watch::Sender<usize>>);
 
@@ -845,6 +852,7 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
     )
     .await;
     let (go_tx, go_rx) = watch::channel(None::<(u64, Instant)>);
+    let receiving = Receiving::new(sockets.len());
     let mut tasks = Vec::new();
     // Each connection reads until its peer's acked messages have arrived too.
     let states: std::collections::HashMap<usize, Arc<SendState>> = sockets
@@ -857,7 +865,9 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
         let mut go = go_rx.clone();
         let state = states[&i].clone();
         let peer = states.get(&(i ^ 1)).cloned();
+        let receiving = receiving.clone();
         tasks.push(tokio::spawn(async move {
+            let done_receiving = receiving.guard();
             let Ok(g) = go.wait_for(Option::is_some).await.map(|g| *g) else {
                 return;
             };
@@ -897,6 +907,8 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
                 r.sent += state.sent.load(Ordering::Relaxed);
                 r.acked += state.acked.load(Ordering::Relaxed);
             }
+            drop(done_receiving);
+            receiving.all_done(deadline).await;
             if let Some(sink) = sink {
                 close(stream, sink).await;
             }
