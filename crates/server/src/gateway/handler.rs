@@ -287,7 +287,7 @@ impl Conn {
             let rooms = self
                 .state
                 .store
-                .conversations(self.user())
+                .memberships(self.user())
                 .await?
                 .iter()
                 .filter(|c| c.conv.starts_with("room:"))
@@ -420,7 +420,7 @@ impl Conn {
         let conversations: Vec<Value> = self
             .state
             .store
-            .conversations(self.user())
+            .memberships(self.user())
             .await?
             .into_iter()
             .map(|c| json!({"conv": c.conv, "last_seq": c.last_seq}))
@@ -580,7 +580,7 @@ impl Conn {
     /// offline. Large rooms are skipped.
     pub(crate) async fn announce_presence(&self, online: bool) {
         let store = &*self.state.store;
-        let convs = match store.conversations(self.user()).await {
+        let convs = match store.memberships(self.user()).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "presence: cannot list conversations");

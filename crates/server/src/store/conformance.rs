@@ -20,7 +20,10 @@ use hubbub_protocol::{ContentType, Message};
 use parking_lot::Mutex;
 use serde_json::json;
 
-use super::{CommitHook, Committed, FileMeta, HistoryQuery, NewMessage, Store, StoreError};
+use super::{
+    CommitHook, Committed, ConvSummary, FileMeta, HistoryQuery, Membership, NewMessage, Store,
+    StoreError,
+};
 
 /// A fresh store and the changes its commit hook has seen.
 pub struct Fixture {
@@ -326,6 +329,16 @@ pub async fn conversations_read_cursors_and_unread(f: Fixture) {
     );
     let r = find("room:x");
     assert_eq!((r.last_seq, r.read_seq, r.unread), (1, 0, 1));
+    let heads = |v: &[ConvSummary]| {
+        v.iter()
+            .map(|c| Membership {
+                conv: c.conv.clone(),
+                last_seq: c.last_seq,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(s.memberships("b").await.unwrap(), heads(&b));
+    assert!(s.memberships("nobody").await.unwrap().is_empty());
 
     assert_eq!(s.mark_read("dm:a:b", "b", 2, 9).await.unwrap(), 2);
     assert_eq!(

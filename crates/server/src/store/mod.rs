@@ -119,6 +119,15 @@ pub struct ConvSummary {
     pub unread: u64,
 }
 
+/// A conversation a user belongs to and its newest `seq`: what presence and `sync` need,
+/// without the read positions and unread counts of [`ConvSummary`] (counting unread
+/// messages reads every one of them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub conv: String,
+    pub last_seq: u64,
+}
+
 /// A public room and its member count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomSummary {
@@ -205,8 +214,12 @@ pub trait Store: Send + Sync + 'static {
     /// A page of history.
     fn history(&self, conv: &str, q: HistoryQuery) -> BoxFuture<'static, StoreResult<HistoryPage>>;
 
-    /// Every conversation `user` belongs to, with its `last_seq`.
+    /// Every conversation `user` belongs to, with its `last_seq`, the user's read position
+    /// and unread count, by conversation id.
     fn conversations(&self, user: &str) -> BoxFuture<'static, StoreResult<Vec<ConvSummary>>>;
+
+    /// Every conversation `user` belongs to, with its `last_seq` only, by conversation id.
+    fn memberships(&self, user: &str) -> BoxFuture<'static, StoreResult<Vec<Membership>>>;
 
     /// One message (recalled ones without content).
     fn message(&self, conv: &str, seq: u64) -> BoxFuture<'static, StoreResult<Option<Message>>>;

@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 
 use super::{
     now_ms, Appended, CommitHook, Committed, ConvSummary, FileMeta, HistoryPage, HistoryQuery,
-    JoinOutcome, NewMessage, RoomSummary, Store, StoreError, StoreResult,
+    JoinOutcome, Membership, NewMessage, RoomSummary, Store, StoreError, StoreResult,
 };
 
 /// Most write operations committed in one transaction. Large: under load, a commit's cost
@@ -1040,6 +1040,23 @@ impl Store for SqliteStore {
                     })
                 })
                 .collect()
+        })
+    }
+
+    fn memberships(&self, user: &str) -> BoxFuture<'static, StoreResult<Vec<Membership>>> {
+        let user = user.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT m.conv, (SELECT coalesce(max(seq), 0) FROM messages WHERE conv = m.conv) \
+                 FROM members m WHERE m.user = ?1 ORDER BY m.conv",
+            )?
+            .query_map([&user], |r| {
+                Ok(Membership {
+                    conv: r.get(0)?,
+                    last_seq: r.get(1)?,
+                })
+            })?
+            .collect()
         })
     }
 

@@ -1,0 +1,79 @@
+//! Micro-benchmarks of the store reads made on every connect, disconnect and `sync`: the
+//! list of a user's conversations. `conversations` also counts each one's unread
+//! messages (for the HTTP API); `memberships` gives only ids and last seqs (for presence,
+//! `sync` and the room limit).
+//!
+//! The user is a member of `ROOMS` rooms, each holding `n` messages from someone else
+//! that the user has not read.
+//!
+//! Run with `cargo bench -p hubbub-server --bench store_read`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use divan::Bencher;
+use hubbub_protocol::{ContentType, Conv};
+use hubbub_server::metrics::Metrics;
+use hubbub_server::store::{CommitHook, NewMessage, SqliteStore, Store};
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// Rooms the user belongs to.
+const ROOMS: usize = 20;
+/// Unread messages per room.
+const UNREAD: [u64; 3] = [0, 100, 1000];
+
+fn main() {
+    divan::main();
+}
+
+/// A store where "bob" has `unread` unread messages in each of [`ROOMS`] rooms.
+fn setup(unread: u64) -> (SqliteStore, tokio::runtime::Runtime, TempDir) {
+    let dir = tempfile::Builder::new()
+        .prefix("hubbub-store-bench")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("temp dir");
+    let hook: CommitHook = Arc::new(|_| {});
+    let store = SqliteStore::open_with(dir.path(), hook, Metrics::new(), Duration::from_secs(5))
+        .expect("open store");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        for r in 0..ROOMS {
+            let conv = Conv::room_id(&format!("r{r}"));
+            store.join_room(&conv, "alice").await.expect("join");
+            store.join_room(&conv, "bob").await.expect("join");
+            let appends: Vec<_> = (0..unread)
+                .map(|i| {
+                    store.append(NewMessage {
+                        conv: conv.clone(),
+                        from: "alice".into(),
+                        client_msg_id: format!("c-{r}-{i}"),
+                        content_type: ContentType::Text,
+                        content: Value::String(format!("message {i}")),
+                        dm_members: None,
+                        origin: 1,
+                    })
+                })
+                .collect();
+            for a in appends {
+                a.await.expect("append");
+            }
+        }
+    });
+    (store, rt, dir)
+}
+
+#[divan::bench(args = UNREAD)]
+fn conversations(bencher: Bencher, unread: u64) {
+    let (store, rt, _dir) = setup(unread);
+    bencher.bench_local(|| rt.block_on(store.conversations("bob")).expect("read"));
+}
+
+#[divan::bench(args = UNREAD)]
+fn memberships(bencher: Bencher, unread: u64) {
+    let (store, rt, _dir) = setup(unread);
+    bencher.bench_local(|| rt.block_on(store.memberships("bob")).expect("read"));
+}
