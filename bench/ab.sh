@@ -3,7 +3,8 @@
 # builds on a noisy machine: round 1 runs every build once, then round 2, and so on.
 #
 #   bench/ab.sh ROUNDS BUILD... -- SCENARIO ARGS...
-#   bench/ab.sh 3 /tmp/hubbub-old target/release/hubbub -- dm --pairs 50 --rate 0 --inflight 64 --duration 10
+#   cp target/release/hubbub target/hubbub-before   # then rebuild with the change
+#   bench/ab.sh 3 target/hubbub-before target/release/hubbub -- dm --pairs 50 --rate 0 --inflight 64 --duration 10
 #
 # A BUILD is a hubbub binary, optionally followed by `|` and server environment
 # variables: 'target/release/hubbub|HUBBUB_WRITE_LINGER_MS=15'. Every run starts a fresh
