@@ -700,9 +700,8 @@ async fn fanout(
     for (i, ws) in sockets {
         let (report, shared, conv) = (report.clone(), shared.clone(), conv.clone());
         let mut go = go_rx.clone();
-        let receiving = receiving.clone();
+        let place = receiving.place();
         tasks.push(tokio::spawn(async move {
-            let done_receiving = receiving.guard();
             let (sink, mut stream) = ws.split();
             let (start_us, start) = loop {
                 if let Some(g) = *go.borrow_and_update() {
@@ -787,8 +786,7 @@ async fn fanout(
                     r.unique_per_sender[s] += rx.unique[s];
                 }
             }
-            drop(done_receiving);
-            receiving.all_done(deadline).await;
+            place.done_then_wait_for_all(deadline).await;
             if let Some(sink) = sink {
                 close(stream, sink).await;
             }
@@ -802,29 +800,33 @@ async fn fanout(
 /// closes only once all of them are done (or the run's deadline passed): closing early
 /// makes the server do its per-connection closing work (unregistering, presence) while
 /// others still wait for their last messages, which then look slow.
-#[derive(Clone)]
 struct Receiving(Arc<watch::Sender<usize>>);
 
-/// Counts one connection out of [`Receiving`] when dropped (on every way out of a task).
-struct DoneReceiving(Arc<watch::Sender<usize>>);
+/// One connection's place in [`Receiving`]: counted out when dropped, so on every way out
+/// of its task.
+struct StillReceiving(Arc<watch::Sender<usize>>);
 
 impl Receiving {
     fn new(conns: usize) -> Receiving {
         Receiving(Arc::new(watch::Sender::new(conns)))
     }
 
-    fn guard(&self) -> DoneReceiving {
-        DoneReceiving(self.0.clone())
-    }
-
-    /// Waits until every connection is done receiving, or until `deadline`.
-    async fn all_done(&self, deadline: Instant) {
-        let mut rx = self.0.subscribe();
-        let _ = tokio::time::timeout_at(deadline.into(), rx.wait_for(|left| *left == 0)).await;
+    fn place(&self) -> StillReceiving {
+        StillReceiving(self.0.clone())
     }
 }
 
-impl Drop for DoneReceiving {
+impl StillReceiving {
+    /// Counts this connection out, then waits until every connection is done receiving,
+    /// or until `deadline`.
+    async fn done_then_wait_for_all(self, deadline: Instant) {
+        let mut left = self.0.subscribe();
+        drop(self);
+        let _ = tokio::time::timeout_at(deadline.into(), left.wait_for(|n| *n == 0)).await;
+    }
+}
+
+impl Drop for StillReceiving {
     fn drop(&mut self) {
         self.0.send_modify(|left| *left = left.saturating_sub(1));
     }
@@ -865,9 +867,8 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
         let mut go = go_rx.clone();
         let state = states[&i].clone();
         let peer = states.get(&(i ^ 1)).cloned();
-        let receiving = receiving.clone();
+        let place = receiving.place();
         tasks.push(tokio::spawn(async move {
-            let done_receiving = receiving.guard();
             let Ok(g) = go.wait_for(Option::is_some).await.map(|g| *g) else {
                 return;
             };
@@ -907,8 +908,7 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
                 r.sent += state.sent.load(Ordering::Relaxed);
                 r.acked += state.acked.load(Ordering::Relaxed);
             }
-            drop(done_receiving);
-            receiving.all_done(deadline).await;
+            place.done_then_wait_for_all(deadline).await;
             if let Some(sink) = sink {
                 close(stream, sink).await;
             }

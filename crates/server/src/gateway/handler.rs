@@ -590,11 +590,8 @@ impl Conn {
         let mut notify: HashSet<Arc<str>> = HashSet::new();
         for c in convs {
             match Conv::parse(&c.conv) {
-                Ok(Conv::Dm(..)) => {
-                    if let Some(peer) = Conv::parse(&c.conv)
-                        .ok()
-                        .and_then(|p| p.dm_peer(self.user()))
-                    {
+                Ok(dm @ Conv::Dm(..)) => {
+                    if let Some(peer) = dm.dm_peer(self.user()) {
                         notify.insert(Arc::from(peer));
                     }
                 }
