@@ -131,9 +131,14 @@ fn main() -> anyhow::Result<()> {
 fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HUBBUB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log line that cannot be written (stderr on a full disk, a closed pipe) is
+    // dropped: with internal error reporting on, the subscriber would report it with
+    // `eprintln!`, which panics when stderr fails, taking down whatever task logged (the
+    // store writer, a session).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     if json {
         builder.json().init();
     } else {
@@ -155,8 +160,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", config.bind))?;
         let addr = listener.local_addr()?;
-        // Scripts and tests read this line to find the port.
-        println!("hubbub listening on http://{addr}");
+        // Scripts and tests read this line to find the port. Not `println!`: it panics
+        // when stdout cannot be written.
+        {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "hubbub listening on http://{addr}");
+            let _ = out.flush();
+        }
         hubbub_server::run(listener, config, shutdown_signal()).await
     })
 }

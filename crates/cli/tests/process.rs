@@ -511,3 +511,42 @@ async fn a_flood_of_junk_and_dropped_connections_leaves_memory_near_baseline() {
     );
     alice.ping().await.unwrap();
 }
+
+/// A log that cannot be written (stderr on a full disk: here `/dev/full`, where every
+/// write fails with ENOSPC) must not take the server down: the log line that the store
+/// writer wrote before a rollback used to panic it, and every later send got
+/// `unavailable: the store is closed` until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_cannot_be_written_stops_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let mut server = Server::start_logging_to(
+        dir.path(),
+        "127.0.0.1:0",
+        &[],
+        &[("HUBBUB_LOG", "trace")],
+        Stdio::from(full),
+    );
+    let alice = server
+        .connect(ConnectOptions::guest(server.url(), "alice"))
+        .await;
+    alice.join("lobby").await.expect("join");
+    for i in 0..50 {
+        alice
+            .send_text("room:lobby", &format!("m{i}"))
+            .await
+            .expect("send while every log write fails");
+    }
+    let page = alice
+        .history("room:lobby", None, None, Some(100))
+        .await
+        .expect("history");
+    assert_eq!(page.messages.len(), 50);
+    drop(alice);
+    server.signal("-TERM");
+    let status = server.wait_exit(WAIT);
+    assert!(status.success(), "exit status {status:?}");
+}

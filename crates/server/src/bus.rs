@@ -3,14 +3,18 @@
 //! The store announces each committed change (in commit order) to [`Bus::publish`]. The
 //! in-process bus hashes the conversation to one of a few shard tasks, so everything of
 //! one conversation is delivered in `seq` order while different conversations fan out
-//! in parallel. A multi-node deployment replaces this with a bus that also forwards to
+//! in parallel. The shard of a room is also the one owner of the room's cached member
+//! list: it applies joins and leaves between the room's deliveries, in commit order, so
+//! a message reaches exactly the users who were members when it was committed.
+//! [`Bus::flush`] waits until a conversation's shard has handled everything published
+//! so far (a join is answered only once its member list has it). A multi-node deployment replaces this with a bus that also forwards to
 //! other nodes; anything that must be exact lives in the store, never only on the bus.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use hubbub_protocol::ServerFrame;
-use tokio::sync::mpsc;
+use hubbub_protocol::{MemberEvent, ServerFrame};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use crate::hub::{Hub, OutFrame};
@@ -19,13 +23,21 @@ use crate::store::{Committed, Store};
 /// In-process, conversation-sharded fan-out.
 #[derive(Debug, Clone)]
 pub struct Bus {
-    shards: Arc<Vec<mpsc::UnboundedSender<Committed>>>,
+    shards: Arc<Vec<mpsc::UnboundedSender<Item>>>,
+}
+
+/// What a shard's queue carries.
+#[derive(Debug)]
+enum Item {
+    Change(Committed),
+    /// Answered once everything queued before it is handled.
+    Flush(oneshot::Sender<()>),
 }
 
 /// The receiving ends of a [`Bus`], to be started once the store exists.
 #[derive(Debug)]
 pub struct BusWorkers {
-    receivers: Vec<mpsc::UnboundedReceiver<Committed>>,
+    receivers: Vec<mpsc::UnboundedReceiver<Item>>,
 }
 
 impl Bus {
@@ -42,21 +54,43 @@ impl Bus {
         )
     }
 
-    /// Hands a committed change to its conversation's shard. Never blocks.
-    pub fn publish(&self, change: Committed) {
-        let conv = change.conv();
+    fn shard(&self, conv: &str) -> &mpsc::UnboundedSender<Item> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         conv.hash(&mut h);
-        let i = (h.finish() % self.shards.len() as u64) as usize;
-        if self.shards[i].send(change).is_err() {
+        &self.shards[(h.finish() % self.shards.len() as u64) as usize]
+    }
+
+    /// Hands a committed change to its conversation's shard. Never blocks.
+    pub fn publish(&self, change: Committed) {
+        if self
+            .shard(change.conv())
+            .send(Item::Change(change))
+            .is_err()
+        {
             tracing::debug!("fan-out stopped; change not pushed (clients will sync)");
+        }
+    }
+
+    /// Resolves once the shard of `conv` has handled everything published before this
+    /// call (at once if the bus has stopped).
+    pub async fn flush(&self, conv: &str) {
+        let (tx, rx) = oneshot::channel();
+        if self.shard(conv).send(Item::Flush(tx)).is_ok() {
+            let _ = rx.await;
         }
     }
 }
 
 impl BusWorkers {
     /// Starts one delivery task per shard. They stop when every [`Bus`] handle is gone.
-    pub fn start(self, hub: Arc<Hub>, store: Arc<dyn Store>, tracker: &TaskTracker) {
+    /// Rooms with more than `large_room` members get no `member` frames.
+    pub fn start(
+        self,
+        hub: Arc<Hub>,
+        store: Arc<dyn Store>,
+        large_room: usize,
+        tracker: &TaskTracker,
+    ) {
         for mut rx in self.receivers {
             let hub = hub.clone();
             let store = store.clone();
@@ -64,17 +98,26 @@ impl BusWorkers {
             // under load, delivering what is stored comes before reading more sends (with
             // the cooperative budget it would run once per round of every session task).
             tracker.spawn(tokio::task::unconstrained(async move {
-                while let Some(change) = rx.recv().await {
-                    deliver(&hub, &*store, change).await;
+                while let Some(item) = rx.recv().await {
+                    match item {
+                        Item::Change(change) => deliver(&hub, &*store, large_room, change).await,
+                        Item::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
                 }
             }));
         }
     }
 }
 
-async fn deliver(hub: &Hub, store: &dyn Store, change: Committed) {
+async fn deliver(hub: &Hub, store: &dyn Store, large_room: usize, change: Committed) {
     let conv = change.conv().to_string();
     let (frame, origin) = match change {
+        Committed::Member { conv, user, joined } => {
+            member_changed(hub, store, large_room, conv, user, joined).await;
+            return;
+        }
         Committed::Message { message, origin } => (ServerFrame::Message(message), origin),
         Committed::Recalled {
             conv,
@@ -110,6 +153,48 @@ async fn deliver(hub: &Hub, store: &dyn Store, change: Committed) {
     }
 }
 
+/// Applies a join or leave to the room's member list and tells the other members (rooms
+/// up to `large_room` members).
+async fn member_changed(
+    hub: &Hub,
+    store: &dyn Store,
+    large_room: usize,
+    conv: String,
+    user: String,
+    joined: bool,
+) {
+    let room = match hub.apply_member(&conv, &user, joined) {
+        Some(room) => room,
+        // Not cached: loading it reads the store, which has the change.
+        None => match hub.room(&conv, store).await {
+            Ok(room) => room,
+            Err(e) => {
+                tracing::warn!(%conv, error = %e, "member change not pushed; members will sync");
+                return;
+            }
+        },
+    };
+    let quiet = if joined {
+        room.len() > large_room
+    } else {
+        room.len() >= large_room
+    };
+    if quiet {
+        return;
+    }
+    let frame = OutFrame::new(ServerFrame::Member {
+        conv: conv.clone(),
+        online: hub.online_in(&room),
+        user: user.clone(),
+        event: if joined {
+            MemberEvent::Joined
+        } else {
+            MemberEvent::Left
+        },
+    });
+    let _ = hub.deliver(&conv, &frame, None, Some(&user), store).await;
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -136,7 +221,7 @@ mod tests {
             Arc::new(SqliteStore::open(dir.path(), Arc::new(|_| {})).unwrap());
         let (bus, workers) = Bus::new(1);
         let tracker = TaskTracker::new();
-        workers.start(hub.clone(), store, &tracker);
+        workers.start(hub.clone(), store, 1000, &tracker);
 
         // Fifty busy tasks stand for the sessions of a loaded server.
         let turns = Arc::new(AtomicUsize::new(0));

@@ -249,36 +249,69 @@ impl Session {
 type Hasher = foldhash::fast::RandomState;
 
 /// A room's members, as cached by the hub.
+///
+/// The list changes only through [`Hub::apply_member`], called with the store's
+/// announcements in commit order (by the bus shard that also delivers the room's
+/// messages), so it agrees with the store at every message. Loading it from the store
+/// races with those announcements: changes announced while the load runs are kept in a
+/// log and replayed over the loaded list. Each change sets one user's membership, so
+/// replaying one that the loaded list already reflects changes nothing.
 #[derive(Debug, Default)]
 pub struct Room {
     loaded: tokio::sync::OnceCell<()>,
-    members: RwLock<HashSet<Arc<str>, Hasher>>,
+    state: RwLock<RoomState>,
+    /// When the room was last used (ms since the hub started), for eviction.
+    used: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct RoomState {
+    members: HashSet<Arc<str>, Hasher>,
+    ready: bool,
+    /// Changes announced before the load finished, in commit order.
+    log: Vec<(Arc<str>, bool)>,
 }
 
 impl Room {
     pub fn contains(&self, user: &str) -> bool {
-        self.members.read().contains(user)
+        self.state.read().members.contains(user)
     }
 
     pub fn len(&self) -> usize {
-        self.members.read().len()
+        self.state.read().members.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    pub fn add(&self, user: &str) {
-        self.members.write().insert(Arc::from(user));
-    }
-
-    pub fn remove(&self, user: &str) {
-        self.members.write().remove(user);
-    }
-
     /// A copy of the member list.
     pub fn members(&self) -> Vec<Arc<str>> {
-        self.members.read().iter().cloned().collect()
+        self.state.read().members.iter().cloned().collect()
+    }
+
+    fn apply(&self, user: &str, joined: bool) {
+        let mut st = self.state.write();
+        if !st.ready {
+            st.log.push((Arc::from(user), joined));
+        } else if joined {
+            st.members.insert(Arc::from(user));
+        } else {
+            st.members.remove(user);
+        }
+    }
+
+    fn set_loaded(&self, members: Vec<String>) {
+        let mut st = self.state.write();
+        st.members = members.into_iter().map(Arc::from).collect();
+        for (user, joined) in std::mem::take(&mut st.log) {
+            if joined {
+                st.members.insert(user);
+            } else {
+                st.members.remove(&user);
+            }
+        }
+        st.ready = true;
     }
 }
 
@@ -297,8 +330,9 @@ pub struct Hub {
     users: DashMap<Arc<str>, Vec<SessionHandle>, Hasher>,
     rooms: DashMap<String, Arc<Room>, Hasher>,
     next_session: AtomicU64,
-    connections: AtomicU64,
     metrics: Metrics,
+    /// The hub's clock for room eviction.
+    started: std::time::Instant,
 }
 
 impl Hub {
@@ -307,8 +341,8 @@ impl Hub {
             users: DashMap::default(),
             rooms: DashMap::default(),
             next_session: AtomicU64::new(1),
-            connections: AtomicU64::new(0),
             metrics,
+            started: std::time::Instant::now(),
         }
     }
 
@@ -335,7 +369,6 @@ impl Hub {
             .map(|i| entry.swap_remove(i));
         entry.push(session.clone());
         drop(entry);
-        self.connections.fetch_add(1, Ordering::Relaxed);
         self.metrics.connections_open.inc();
         self.metrics.connections_total.inc();
         if let Some(old) = &replaced {
@@ -361,15 +394,9 @@ impl Hub {
             list.is_empty()
         });
         if found {
-            self.connections.fetch_sub(1, Ordering::Relaxed);
             self.metrics.connections_open.dec();
         }
         last
-    }
-
-    /// Number of registered sessions.
-    pub fn connection_count(&self) -> u64 {
-        self.connections.load(Ordering::Relaxed)
     }
 
     pub fn is_online(&self, user: &str) -> bool {
@@ -391,24 +418,86 @@ impl Hub {
         n
     }
 
-    /// The cached room `conv`, loading its members from the store on first use.
+    /// The cached room `conv`, loading its members from the store on first use. A room
+    /// without members (one that does not exist) is not kept: lookups of unknown rooms
+    /// leave nothing behind.
     pub async fn room(&self, conv: &str, store: &dyn Store) -> Result<Arc<Room>, StoreError> {
-        let room = self.rooms.entry(conv.to_string()).or_default().clone();
-        room.loaded
+        let room = match self.rooms.get(conv) {
+            Some(r) => r.clone(),
+            None => {
+                let entry = self.rooms.entry(conv.to_string());
+                let room = entry.or_default().clone();
+                self.metrics.rooms_cached.set(self.rooms.len() as i64);
+                room
+            }
+        };
+        room.used.store(self.clock_ms(), Ordering::Relaxed);
+        let loaded = room
+            .loaded
             .get_or_try_init(|| async {
                 let members = store.members(conv).await?;
-                let mut set = room.members.write();
-                set.extend(members.into_iter().map(Arc::from));
+                room.set_loaded(members);
                 Ok::<(), StoreError>(())
             })
-            .await?;
+            .await;
+        if loaded.is_err() || room.is_empty() {
+            self.forget_room(conv, &room);
+        }
+        loaded?;
         Ok(room)
+    }
+
+    /// Drops `room` from the cache if it is still the cached one and has no members (or
+    /// failed to load). Always safe: the next use loads it again from the store.
+    fn forget_room(&self, conv: &str, room: &Arc<Room>) {
+        let removed = self
+            .rooms
+            .remove_if(conv, |_, r| {
+                Arc::ptr_eq(r, room) && (r.loaded.get().is_none() || r.is_empty())
+            })
+            .is_some();
+        if removed {
+            self.metrics.rooms_cached.set(self.rooms.len() as i64);
+        }
+    }
+
+    /// Applies a membership change the store announced, in commit order (the bus shard
+    /// of the room calls this between the room's deliveries). A room that is not cached
+    /// is left alone: whoever loads it later reads the store, which has the change.
+    pub fn apply_member(&self, conv: &str, user: &str, joined: bool) -> Option<Arc<Room>> {
+        let room = self.rooms.get(conv)?.clone();
+        room.apply(user, joined);
+        Some(room)
+    }
+
+    /// Drops cached rooms not used for `idle_ms` that have no member online. Returns how
+    /// many were dropped.
+    pub fn evict_idle_rooms(&self, idle_ms: u64) -> usize {
+        let now = self.clock_ms();
+        let before = self.rooms.len();
+        self.rooms.retain(|_, room| {
+            let idle = now.saturating_sub(room.used.load(Ordering::Relaxed)) >= idle_ms;
+            !idle || self.online_in(room) > 0
+        });
+        let after = self.rooms.len();
+        self.metrics.rooms_cached.set(after as i64);
+        before - after
+    }
+
+    /// Number of rooms cached now.
+    pub fn rooms_cached(&self) -> usize {
+        self.rooms.len()
+    }
+
+    fn clock_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     /// Distinct online users among a room's members.
     pub fn online_in(&self, room: &Room) -> u64 {
-        room.members
+        room.state
             .read()
+            .members
             .iter()
             .filter(|u| self.users.contains_key(&***u))
             .count() as u64
@@ -435,8 +524,8 @@ impl Hub {
             }
             Ok(Conv::Room(_)) => {
                 let room = self.room(conv, store).await?;
-                let members = room.members.read();
-                for u in members.iter() {
+                let st = room.state.read();
+                for u in st.members.iter() {
                     if Some(&**u) != skip_user {
                         n += self.send_to_user(u, frame, except);
                     }

@@ -44,12 +44,18 @@ use crate::store::{CommitHook, SqliteStore, Store};
 
 /// How long shutdown waits for sessions to close before flushing the store anyway.
 const SESSION_DRAIN: Duration = Duration::from_secs(6);
+/// How often cached room member lists are checked for eviction.
+const ROOM_SWEEP: Duration = Duration::from_secs(60);
+/// A cached room unused this long with no member online is dropped from memory.
+const ROOM_IDLE: Duration = Duration::from_secs(300);
 
 /// Shared state of a running server.
 pub struct AppState {
     pub config: Config,
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
+    /// Fan-out of committed changes; [`Bus::flush`] waits for a conversation's shard.
+    pub bus: Bus,
     pub auth: Authenticator,
     /// Cancelled when shutdown begins.
     pub shutdown: CancellationToken,
@@ -74,7 +80,10 @@ pub async fn run(
     config.validate().map_err(anyhow::Error::msg)?;
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
     let (bus, workers) = Bus::new(shards);
-    let hook: CommitHook = Arc::new(move |change| bus.publish(change));
+    let hook: CommitHook = {
+        let bus = bus.clone();
+        Arc::new(move |change| bus.publish(change))
+    };
     let metrics = Metrics::new();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(
         &config.data_dir,
@@ -84,7 +93,24 @@ pub async fn run(
     )?);
     let hub = Arc::new(Hub::new(metrics.clone()));
     let background = TaskTracker::new();
-    workers.start(hub.clone(), store.clone(), &background);
+    let background_stop = CancellationToken::new();
+    workers.start(hub.clone(), store.clone(), config.large_room, &background);
+    {
+        // Cached member lists of rooms nobody online uses go after a while.
+        let hub = hub.clone();
+        let stop = background_stop.clone();
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(ROOM_SWEEP);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        hub.evict_idle_rooms(ROOM_IDLE.as_millis() as u64);
+                    }
+                    _ = stop.cancelled() => break,
+                }
+            }
+        });
+    }
     let tokens = config.tokens()?;
     let auth = Authenticator::new(
         config.guest_enabled(),
@@ -97,6 +123,7 @@ pub async fn run(
         config,
         store: store.clone(),
         hub: hub.clone(),
+        bus,
         auth,
         shutdown: CancellationToken::new(),
         sessions: TaskTracker::new(),
@@ -144,6 +171,7 @@ pub async fn run(
     store.close().await?;
     drop(state);
     drop(store);
+    background_stop.cancel();
     background.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
     tracing::info!("stopped");

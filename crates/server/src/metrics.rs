@@ -17,6 +17,8 @@ pub struct Metrics {
     pub auth_failures: IntCounter,
     pub store_batch_size: Histogram,
     pub store_commit_seconds: Histogram,
+    pub store_writer_panics: IntCounter,
+    pub rooms_cached: IntGauge,
 }
 
 // Metric names and help texts below are constants; creating and registering them can only
@@ -40,11 +42,18 @@ impl Metrics {
                 .expect("unique histogram");
             h
         };
-        let connections_open =
-            IntGauge::new("connections_open", "WebSocket sessions open now").expect("gauge");
-        registry
-            .register(Box::new(connections_open.clone()))
-            .expect("unique gauge");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("gauge");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique gauge");
+            g
+        };
+        let connections_open = gauge("connections_open", "WebSocket sessions open now");
+        let rooms_cached = gauge(
+            "rooms_cached",
+            "rooms whose member lists are held in memory now",
+        );
         Metrics {
             connections_open,
             connections_total: counter("connections_total", "WebSocket sessions opened"),
@@ -67,7 +76,8 @@ impl Metrics {
                 "store_batch_size",
                 "write operations per store transaction",
                 vec![
-                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+                    4096.0,
                 ],
             ),
             store_commit_seconds: histogram(
@@ -75,6 +85,11 @@ impl Metrics {
                 "time to apply and commit one store batch",
                 prometheus::exponential_buckets(0.000_1, 2.0, 16).expect("buckets"),
             ),
+            store_writer_panics: counter(
+                "store_writer_panics_total",
+                "store batches abandoned because the writer panicked (it keeps running)",
+            ),
+            rooms_cached,
             registry,
         }
     }

@@ -75,3 +75,42 @@ async fn acked_messages_survive_close_and_reopen() {
     assert_eq!(next.message.seq, 4);
     assert!(store.is_member("room:d", "u").await.unwrap());
 }
+
+/// A panic on the writer (here: a commit hook that panics once) abandons that batch
+/// only: its callers get `unavailable`, and the writer keeps serving. A retry of the
+/// abandoned send finds what was committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_on_the_writer_fails_one_batch_and_the_store_keeps_working() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let armed = Arc::new(AtomicBool::new(false));
+    let trigger = armed.clone();
+    let hook: CommitHook = Arc::new(move |_| {
+        if trigger.swap(false, Ordering::SeqCst) {
+            panic!("a hook that fails once");
+        }
+    });
+    let store = SqliteStore::open(dir.path(), hook).unwrap();
+    store.join_room("room:p", "u").await.unwrap();
+    let msg = |cid: &str| NewMessage {
+        conv: "room:p".into(),
+        from: "u".into(),
+        client_msg_id: cid.into(),
+        content_type: hubbub_protocol::ContentType::Text,
+        content: json!("hi"),
+        dm_members: None,
+        origin: 1,
+    };
+    armed.store(true, Ordering::SeqCst);
+    match store.append(msg("first")).await {
+        Err(hubbub_server::store::StoreError::Unavailable(_)) => {}
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    // The writer is still there: new writes and the retry succeed.
+    let second = store.append(msg("second")).await.expect("the writer lives");
+    let retry = store.append(msg("first")).await.expect("retry");
+    assert!(retry.duplicate, "the abandoned batch had committed");
+    assert_eq!((retry.message.seq, second.message.seq), (1, 2));
+    store.ping().await.expect("ping");
+    store.close().await.expect("close");
+}

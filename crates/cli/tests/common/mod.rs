@@ -26,6 +26,17 @@ impl Server {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Server {
+        Self::start_logging_to(dir, bind, args, env, Stdio::inherit())
+    }
+
+    /// [`Server::start_with`], with the server's stderr (its log) going to `stderr`.
+    pub(crate) fn start_logging_to(
+        dir: &Path,
+        bind: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
             .args(["serve", "--bind", bind, "--data-dir"])
             .arg(dir)
@@ -33,7 +44,7 @@ impl Server {
             .env("HUBBUB_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn hubbub serve");
         let mut line = String::new();

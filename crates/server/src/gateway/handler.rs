@@ -10,8 +10,7 @@ use futures_util::FutureExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hubbub_protocol::{
     decode_client_frame, is_valid_room_name, is_valid_user_name, validate_content, ClientFrame,
-    ContentType, Conv, ErrorCode, MemberEvent, ProtoError, ReqId, ServerFrame, SignalKind,
-    MAX_CLIENT_MSG_ID,
+    ContentType, Conv, ErrorCode, ProtoError, ReqId, ServerFrame, SignalKind, MAX_CLIENT_MSG_ID,
 };
 use serde_json::{json, Value};
 
@@ -300,12 +299,11 @@ impl Conn {
             }
         }
         let outcome = self.state.store.join_room(&conv, self.user()).await?;
-        room.add(self.user());
+        // The room's bus shard applies the join (and tells the members) in commit order
+        // with the room's messages; answer once it has.
+        self.state.bus.flush(&conv).await;
+        let room = self.room(&conv).await?;
         let online = self.state.hub.online_in(&room);
-        if outcome.added && room.len() <= self.state.config.large_room {
-            self.push_member(&conv, &room, MemberEvent::Joined, online)
-                .await;
-        }
         Ok(
             json!({"conv": conv, "last_seq": outcome.last_seq, "online": online, "created": outcome.created}),
         )
@@ -318,35 +316,15 @@ impl Conn {
             ));
         }
         let conv = Conv::room_id(name);
-        let room = self.room(&conv).await?;
         if !self.state.store.leave_room(&conv, self.user()).await? {
             return Err(ProtoError::new(
                 ErrorCode::NotMember,
                 format!("you are not a member of {conv}"),
             ));
         }
-        room.remove(self.user());
-        let online = self.state.hub.online_in(&room);
-        if room.len() < self.state.config.large_room {
-            self.push_member(&conv, &room, MemberEvent::Left, online)
-                .await;
-        }
+        // As for a join: answered once the room's shard has applied it.
+        self.state.bus.flush(&conv).await;
         Ok(json!({"conv": conv}))
-    }
-
-    /// `member` frames go to other users' sessions only.
-    async fn push_member(&self, conv: &str, _room: &Room, event: MemberEvent, online: u64) {
-        let frame = OutFrame::new(ServerFrame::Member {
-            conv: conv.to_string(),
-            user: self.user().to_string(),
-            event,
-            online,
-        });
-        let _ = self
-            .state
-            .hub
-            .deliver(conv, &frame, None, Some(self.user()), &*self.state.store)
-            .await;
     }
 
     async fn history(
@@ -368,9 +346,10 @@ impl Conn {
         limit: Option<u32>,
         since: Option<i64>,
     ) -> Answer {
-        // Taken before reading anything: a change committed while this sync runs is
-        // replayed again by the next one rather than missed (replays are idempotent).
-        let server_time = now_ms();
+        // Taken before reading anything, and before the stamps of changes still being
+        // committed: a change committed while this sync runs is replayed again by the
+        // next one rather than missed (replays are idempotent).
+        let server_time = now_ms().min(self.state.store.watermark()) - 1;
         if cursors.len() > MAX_SYNC_CONVS {
             return Err(ProtoError::bad_request(format!(
                 "at most {MAX_SYNC_CONVS} conversations per sync"
@@ -640,6 +619,6 @@ fn change_frame(c: crate::store::Committed) -> Option<ServerFrame> {
             content,
             edited_at,
         }),
-        Committed::Message { .. } | Committed::Receipt { .. } => None,
+        Committed::Message { .. } | Committed::Receipt { .. } | Committed::Member { .. } => None,
     }
 }

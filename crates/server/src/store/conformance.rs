@@ -21,8 +21,8 @@ use parking_lot::Mutex;
 use serde_json::json;
 
 use super::{
-    CommitHook, Committed, ConvSummary, FileMeta, HistoryQuery, Membership, NewMessage, Store,
-    StoreError,
+    now_ms, CommitHook, Committed, ConvSummary, FileMeta, HistoryQuery, Membership, NewMessage,
+    Store, StoreError,
 };
 
 /// A fresh store and the changes its commit hook has seen.
@@ -113,7 +113,9 @@ pub async fn seq_is_contiguous_per_conversation(f: Fixture) {
 /// calls made one after the other are numbered in call order.
 pub async fn concurrent_appends_have_no_gaps(f: Fixture) {
     let s = f.store.clone();
-    s.join_room("room:busy", "u").await.unwrap();
+    for t in 0..8 {
+        s.join_room("room:busy", &format!("u{t}")).await.unwrap();
+    }
     let mut tasks = Vec::new();
     for t in 0..8 {
         let s = s.clone();
@@ -167,6 +169,7 @@ pub async fn appends_are_idempotent_per_sender(f: Fixture) {
         .unwrap();
     assert!(again.duplicate);
     assert_eq!(again.message, first.message);
+    s.join_room("room:a", "v").await.unwrap();
     let other = s
         .append(text("room:a", "v", "same", "hello"))
         .await
@@ -268,6 +271,102 @@ pub async fn history_pages_in_both_directions(f: Fixture) {
     let m = s.message("room:h", 4).await.unwrap().unwrap();
     assert_eq!((m.seq, m.content), (4, Some(json!("m4"))));
     assert_eq!(s.message("room:h", 11).await.unwrap(), None);
+}
+
+/// The store has the last word on who may post in a room: an append from a non-member
+/// is refused in the transaction that would store it. A retry of a send stored while
+/// the sender was a member still returns the stored message.
+pub async fn only_members_append_to_a_room(f: Fixture) {
+    let s = &*f.store;
+    match s.append(text("room:m", "eve", "e1", "hi")).await {
+        Err(StoreError::NotMember(_)) => {}
+        other => panic!("expected not a member, got {other:?}"),
+    }
+    s.join_room("room:m", "bob").await.unwrap();
+    let first = append(s, text("room:m", "bob", "b1", "hi")).await;
+    assert!(s.leave_room("room:m", "bob").await.unwrap());
+    match s.append(text("room:m", "bob", "b2", "again")).await {
+        Err(StoreError::NotMember(_)) => {}
+        other => panic!("expected not a member, got {other:?}"),
+    }
+    let retry = s.append(text("room:m", "bob", "b1", "hi")).await.unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(retry.message, first);
+    assert_eq!(seqs(s, "room:m").await, vec![1], "a refusal takes no seq");
+}
+
+/// Joins and leaves reach the commit hook in commit order, between the messages they
+/// were committed between; a join of a member or a leave of a non-member announces
+/// nothing.
+pub async fn joins_and_leaves_are_announced_in_commit_order(f: Fixture) {
+    let s = &*f.store;
+    s.join_room("room:j", "alice").await.unwrap();
+    append(s, text("room:j", "alice", "j1", "one")).await;
+    s.join_room("room:j", "bob").await.unwrap();
+    s.join_room("room:j", "bob").await.unwrap();
+    append(s, text("room:j", "alice", "j2", "two")).await;
+    assert!(s.leave_room("room:j", "bob").await.unwrap());
+    assert!(!s.leave_room("room:j", "bob").await.unwrap());
+    append(s, text("room:j", "alice", "j3", "three")).await;
+    let seen: Vec<String> = f
+        .committed
+        .lock()
+        .iter()
+        .filter(|c| c.conv() == "room:j")
+        .map(|c| match c {
+            Committed::Message { message, .. } => format!("m{}", message.seq),
+            Committed::Member { user, joined, .. } => {
+                format!("{user}{}", if *joined { "+" } else { "-" })
+            }
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(seen, ["alice+", "m1", "bob+", "m2", "bob-", "m3"]);
+}
+
+/// `watermark` is never later than the stamp of a change that is not committed yet: a
+/// `sync` that reports it as `server_time` misses nothing with `since` later.
+pub async fn the_watermark_is_never_after_a_pending_stamp(f: Fixture) {
+    let s = f.store.clone();
+    s.join_room("room:w", "u").await.unwrap();
+    append(&*s, text("room:w", "u", "w1", "v0")).await;
+    let idle = s.watermark();
+    assert!(
+        idle >= now_ms() - 1,
+        "an idle store's watermark is not in the past"
+    );
+    let edits = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut stamps = Vec::new();
+            for i in 0..200 {
+                stamps.push(
+                    s.edit("room:w", 1, json!(format!("v{i}")), 0)
+                        .await
+                        .unwrap(),
+                );
+            }
+            stamps
+        })
+    };
+    // A read that starts after the watermark was taken shows every change stamped
+    // before it: no edit is stamped between the edit a read shows and the watermark.
+    let mut seen = Vec::new();
+    while !edits.is_finished() && seen.len() < 100_000 {
+        let mark = s.watermark().min(now_ms());
+        let shown = s.message("room:w", 1).await.unwrap().unwrap();
+        seen.push((mark, shown.edited_at.unwrap_or(0)));
+        tokio::task::yield_now().await;
+    }
+    let stamps = edits.await.unwrap();
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]));
+    for (mark, shown) in seen {
+        let hidden = stamps.iter().find(|&&t| t > shown && t < mark);
+        assert!(
+            hidden.is_none(),
+            "a read after watermark {mark} showed the edit of {shown} but not that of {hidden:?}"
+        );
+    }
 }
 
 /// Rooms: the first join creates the room and makes the joiner its admin.
@@ -540,6 +639,9 @@ macro_rules! store_conformance {
             recall_and_edit,
             accounts_and_files,
             files_are_visible_to_uploader_and_recipients,
+            only_members_append_to_a_room,
+            joins_and_leaves_are_announced_in_commit_order,
+            the_watermark_is_never_after_a_pending_stamp,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

@@ -11,7 +11,11 @@
 //!   conversation, even before either future is polled.
 //! - The same `(from, client_msg_id)` returns the original message and stores nothing.
 //! - Committed messages are announced to the [`CommitHook`] in commit order, before the
-//!   appending caller is answered; this is what lets fan-out keep `seq` order.
+//!   appending caller is answered; this is what lets fan-out keep `seq` order. Joins and
+//!   leaves are announced the same way, in the same order, so member lists built from
+//!   the announcements agree with the store at every message.
+//! - An append to a room by a non-member is refused (`NotMember`) in the transaction
+//!   that would store it: the store, not a cache, has the last word on membership.
 
 use std::sync::Arc;
 
@@ -35,6 +39,9 @@ pub enum StoreError {
     /// No such message or conversation.
     #[error("not found: {0}")]
     NotFound(String),
+    /// The sender is not a member of the room (checked in the append's transaction).
+    #[error("not a member: {0}")]
+    NotMember(String),
     /// Something that should not happen.
     #[error("store error: {0}")]
     Internal(String),
@@ -46,6 +53,7 @@ impl From<StoreError> for ProtoError {
             StoreError::Unavailable(m) => ProtoError::new(ErrorCode::Unavailable, m),
             StoreError::Conflict(m) => ProtoError::new(ErrorCode::Conflict, m),
             StoreError::NotFound(m) => ProtoError::new(ErrorCode::NotFound, m),
+            StoreError::NotMember(m) => ProtoError::new(ErrorCode::NotMember, m),
             StoreError::Internal(m) => {
                 tracing::error!(error = %m, "store error");
                 ProtoError::new(ErrorCode::Internal, "internal store error")
@@ -173,6 +181,14 @@ pub enum Committed {
         seq: u64,
         origin: u64,
     },
+    /// A user joined (`joined: true`) or left a room. Announced in commit order with
+    /// the messages, so whoever applies it to a member list sees every message of the
+    /// room exactly while the user was a member.
+    Member {
+        conv: String,
+        user: String,
+        joined: bool,
+    },
 }
 
 impl Committed {
@@ -182,7 +198,8 @@ impl Committed {
             Committed::Message { message, .. } => &message.conv,
             Committed::Recalled { conv, .. }
             | Committed::Edited { conv, .. }
-            | Committed::Receipt { conv, .. } => conv,
+            | Committed::Receipt { conv, .. }
+            | Committed::Member { conv, .. } => conv,
         }
     }
 }
@@ -196,10 +213,12 @@ pub trait Store: Send + Sync + 'static {
     /// Appends a message (see the module docs for ordering and idempotency).
     fn append(&self, msg: NewMessage) -> BoxFuture<'static, StoreResult<Appended>>;
 
-    /// Joins `user` to the room `conv`, creating the room on first join.
+    /// Joins `user` to the room `conv`, creating the room on first join. A new member is
+    /// announced to the [`CommitHook`] (`Committed::Member`) in commit order.
     fn join_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<JoinOutcome>>;
 
-    /// Removes `user` from the room; false when it was not a member.
+    /// Removes `user` from the room; false when it was not a member. A removal is
+    /// announced to the [`CommitHook`] in commit order.
     fn leave_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>>;
 
     /// Every member of a conversation.
@@ -291,6 +310,12 @@ pub trait Store: Send + Sync + 'static {
     /// Whether `user` may download the file `id`: its uploader, or a member of a
     /// conversation it was sent to (in an attachment's `url`).
     fn may_read_file(&self, id: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>>;
+
+    /// A time (Unix ms) before which every change stamp (`ts`, `edited_at`, recall time)
+    /// belongs to a committed change: a change being written now is stamped at or after
+    /// it. `sync` reports it as `server_time`, so a later `sync` with `since` misses
+    /// nothing that was committed after the first one read.
+    fn watermark(&self) -> i64;
 
     /// Checks that the store answers reads and writes.
     fn ping(&self) -> BoxFuture<'static, StoreResult<()>>;

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
@@ -159,6 +159,8 @@ pub struct SqliteStore {
 
 struct Inner {
     writes: mpsc::UnboundedSender<WriteOp>,
+    /// See [`Store::watermark`]: the writer's [`Writer::stamping`].
+    stamping: Arc<AtomicI64>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     path: PathBuf,
@@ -193,11 +195,13 @@ impl SqliteStore {
             readers.push(Mutex::new(r));
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let stamping = Arc::new(AtomicI64::new(i64::MAX));
         let writer = Writer {
             conn,
             seqs: HashMap::new(),
             hook,
             metrics,
+            stamping: stamping.clone(),
         };
         std::thread::Builder::new()
             .name("hubbub-store-writer".into())
@@ -206,6 +210,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 writes: tx,
+                stamping,
                 readers,
                 next_reader: AtomicUsize::new(0),
                 path,
@@ -339,6 +344,9 @@ struct Writer {
     seqs: HashMap<String, u64>,
     hook: CommitHook,
     metrics: Metrics,
+    /// While a batch is open: a time at or before its change stamps; `i64::MAX` between
+    /// batches.
+    stamping: Arc<AtomicI64>,
 }
 
 /// What one operation of a batch produced, answered after the commit.
@@ -346,8 +354,8 @@ enum Done {
     /// Already answered (a refusal that wrote nothing).
     Answered,
     Append(Reply<Appended>, Appended, u64),
-    Join(Reply<JoinOutcome>, JoinOutcome),
-    Leave(Reply<bool>, bool),
+    Join(Reply<JoinOutcome>, JoinOutcome, Option<Committed>),
+    Leave(Reply<bool>, bool, Option<Committed>),
     Ping(Reply<()>),
     /// A change to announce after the commit, then answer with ().
     Changed(Reply<()>, Option<Committed>),
@@ -377,7 +385,20 @@ impl Writer {
                     op => Some(op),
                 })
                 .collect();
-            self.apply_batch(ops);
+            // A panic while applying (a bug, or a commit hook that panics) must not end the
+            // writer: the batch's callers get `unavailable` (their reply senders are
+            // dropped), an open transaction is rolled back, and the next batch starts
+            // clean. A retried send finds what was committed by its `client_msg_id`.
+            let applied =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply_batch(ops)));
+            if applied.is_err() {
+                self.metrics.store_writer_panics.inc();
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                self.seqs.clear();
+                self.stamping.store(i64::MAX, Ordering::SeqCst);
+            }
             if let Some(reply) = close {
                 // Everything queued before the close has been committed above; refuse the
                 // rest.
@@ -405,6 +426,8 @@ impl Writer {
             }
             return;
         }
+        // Published before the stamp is taken, so no stamp of this batch is earlier.
+        self.stamping.store(now_ms(), Ordering::SeqCst);
         let now = now_ms();
         let mut done = Vec::with_capacity(n);
         let mut failure = None;
@@ -436,6 +459,7 @@ impl Writer {
             for op in ops {
                 fail(op, err.clone());
             }
+            self.stamping.store(i64::MAX, Ordering::SeqCst);
             return;
         }
         let elapsed = started.elapsed();
@@ -457,12 +481,15 @@ impl Writer {
                         origin: *origin,
                     })
                 }
-                Done::Changed(_, Some(c)) | Done::Edited(_, c) | Done::Read(_, _, Some(c)) => {
-                    (self.hook)(c.clone())
-                }
+                Done::Changed(_, Some(c))
+                | Done::Edited(_, c)
+                | Done::Read(_, _, Some(c))
+                | Done::Join(_, _, Some(c))
+                | Done::Leave(_, _, Some(c)) => (self.hook)(c.clone()),
                 _ => {}
             }
         }
+        self.stamping.store(i64::MAX, Ordering::SeqCst);
         for d in done {
             d.answer();
         }
@@ -481,7 +508,14 @@ impl Writer {
                 Err(e) => Err(Box::new((WriteOp::Append(msg, reply), e))),
             },
             WriteOp::Join { conv, user, reply } => match self.join(&conv, &user, now) {
-                Ok(j) => Ok(Done::Join(reply, j)),
+                Ok(j) => {
+                    let change = j.added.then_some(Committed::Member {
+                        conv,
+                        user,
+                        joined: true,
+                    });
+                    Ok(Done::Join(reply, j, change))
+                }
                 Err(e) => Err(Box::new((WriteOp::Join { conv, user, reply }, e))),
             },
             WriteOp::Leave { conv, user, reply } => {
@@ -490,7 +524,14 @@ impl Writer {
                     .prepare_cached("DELETE FROM members WHERE conv = ?1 AND user = ?2")
                     .and_then(|mut s| s.execute(params![conv, user]))
                 {
-                    Ok(n) => Ok(Done::Leave(reply, n == 1)),
+                    Ok(n) => {
+                        let change = (n == 1).then_some(Committed::Member {
+                            conv,
+                            user,
+                            joined: false,
+                        });
+                        Ok(Done::Leave(reply, n == 1, change))
+                    }
                     Err(e) => Err(Box::new((WriteOp::Leave { conv, user, reply }, e))),
                 }
             }
@@ -500,7 +541,7 @@ impl Writer {
                 by,
                 origin,
                 reply,
-            } => match self.recall(&conv, seq, &by, origin) {
+            } => match self.recall(&conv, seq, &by, origin, now) {
                 Ok(Ok(c)) => Ok(Done::Changed(reply, c)),
                 Ok(Err(e)) => {
                     let _ = reply.send(Err(e));
@@ -622,6 +663,7 @@ impl Writer {
         seq: u64,
         by: &str,
         origin: u64,
+        now: i64,
     ) -> rusqlite::Result<StoreResult<Option<Committed>>> {
         let recalled: Option<bool> = self
             .conn
@@ -639,7 +681,7 @@ impl Writer {
                         "UPDATE messages SET recalled = 1, content = 'null', recalled_by = ?3, modified_at = ?4 \
                          WHERE conv = ?1 AND seq = ?2",
                     )?
-                    .execute(params![conv, seq, by, now_ms()])?;
+                    .execute(params![conv, seq, by, now])?;
                 Ok(Ok(Some(Committed::Recalled {
                     conv: conv.to_string(),
                     seq,
@@ -730,6 +772,22 @@ impl Writer {
         msg: &mut NewMessage,
         now: i64,
     ) -> rusqlite::Result<StoreResult<Appended>> {
+        if msg.dm_members.is_none() {
+            let member = self
+                .conn
+                .prepare_cached("SELECT 1 FROM members WHERE conv = ?1 AND user = ?2")?
+                .exists(params![msg.conv, msg.from])?;
+            if !member {
+                // A retry of a send stored while the sender was a member still finds it.
+                return match self.stored_already(msg).optional()? {
+                    Some(found) => Ok(found),
+                    None => Ok(Err(StoreError::NotMember(format!(
+                        "you are not a member of {}",
+                        msg.conv
+                    )))),
+                };
+            }
+        }
         let cached = self.seqs.get(&msg.conv).copied();
         let last = match cached {
             Some(s) => s,
@@ -800,6 +858,7 @@ impl Writer {
 
     /// The answer to a retried send: the message stored the first time, or a conflict if
     /// its `client_msg_id` was used in another conversation.
+    /// (`QueryReturnedNoRows` when nothing was stored under that id.)
     fn stored_already(&mut self, msg: &NewMessage) -> rusqlite::Result<StoreResult<Appended>> {
         let message = self
             .conn
@@ -863,10 +922,10 @@ impl Done {
             Done::Append(r, a, _) => {
                 let _ = r.send(Ok(a));
             }
-            Done::Join(r, j) => {
+            Done::Join(r, j, _) => {
                 let _ = r.send(Ok(j));
             }
-            Done::Leave(r, b) => {
+            Done::Leave(r, b, _) => {
                 let _ = r.send(Ok(b));
             }
             Done::Ping(r) | Done::Changed(r, _) => {
@@ -889,10 +948,10 @@ impl Done {
             Done::Append(r, _, _) => {
                 let _ = r.send(Err(e));
             }
-            Done::Join(r, _) => {
+            Done::Join(r, _, _) => {
                 let _ = r.send(Err(e));
             }
-            Done::Leave(r, _) => {
+            Done::Leave(r, _, _) => {
                 let _ = r.send(Err(e));
             }
             Done::Ping(r) | Done::Changed(r, _) => {
@@ -1250,6 +1309,10 @@ impl Store for SqliteStore {
             )?
             .exists(params![id, user])
         })
+    }
+
+    fn watermark(&self) -> i64 {
+        self.inner.stamping.load(Ordering::SeqCst)
     }
 
     fn ping(&self) -> BoxFuture<'static, StoreResult<()>> {
