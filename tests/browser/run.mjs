@@ -87,8 +87,8 @@ async function signInGuest(page, name) {
   await connected(page);
 }
 
-async function connected(page) {
-  await until(async () => (await page.locator('#conn-status').textContent()) === 'Connected', 'Connected status');
+async function connected(page, ms) {
+  await until(async () => (await page.locator('#conn-status').textContent()) === 'Connected', 'Connected status', ms);
 }
 
 async function joinRoom(page, room) {
@@ -222,7 +222,8 @@ async function main() {
     await page.getByRole('textbox', { name: 'Username', exact: true }).fill('dora');
     await page.getByLabel('Password', { exact: true }).fill('correct horse');
     await page.getByRole('button', { name: 'Register', exact: true }).click();
-    await connected(page);
+    // Registering hashes the password twice (register, log in): slow in debug builds.
+    await connected(page, 30000);
     assert((await page.locator('#me-name').textContent()) === 'dora', 'signed in as dora');
     await page.context().close();
     delete pages.signin;
@@ -350,8 +351,7 @@ async function main() {
     await erin.page.getByRole('textbox', { name: 'Username', exact: true }).fill('erin');
     await erin.page.getByLabel('Password', { exact: true }).fill('correct horse');
     await erin.page.getByRole('button', { name: 'Register', exact: true }).click();
-    // Registering hashes the password twice (register, log in): slow in debug builds.
-    await until(async () => (await erin.page.locator('#conn-status').textContent()) === 'Connected', 'Connected status', 30000);
+    await connected(erin.page, 30000);
     // room:attic holds a message stored with the URL `/\evil.example/x`, which a browser
     // reads as //evil.example/x: it must not be shown as a link of ours.
     await joinRoom(erin.page, 'attic');
