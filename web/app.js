@@ -48,12 +48,50 @@ function credQuery() {
   return auth.token ? 'token=' + encodeURIComponent(auth.token) : 'user=' + encodeURIComponent(auth.user);
 }
 
-/** A URL safe to load: our own server-relative upload (with the credential) or http(s). */
+/**
+ * A URL safe to load, or null. Resolved the way the browser will resolve it (`/\\host`
+ * means `//host` to a browser): one of our uploads (same origin, under /files/) is used
+ * as its path, and the file pass cookie authorizes it; an https URL elsewhere is used as
+ * it is. No credential is ever put in a URL.
+ */
 function safeUrl(u) {
   if (typeof u !== 'string' || u.length === 0) return null;
-  if (u.startsWith('/') && !u.startsWith('//')) return u + (u.includes('?') ? '&' : '?') + credQuery();
-  if (/^https?:\/\//i.test(u)) return u;
-  return null;
+  let url;
+  try { url = new URL(u, location.href); } catch { return null; }
+  if (url.origin === location.origin) {
+    return url.pathname.startsWith('/files/') && !url.search && !url.hash ? url.pathname : null;
+  }
+  return url.protocol === 'https:' ? url.href : null;
+}
+
+// ---------------------------------------------------------------- file pass
+
+/** When the current file pass expires (ms), and the timer that renews it. */
+let filePassExpires = 0;
+let filePassTimer = null;
+
+/**
+ * Gets a file pass: an HttpOnly cookie scoped to /files/ that lets this browser download
+ * the attachments it may read. Renewed at half its lifetime, and after a failed load.
+ */
+async function refreshFilePass() {
+  clearTimeout(filePassTimer);
+  try {
+    const r = await api('/api/files/pass', { method: 'POST' });
+    filePassExpires = r.expires_at;
+    const left = Math.max(5000, (r.expires_at - Date.now()) / 2);
+    filePassTimer = setTimeout(refreshFilePass, left);
+  } catch {
+    filePassTimer = setTimeout(refreshFilePass, 15000);
+  }
+}
+
+/** Retries a failed attachment load once with a fresh pass (it may have expired). */
+function retryWithFreshPass(media) {
+  if (media.dataset.retried || !(media.getAttribute('src') || '').startsWith('/files/')) return;
+  media.dataset.retried = '1';
+  const src = media.getAttribute('src');
+  refreshFilePass().then(() => { media.src = src; });
 }
 
 async function api(path, opts = {}) {
@@ -221,10 +259,11 @@ $('register-btn').addEventListener('click', () => {
   if ($('account-form').reportValidity()) login(true);
 });
 
-$('signout').addEventListener('click', () => {
+$('signout').addEventListener('click', async () => {
   if (calls.active) calls.hangup();
   if (conn) conn.stop();
   sessionStorage.clear();
+  try { await fetch('/api/files/pass', { method: 'DELETE' }); } catch { /* offline */ }
   location.reload();
 });
 
@@ -277,17 +316,20 @@ function startChat() {
       $('conn-status').textContent = why;
     },
   });
-  conn.start();
-  refreshConversations().then(() => {
-    const saved = sessionStorage.getItem('hubbub.current');
-    if (saved && !current) openConv(saved);
-  }).catch((e) => {
-    if (e.status === 401) {
-      sessionStorage.removeItem('hubbub.auth');
-      showSignin('Please sign in again.');
-    }
+  // Attachments load with the file pass: get it before anything is shown.
+  refreshFilePass().finally(() => {
+    conn.start();
+    refreshConversations().then(() => {
+      const saved = sessionStorage.getItem('hubbub.current');
+      if (saved && !current) openConv(saved);
+    }).catch((e) => {
+      if (e.status === 401) {
+        sessionStorage.removeItem('hubbub.auth');
+        showSignin('Please sign in again.');
+      }
+    });
+    refreshRooms();
   });
-  refreshRooms();
 }
 
 window.addEventListener('online', () => conn && conn.kick());
@@ -296,6 +338,8 @@ window.addEventListener('online', () => conn && conn.kick());
 let connectedAt = null;
 
 async function onOpen(welcome, reconnect) {
+  // After a sleep the renewal timer may be late: renew a pass that is (nearly) over.
+  if (Date.now() > filePassExpires - 60000) refreshFilePass();
   const since = connectedAt;
   connectedAt = welcome.server_time;
   // Unsent messages go out first (same client_msg_id: a retry never stores twice); the
@@ -705,6 +749,7 @@ function renderContent(m) {
     img.alt = name;
     img.src = url;
     img.decoding = 'async';
+    img.addEventListener('error', () => retryWithFreshPass(img));
     img.addEventListener('load', () => { if (atBottom(200)) scrollToBottom(); });
     a.append(img);
     return a;
@@ -715,6 +760,7 @@ function renderContent(m) {
     media.controls = true;
     media.preload = 'metadata';
     media.src = url;
+    media.addEventListener('error', () => retryWithFreshPass(media));
     box.append(media);
   }
   const a = el('a', 'file-link');

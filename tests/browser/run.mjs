@@ -87,8 +87,8 @@ async function signInGuest(page, name) {
   await connected(page);
 }
 
-async function connected(page) {
-  await until(async () => (await page.locator('#conn-status').textContent()) === 'Connected', 'Connected status');
+async function connected(page, ms) {
+  await until(async () => (await page.locator('#conn-status').textContent()) === 'Connected', 'Connected status', ms);
 }
 
 async function joinRoom(page, room) {
@@ -222,7 +222,8 @@ async function main() {
     await page.getByRole('textbox', { name: 'Username', exact: true }).fill('dora');
     await page.getByLabel('Password', { exact: true }).fill('correct horse');
     await page.getByRole('button', { name: 'Register', exact: true }).click();
-    await connected(page);
+    // Registering hashes the password twice (register, log in): slow in debug builds.
+    await connected(page, 30000);
     assert((await page.locator('#me-name').textContent()) === 'dora', 'signed in as dora');
     await page.context().close();
     delete pages.signin;
@@ -298,7 +299,7 @@ async function main() {
     const link = bob.page.getByRole('log').getByRole('link', { name: /notes\.txt/ });
     await until(async () => (await link.count()) === 1, 'file link');
     const href = await link.getAttribute('href');
-    assert(href.startsWith('/files/') && href.includes('user=bob'), `download link with credential: ${href}`);
+    assert(href.startsWith('/files/') && !/[?&](user|token)=/.test(href), `download link without a credential: ${href}`);
     const body = await bob.page.evaluate(async (u) => (await fetch(u)).text(), href);
     assert(body === 'meeting notes\n', 'download works');
 
@@ -340,6 +341,41 @@ async function main() {
       assert(await p.locator('img[src="x"]').count() === 0, 'no injected img element');
     }
     assert(dialogs.length === 0, `no dialog fired (${dialogs.join('; ')})`);
+  });
+
+  await test('attachment URLs carry no credential and a foreign URL is never ours', async () => {
+    const erin = await newUser(browser, 'erin');
+    const requested = [];
+    erin.page.on('request', (r) => requested.push(r.url()));
+    await erin.page.goto(BASE + '/');
+    await erin.page.getByRole('textbox', { name: 'Username', exact: true }).fill('erin');
+    await erin.page.getByLabel('Password', { exact: true }).fill('correct horse');
+    await erin.page.getByRole('button', { name: 'Register', exact: true }).click();
+    await connected(erin.page, 30000);
+    // room:attic holds a message stored with the URL `/\evil.example/x`, which a browser
+    // reads as //evil.example/x: it must not be shown as a link of ours.
+    await joinRoom(erin.page, 'attic');
+    const log = erin.page.getByRole('log');
+    await until(async () => (await log.textContent()).includes('report.pdf'), 'the stored attachment shown');
+    const links = async () => log.locator('[href], [src]').evaluateAll((els) => els.map((e) => e.getAttribute('href') || e.getAttribute('src')));
+    for (const u of await links()) {
+      assert(!u.includes('evil.example'), `no link to another host: ${u}`);
+    }
+    // An upload of erin's own shows and loads with the file pass cookie alone.
+    await erin.page.getByLabel('Attach file').setInputFiles({ name: 'dot.png', mimeType: 'image/png', buffer: makePng(32, 20) });
+    const img = log.locator('img.preview');
+    await until(async () => (await img.count()) === 1 && await img.evaluate((i) => i.complete && i.naturalWidth === 32), 'own image loaded');
+    for (const u of await links()) {
+      assert(!/[?&](token|user)=/.test(u), `no credential in ${u}`);
+      const abs = new URL(u, BASE);
+      assert(abs.origin === new URL(BASE).origin || abs.protocol === 'https:', `ours or https: ${u}`);
+    }
+    const leaked = requested.filter((u) => /[?&]token=/.test(u));
+    assert(leaked.length === 0, `no HTTP request carries the token: ${leaked.join(' ')}`);
+    const pass = (await erin.context.cookies()).find((c) => c.name === 'hubbub_files');
+    assert(pass && pass.httpOnly && pass.sameSite === 'Strict' && pass.path === '/files/', `file pass cookie: ${JSON.stringify(pass)}`);
+    await erin.context.close();
+    delete pages.erin;
   });
 
   await test('reconnect after a server restart shows missed messages exactly once', async () => {

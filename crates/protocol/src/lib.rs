@@ -227,6 +227,67 @@ impl ContentType {
     }
 }
 
+/// Longest name of an uploaded file, in bytes.
+pub const MAX_FILE_NAME: usize = 100;
+
+/// Where an attachment's `url` points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachmentUrl<'a> {
+    /// A file of the upload API: `/files/<id>/<name>`.
+    Upload { id: &'a str, name: &'a str },
+    /// An absolute `https://` URL elsewhere.
+    External,
+}
+
+/// True when `id` has the form of an upload id: a ULID as the upload API writes it
+/// (26 characters of Crockford base32, upper case, first one `0`-`7`).
+pub fn is_file_id(id: &str) -> bool {
+    id.len() == 26
+        && id.as_bytes()[0] <= b'7'
+        && id
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'H' | b'J' | b'K' | b'M' | b'N' | b'P'..=b'T' | b'V'..=b'Z'))
+}
+
+/// True when `name` is a stored file name as the upload API writes it: 1 to
+/// [`MAX_FILE_NAME`] bytes of `[A-Za-z0-9._-]`, not starting with a dot.
+pub fn is_safe_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_FILE_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Classifies an attachment URL; `None` when it is neither an upload URL
+/// (`/files/<id>/<name>`, nothing after the name) nor an absolute `https://` URL with a
+/// host (printable ASCII only, no backslash). Anything else (other schemes, other paths,
+/// `//host`, `/\host`) could send a browser somewhere unexpected.
+pub fn parse_attachment_url(url: &str) -> Option<AttachmentUrl<'_>> {
+    if url.len() > MAX_URL {
+        return None;
+    }
+    if let Some(rest) = url.strip_prefix("/files/") {
+        let (id, name) = rest.split_once('/')?;
+        return (is_file_id(id) && is_safe_file_name(name))
+            .then_some(AttachmentUrl::Upload { id, name });
+    }
+    let scheme = url.get(..8)?;
+    if !scheme.eq_ignore_ascii_case("https://") {
+        return None;
+    }
+    if !url
+        .bytes()
+        .all(|b| (0x21..=0x7e).contains(&b) && b != b'\\')
+    {
+        return None;
+    }
+    let host = url[8..].split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit('@').next().unwrap_or("");
+    (!host.is_empty() && !host.starts_with(':')).then_some(AttachmentUrl::External)
+}
+
 /// Checks `content` against its `content_type`: text (and system) content is a string of
 /// at most `max_text_bytes` UTF-8 bytes; attachments are `{url, name?, size?, mime?}`.
 pub fn validate_content(
@@ -259,7 +320,14 @@ pub fn validate_content(
         )));
     };
     match obj.get("url") {
-        Some(Value::String(url)) if !url.is_empty() && url.len() <= MAX_URL => {}
+        Some(Value::String(url)) if !url.is_empty() && url.len() <= MAX_URL => {
+            if parse_attachment_url(url).is_none() {
+                return Err(ProtoError::bad_request(
+                    "attachment url must be a /files/<id>/<name> URL from the upload API \
+                     or an absolute https:// URL",
+                ));
+            }
+        }
         Some(Value::String(url)) if url.len() > MAX_URL => {
             return Err(ProtoError::new(
                 ErrorCode::TooLarge,
@@ -735,12 +803,46 @@ mod tests {
         );
         assert!(validate_content(
             ContentType::Image,
-            &json!({"url":"/files/a","name":"a.png","size":3,"mime":"image/png"}),
+            &json!({"url":"/files/01ARZ3NDEKTSV4RRFFQ69G5FAV/a.png","name":"a.png","size":3,"mime":"image/png"}),
             16384
         )
         .is_ok());
         assert!(validate_content(ContentType::File, &json!({"url":""}), 16384).is_err());
         assert!(validate_content(ContentType::File, &json!({"url":"u","size":-1}), 16384).is_err());
+    }
+
+    #[test]
+    fn attachment_urls_are_uploads_or_https_only() {
+        let id = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
+        assert_eq!(
+            parse_attachment_url(&format!("/files/{id}/a.png")),
+            Some(AttachmentUrl::Upload { id, name: "a.png" })
+        );
+        assert_eq!(
+            parse_attachment_url("https://example.com/a.png"),
+            Some(AttachmentUrl::External)
+        );
+        for bad in [
+            "/\\evil.example/x",
+            "//evil.example/x",
+            "http://example.com/",
+            "javascript:alert(1)",
+            "https://",
+            "https:///x",
+            "https://:80/x",
+            "https://a b/",
+            "https://é.example/",
+            "/files/01ARZ3NDEKTSV4RRFFQ69G5FAV",
+            "/files/01ARZ3NDEKTSV4RRFFQ69G5FAV/",
+            "/files/01ARZ3NDEKTSV4RRFFQ69G5FAV/a/b",
+            "/files/01ARZ3NDEKTSV4RRFFQ69G5FAV/..",
+            "/files/81ARZ3NDEKTSV4RRFFQ69G5FAV/a.png",
+            "/files/01ARZ3NDEKTSV4RRFFQ69G5FAI/a.png",
+        ] {
+            assert_eq!(parse_attachment_url(bad), None, "{bad:?}");
+        }
+        assert!(is_safe_file_name(&"a".repeat(MAX_FILE_NAME)));
+        assert!(!is_safe_file_name(&"a".repeat(MAX_FILE_NAME + 1)));
     }
 
     #[test]

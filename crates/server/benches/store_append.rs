@@ -9,6 +9,8 @@
 //!
 //! - `one_conversation`: `n` messages to one room (the sender is a member, as checked by
 //!   the gateway before appending).
+//! - `one_conversation_attachments`: the same with image messages pointing to an upload
+//!   (the append checks the sender may read it and records the share).
 //! - `many_conversations`: `n` messages to `n` DMs never written before (each creates the
 //!   conversation and its two members, like a first DM).
 //!
@@ -25,7 +27,7 @@ use divan::counter::ItemsCount;
 use divan::Bencher;
 use hubbub_protocol::{ContentType, Conv};
 use hubbub_server::metrics::Metrics;
-use hubbub_server::store::{CommitHook, NewMessage, SqliteStore, Store};
+use hubbub_server::store::{CommitHook, FileMeta, NewMessage, SqliteStore, Store};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -139,6 +141,37 @@ fn one_conversation(bencher: Bencher, n: usize) {
         client_msg_id: format!("c-{i}"),
         content_type: ContentType::Text,
         content: content(i),
+        dm_members: None,
+        origin: 1,
+    });
+}
+
+/// Like `one_conversation`, but every message is an image pointing to an upload of its
+/// sender: the append also checks that the sender may read the file and records the
+/// message's share of it (only messages with a `/files/` URL pay for this).
+#[divan::bench(args = BURSTS, sample_count = SAMPLES)]
+fn one_conversation_attachments(bencher: Bencher, n: usize) {
+    let bed = Bed::open();
+    let conv = Conv::room_id("general");
+    let file = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
+    bed.rt.block_on(async {
+        bed.store.join_room(&conv, "alice").await.expect("join");
+        let meta = FileMeta {
+            id: file.into(),
+            name: "a.png".into(),
+            mime: "image/png".into(),
+            size: 1,
+            uploader: "alice".into(),
+            created_at: 0,
+        };
+        assert!(bed.store.put_file(meta, u64::MAX).await.expect("put file"));
+    });
+    bed.bench(bencher, "one_conv_attachments", n, |i| NewMessage {
+        conv: conv.clone(),
+        from: "alice".into(),
+        client_msg_id: format!("c-{i}"),
+        content_type: ContentType::Image,
+        content: serde_json::json!({"url": format!("/files/{file}/a.png"), "name": "a.png", "size": i}),
         dm_members: None,
         origin: 1,
     });

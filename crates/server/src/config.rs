@@ -75,6 +75,19 @@ pub struct Config {
     /// How long the store waits for a database locked by another process before the
     /// operation fails with `unavailable`, in milliseconds.
     pub store_busy_timeout_ms: u64,
+    /// Most bytes of uploads one user may have stored at once (`POST /api/files` answers
+    /// 413 beyond it).
+    pub upload_quota_bytes: u64,
+    /// Uploads one user may start per minute (also the burst).
+    pub uploads_per_minute: u32,
+    /// Uploads one IP address may start per minute (also the burst).
+    pub uploads_per_minute_per_ip: u32,
+    /// Uploads no message shares are deleted once this old, in seconds (0: never).
+    pub upload_gc_age_secs: u64,
+    /// How often the collector of unshared uploads runs, in milliseconds.
+    pub file_gc_interval_ms: u64,
+    /// Lifetime of a file pass (the download cookie of browsers), in seconds.
+    pub file_pass_ttl_secs: u64,
 }
 
 impl Default for Config {
@@ -110,6 +123,12 @@ impl Default for Config {
             max_connections_per_ip: 1_000,
             max_rooms_per_user: 1_000,
             store_busy_timeout_ms: 5_000,
+            upload_quota_bytes: 1024 * 1024 * 1024,
+            uploads_per_minute: 30,
+            uploads_per_minute_per_ip: 120,
+            upload_gc_age_secs: 24 * 3600,
+            file_gc_interval_ms: 10 * 60 * 1000,
+            file_pass_ttl_secs: 15 * 60,
         }
     }
 }
@@ -175,6 +194,12 @@ impl Config {
         }
         if self.history_max == 0 || self.sync_max == 0 {
             return Err("history_max and sync_max must be positive".into());
+        }
+        if self.uploads_per_minute == 0 || self.uploads_per_minute_per_ip == 0 {
+            return Err("uploads_per_minute and uploads_per_minute_per_ip must be positive".into());
+        }
+        if self.file_gc_interval_ms == 0 || self.file_pass_ttl_secs == 0 {
+            return Err("file_gc_interval_ms and file_pass_ttl_secs must be positive".into());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err("log_format is text or json".into());

@@ -68,6 +68,10 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Open WebSocket connections, in total and per address.
     pub conn_limiter: Arc<gateway::ConnLimiter>,
+    /// Signs and checks the download cookies of browsers.
+    pub file_passes: api::files::FilePasses,
+    /// Upload rates per user and per address.
+    pub uploads: api::files::UploadLimits,
 }
 
 /// Serves on `listener` until `shutdown` resolves; then stops accepting, closes every
@@ -119,6 +123,9 @@ pub async fn run(
     );
     let conn_limiter =
         gateway::ConnLimiter::new(config.max_connections, config.max_connections_per_ip);
+    let file_passes = api::files::FilePasses::from_config(&config)?;
+    let uploads =
+        api::files::UploadLimits::new(config.uploads_per_minute, config.uploads_per_minute_per_ip);
     let state = Arc::new(AppState {
         config,
         store: store.clone(),
@@ -131,7 +138,11 @@ pub async fn run(
         logins: auth::LoginThrottle::default(),
         metrics,
         conn_limiter,
+        file_passes,
+        uploads,
     });
+    // Deletes old unshared uploads until shutdown begins.
+    let collector = tokio::spawn(api::files::run_collector(state.clone()));
 
     let token = state.shutdown.clone();
     let closer = {
@@ -161,6 +172,7 @@ pub async fn run(
 
     token.cancel();
     let _ = closer.await;
+    let _ = collector.await;
     state.sessions.close();
     if tokio::time::timeout(SESSION_DRAIN, state.sessions.wait())
         .await

@@ -53,6 +53,32 @@ fn tool(env: &str, default: impl FnOnce() -> Option<PathBuf>, what: &str) -> Pat
     }
 }
 
+/// A data dir whose `room:attic` holds a file message with the URL `/\\evil.example/x`,
+/// as stored before such URLs were refused: the UI must not take it for one of ours.
+async fn seeded_data_dir() -> tempfile::TempDir {
+    use hubbub_server::store::{NewMessage, SqliteStore, Store};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(dir.path(), std::sync::Arc::new(|_| {})).expect("store");
+    store
+        .join_room("room:attic", "mallory")
+        .await
+        .expect("join");
+    store
+        .append(NewMessage {
+            conv: "room:attic".into(),
+            from: "mallory".into(),
+            client_msg_id: "evil-1".into(),
+            content_type: hubbub_protocol::ContentType::File,
+            content: serde_json::json!({"url": "/\\evil.example/x", "name": "report.pdf"}),
+            dm_members: None,
+            origin: 0,
+        })
+        .await
+        .expect("append");
+    store.close().await.expect("close");
+    dir
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_ui_in_a_real_browser() {
     let root = repo_root();
@@ -79,7 +105,7 @@ async fn web_ui_in_a_real_browser() {
     let artifacts = target.join("browser-artifacts");
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");
 
-    let mut server = Some(TestServer::start().await);
+    let mut server = Some(TestServer::in_dir(seeded_data_dir().await, |_| {}).await);
     let addr = server.as_ref().unwrap().addr;
 
     let mut child = Command::new(&node)

@@ -658,3 +658,376 @@ async fn openapi_document_lists_every_route() {
     assert_eq!(r.status(), 404);
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "not_found");
 }
+
+fn url_of(meta: &Value) -> String {
+    meta["url"].as_str().unwrap().to_string()
+}
+
+async fn get_as(server: &TestServer, url: &str, who: &str) -> u16 {
+    http()
+        .get(server.http(&format!("{url}?user={who}")))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn an_attachment_url_is_an_upload_url_or_https_and_nothing_else() {
+    let server = TestServer::start().await;
+    let alice = server.connect("alice").await;
+    let bad = [
+        "/\\evil.example/x",
+        "//evil.example/x",
+        "\\\\evil.example/x",
+        "javascript:alert(1)",
+        "http://example.com/a.png",
+        "data:text/html,<script>alert(1)</script>",
+        "/api/conversations",
+        "/files/../api/conversations",
+        "/files/01ARZ3NDEKTSV4RRFFQ69G5FAV/../../x",
+        "/files/01ARZ3NDEKTSV4RRFFQ69G5FAV/a.png?token=x",
+        "/files/01ARZ3NDEKTSV4RRFFQ69G5FAV/.hidden",
+        "/files/not-an-id/a.png",
+        "/files/01arz3ndektsv4rrffq69g5fav/a.png",
+        "https://",
+        "https:///evil",
+        "https://ex ample.com/a.png",
+        "https://example.com\\@evil.example/",
+        "files/01ARZ3NDEKTSV4RRFFQ69G5FAV/a.png",
+    ];
+    for (i, url) in bad.iter().enumerate() {
+        let e = alice
+            .send_message(
+                "dm:alice:bob",
+                &format!("bad-{i}"),
+                ContentType::File,
+                json!({"url": url, "name": "x"}),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            common::error_code(e),
+            hubbub_protocol::ErrorCode::BadRequest,
+            "{url:?} is refused"
+        );
+    }
+    let ok = [
+        "/files/01ARZ3NDEKTSV4RRFFQ69G5FAV/a.png",
+        "https://example.com/cat.png?size=2#top",
+        "HTTPS://EXAMPLE.COM/",
+    ];
+    for (i, url) in ok.iter().enumerate() {
+        alice
+            .send_message(
+                "dm:alice:bob",
+                &format!("ok-{i}"),
+                ContentType::Image,
+                json!({"url": url}),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{url:?} is accepted: {e:?}"));
+    }
+    // An edit follows the same rule.
+    let e = alice
+        .request(hubbub_protocol::ClientFrame::Edit {
+            id: None,
+            conv: "dm:alice:bob".into(),
+            seq: 1,
+            content: json!({"url": "/\\evil.example/x"}),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        common::error_code(e),
+        hubbub_protocol::ErrorCode::BadRequest
+    );
+}
+
+#[tokio::test]
+async fn a_browser_downloads_with_a_file_pass_cookie_never_a_token_in_the_url() {
+    let server = TestServer::with(|c| {
+        c.jwt_secret = Some(SECRET.into());
+        c.file_pass_ttl_secs = 600;
+    })
+    .await;
+    // Tokens as `POST /api/login` makes them (without the slow password hashing).
+    let tokens = hubbub_server::auth::Tokens::new(SECRET.as_bytes(), Duration::from_secs(3600));
+    let alice = tokens.issue("alice", None).unwrap().0;
+    let bob = tokens.issue("bob", None).unwrap().0;
+    let part = reqwest::multipart::Part::bytes(b"hello".to_vec())
+        .file_name("hi.txt")
+        .mime_str("text/plain")
+        .unwrap();
+    let r = http()
+        .post(server.http("/api/files"))
+        .bearer_auth(&alice)
+        .multipart(reqwest::multipart::Form::new().part("file", part))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let url = url_of(&r.json().await.unwrap());
+
+    let pass_of = |token: String| {
+        let server = &server;
+        async move {
+            let r = http()
+                .post(server.http("/api/files/pass"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+            let expires_at = r.json::<Value>().await.unwrap()["expires_at"]
+                .as_i64()
+                .unwrap();
+            (cookie, expires_at)
+        }
+    };
+    let (cookie, expires_at) = pass_of(alice.clone()).await;
+    for attr in ["Path=/files/", "HttpOnly", "SameSite=Strict", "Max-Age="] {
+        assert!(cookie.contains(attr), "{attr} in {cookie}");
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(
+        expires_at > now && expires_at <= now + 601_000,
+        "short-lived"
+    );
+    let pair = cookie.split(';').next().unwrap().to_string();
+    let value = pair.split_once('=').unwrap().1.to_string();
+    let get = |cookie: String| {
+        let url = server.http(&url);
+        async move {
+            http()
+                .get(url)
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = get(format!("other=1; {pair}")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"hello");
+    // Bound to its user: bob's pass does not open alice's unsent file.
+    let (bob_cookie, _) = pass_of(bob.clone()).await;
+    let bob_pair = bob_cookie.split(';').next().unwrap().to_string();
+    assert_eq!(get(bob_pair).await.status(), 404);
+    // Forged or altered passes are refused.
+    let mut forged = value.clone();
+    forged.pop();
+    forged.push(if value.ends_with('A') { 'B' } else { 'A' });
+    assert_eq!(get(format!("hubbub_files={forged}")).await.status(), 401);
+    // The pass is no account token: the API and the socket refuse it.
+    let r = http()
+        .get(server.http("/api/conversations"))
+        .bearer_auth(&value)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        refused_status(token_opts(server.url(), &value)).await,
+        Some(401)
+    );
+    // Programs keep using the header.
+    let r = http()
+        .get(server.http(&url))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Sign-out clears the cookie.
+    let r = http()
+        .delete(server.http("/api/files/pass"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let cleared = r.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cleared.starts_with("hubbub_files=;") && cleared.contains("Max-Age=0"),
+        "{cleared}"
+    );
+}
+
+#[tokio::test]
+async fn a_file_url_sent_by_someone_who_cannot_read_it_grants_nothing() {
+    let server = TestServer::start().await;
+    let r = upload(&server, "alice", "secret.png", "image/png", vec![1, 2, 3]).await;
+    let meta: Value = r.json().await.unwrap();
+    let url = url_of(&meta);
+    // mallory saw the URL somewhere; sending it to bob must not open it to either.
+    let mallory = server.connect("mallory").await;
+    mallory
+        .send_message("dm:bob:mallory", "fwd-1", ContentType::Image, meta.clone())
+        .await
+        .unwrap();
+    assert_eq!(get_as(&server, &url, "bob").await, 404);
+    assert_eq!(get_as(&server, &url, "mallory").await, 404);
+
+    // A recipient who may read it can pass it on...
+    let alice = server.connect("alice").await;
+    alice
+        .send_message("dm:alice:carol", "a-1", ContentType::Image, meta.clone())
+        .await
+        .unwrap();
+    assert_eq!(get_as(&server, &url, "carol").await, 200);
+    let carol = server.connect("carol").await;
+    carol.join("team").await.unwrap();
+    let dave = server.connect("dave").await;
+    dave.join("team").await.unwrap();
+    carol
+        .send_message("room:team", "c-1", ContentType::Image, meta.clone())
+        .await
+        .unwrap();
+    assert_eq!(get_as(&server, &url, "dave").await, 200);
+    // ...until the message that shared it is recalled.
+    carol
+        .request(hubbub_protocol::ClientFrame::Recall {
+            id: None,
+            conv: "room:team".into(),
+            seq: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(get_as(&server, &url, "dave").await, 404);
+    alice
+        .request(hubbub_protocol::ClientFrame::Recall {
+            id: None,
+            conv: "dm:alice:carol".into(),
+            seq: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(get_as(&server, &url, "carol").await, 404);
+    assert_eq!(
+        get_as(&server, &url, "alice").await,
+        200,
+        "the uploader keeps it"
+    );
+}
+
+#[tokio::test]
+async fn uploads_stop_at_the_users_storage_quota() {
+    let server = TestServer::with(|c| {
+        c.max_upload_bytes = 100_000;
+        c.upload_quota_bytes = 100_000;
+    })
+    .await;
+    let r = upload(
+        &server,
+        "alice",
+        "a.bin",
+        "application/pdf",
+        vec![7; 60_000],
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let r = upload(
+        &server,
+        "alice",
+        "b.bin",
+        "application/pdf",
+        vec![7; 50_000],
+    )
+    .await;
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "too_large");
+    assert!(v["message"].as_str().unwrap().contains("quota"), "{v}");
+    let r = upload(
+        &server,
+        "alice",
+        "c.bin",
+        "application/pdf",
+        vec![7; 40_000],
+    )
+    .await;
+    assert_eq!(r.status(), 201, "up to the quota exactly");
+    let r = upload(&server, "alice", "d.bin", "application/pdf", vec![7; 1]).await;
+    assert_eq!(r.status(), 413);
+    let r = upload(&server, "bob", "e.bin", "application/pdf", vec![7; 90_000]).await;
+    assert_eq!(r.status(), 201, "the quota is per user");
+    let stored = std::fs::read_dir(server.dir.path().join("files"))
+        .unwrap()
+        .count();
+    assert_eq!(stored, 3, "refused uploads leave nothing behind");
+}
+
+#[tokio::test]
+async fn uploads_are_rate_limited_per_user_and_per_address() {
+    let server = TestServer::with(|c| {
+        c.uploads_per_minute = 2;
+        c.uploads_per_minute_per_ip = 4;
+    })
+    .await;
+    for _ in 0..2 {
+        let r = upload(&server, "alice", "a.txt", "text/plain", b"a".to_vec()).await;
+        assert_eq!(r.status(), 201);
+    }
+    let r = upload(&server, "alice", "a.txt", "text/plain", b"a".to_vec()).await;
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "rate_limited");
+    assert!(v["message"].as_str().unwrap().contains("user"), "{v}");
+    let r = upload(&server, "bob", "b.txt", "text/plain", b"b".to_vec()).await;
+    assert_eq!(r.status(), 201, "another user has their own rate");
+    // The address has now started 4 uploads in the minute.
+    let r = upload(&server, "carol", "c.txt", "text/plain", b"c".to_vec()).await;
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["message"].as_str().unwrap().contains("address"), "{v}");
+}
+
+#[tokio::test]
+async fn unshared_uploads_are_deleted_once_old_and_shared_ones_stay() {
+    let server = TestServer::with(|c| {
+        c.upload_gc_age_secs = 1;
+        c.file_gc_interval_ms = 50;
+    })
+    .await;
+    let unsent: Value = upload(&server, "alice", "draft.txt", "text/plain", b"d".to_vec())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sent: Value = upload(&server, "alice", "sent.txt", "text/plain", b"s".to_vec())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let alice = server.connect("alice").await;
+    alice
+        .send_message("dm:alice:bob", "s-1", ContentType::File, sent.clone())
+        .await
+        .unwrap();
+    let id_of = |v: &Value| url_of(v).split('/').nth(2).unwrap().to_string();
+    let files = server.dir.path().join("files");
+    assert!(files.join(id_of(&unsent)).exists());
+    // Nothing announces a collection: look again every 50 ms, for at most 10 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut collected = false;
+    for _ in 0..200 {
+        if get_as(&server, &url_of(&unsent), "alice").await == 404 {
+            collected = true;
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(collected, "the unsent upload was never collected");
+    assert!(!files.join(id_of(&unsent)).exists(), "its bytes are gone");
+    // The sent one is as old and still there.
+    assert_eq!(get_as(&server, &url_of(&sent), "bob").await, 200);
+    assert!(files.join(id_of(&sent)).exists());
+}

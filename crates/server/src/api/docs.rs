@@ -51,6 +51,8 @@ impl Modify for Security {
         super::conversations::rooms,
         super::files::upload,
         super::files::download,
+        super::files::pass,
+        super::files::drop_pass,
         super::admin::broadcast,
     ),
     components(schemas(ErrorBody, super::accounts::Credentials, super::admin::Broadcast)),

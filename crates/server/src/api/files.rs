@@ -1,27 +1,173 @@
-//! `POST /api/files` (multipart upload) and `GET /files/{id}/{name}` (download).
+//! `POST /api/files` (multipart upload), `GET /files/{id}/{name}` (download) and
+//! `POST`/`DELETE /api/files/pass` (the download cookie of browsers).
 //!
 //! Bytes live in `data_dir/files/<id>` where `id` is a server-made ULID, so no part of
 //! a client-supplied name ever reaches the file system; the sanitized name only appears
 //! in the URL and in `Content-Disposition`.
+//!
+//! Uploads are limited per user (a storage quota, and a rate) and per address (a rate).
+//! Files no message shares are deleted once older than `upload_gc_age_secs` by
+//! [`collect_unshared`], which [`crate::run`] runs periodically.
+//!
+//! Browsers cannot put a header on `<img src>`, and a credential in a URL leaks with
+//! every copied link, so they get a *file pass* instead: a short-lived signed cookie
+//! scoped to `/files/` (`HttpOnly`, `SameSite=Strict`) that only lets its holder read
+//! the files their user may read. It is signed with a key of its own (derived from the
+//! token secret), so it is never accepted as an account token.
 
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Multipart, Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::{ConnectInfo, FromRequestParts, Multipart, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hubbub_protocol::ErrorCode;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use super::{ApiError, Caller};
+use crate::gateway::WsParams;
 use crate::store::{now_ms, FileMeta};
 use crate::AppState;
 
 /// Longest stored file name, in bytes.
-const MAX_NAME: usize = 100;
+const MAX_NAME: usize = hubbub_protocol::MAX_FILE_NAME;
+
+/// Name of the file pass cookie.
+pub const PASS_COOKIE: &str = "hubbub_files";
+/// Records the collector deletes per store call.
+const GC_BATCH: u32 = 500;
+
+/// Signs and checks file passes.
+#[derive(Clone)]
+pub struct FilePasses {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for FilePasses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilePasses")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PassClaims {
+    sub: String,
+    /// Expiry, Unix seconds.
+    exp: u64,
+    /// Always `"files"`.
+    scope: String,
+    /// Issued to a guest (refused once guest mode is off).
+    guest: bool,
+}
+
+impl FilePasses {
+    /// Passes signed with a key derived from the token secret (never the secret itself),
+    /// valid for `ttl`.
+    pub fn new(secret: &[u8], ttl: Duration) -> FilePasses {
+        let key = [secret, b"\0hubbub file pass v1"].concat();
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        FilePasses {
+            encoding: EncodingKey::from_secret(&key),
+            decoding: DecodingKey::from_secret(&key),
+            validation,
+            ttl,
+        }
+    }
+
+    /// The passes of a configuration (the same secret as its tokens).
+    pub fn from_config(config: &crate::Config) -> std::io::Result<FilePasses> {
+        let secret = match &config.jwt_secret {
+            Some(s) => s.as_bytes().to_vec(),
+            None => crate::auth::load_or_create_secret(&config.data_dir)?,
+        };
+        Ok(FilePasses::new(
+            &secret,
+            Duration::from_secs(config.file_pass_ttl_secs),
+        ))
+    }
+
+    /// A pass for `user`, expiring after the configured lifetime or at `not_after`
+    /// (Unix ms), whichever comes first. Returns it and its expiry in Unix ms.
+    pub fn issue(
+        &self,
+        user: &str,
+        guest: bool,
+        not_after: Option<i64>,
+    ) -> Result<(String, i64), ApiError> {
+        let now = (now_ms() / 1000) as u64;
+        let mut exp = now + self.ttl.as_secs().max(1);
+        if let Some(limit) = not_after {
+            exp = exp.min((limit / 1000).max(0) as u64);
+        }
+        let claims = PassClaims {
+            sub: user.to_string(),
+            exp,
+            scope: "files".into(),
+            guest,
+        };
+        let pass = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(internal)?;
+        Ok((pass, exp as i64 * 1000))
+    }
+
+    /// The user a valid pass was issued to, and whether as a guest.
+    fn verify(&self, pass: &str) -> Option<(String, bool)> {
+        let data =
+            jsonwebtoken::decode::<PassClaims>(pass, &self.decoding, &self.validation).ok()?;
+        let c = data.claims;
+        (c.scope == "files" && hubbub_protocol::is_valid_user_name(&c.sub))
+            .then_some((c.sub, c.guest))
+    }
+}
+
+/// Upload rates per user and per address.
+pub struct UploadLimits {
+    per_user: DefaultKeyedRateLimiter<String>,
+    per_ip: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl std::fmt::Debug for UploadLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UploadLimits").finish_non_exhaustive()
+    }
+}
+
+impl UploadLimits {
+    /// At most `per_user` uploads a minute for each user and `per_ip` for each address
+    /// (each also the burst).
+    pub fn new(per_user: u32, per_ip: u32) -> UploadLimits {
+        let quota = |n: u32| Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
+        UploadLimits {
+            per_user: RateLimiter::keyed(quota(per_user)),
+            per_ip: RateLimiter::keyed(quota(per_ip)),
+        }
+    }
+
+    /// Forgets keys whose limits have fully recovered.
+    pub fn forget_idle(&self) {
+        self.per_user.retain_recent();
+        self.per_ip.retain_recent();
+        self.per_user.shrink_to_fit();
+        self.per_ip.shrink_to_fit();
+    }
+}
 
 /// The directory that holds uploaded files.
 pub fn files_dir(state: &AppState) -> PathBuf {
@@ -79,10 +225,27 @@ fn served_type(mime: &str) -> (&str, bool) {
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "file storage failed");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         ErrorCode::Internal,
-        e.to_string(),
+        "internal error",
+    )
+}
+
+fn over_quota(quota: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::TooLarge,
+        format!("your stored uploads would exceed your quota of {quota} bytes"),
+    )
+}
+
+fn rate_limited(who: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::RateLimited,
+        format!("too many uploads from this {who}; wait a minute"),
     )
 }
 
@@ -100,13 +263,26 @@ fn too_large(limit: usize) -> ApiError {
     (status = 201, description = "{\"url\",\"name\",\"size\",\"mime\"}"),
     (status = 400, description = "no `file` field or a malformed body", body = super::docs::ErrorBody),
     (status = 401, description = "no valid credential", body = super::docs::ErrorBody),
-    (status = 413, description = "over the upload limit", body = super::docs::ErrorBody),
+    (status = 413, description = "over the upload limit or the caller's storage quota", body = super::docs::ErrorBody),
+    (status = 429, description = "too many uploads from this user or address", body = super::docs::ErrorBody),
 ), security(("bearer" = [])))]
 pub async fn upload(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Caller(caller): Caller,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
+    if state.uploads.per_ip.check_key(&peer.ip()).is_err() {
+        return Err(rate_limited("address"));
+    }
+    if state.uploads.per_user.check_key(&caller.user).is_err() {
+        return Err(rate_limited("user"));
+    }
+    let quota = state.config.upload_quota_bytes;
+    let used = state.store.file_usage(&caller.user).await?;
+    if used >= quota {
+        return Err(over_quota(quota));
+    }
     let mut multipart = multipart.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = state.config.max_upload_bytes;
     loop {
@@ -144,6 +320,9 @@ pub async fn upload(
                 if size > limit {
                     return Err(too_large(limit));
                 }
+                if used.saturating_add(size as u64) > quota {
+                    return Err(over_quota(quota));
+                }
                 out.write_all(&chunk).await.map_err(internal)?;
             }
             out.sync_all().await.map_err(internal)?;
@@ -164,9 +343,16 @@ pub async fn upload(
             uploader: caller.user.clone(),
             created_at: now_ms(),
         };
-        if let Err(e) = state.store.put_file(meta).await {
-            let _ = tokio::fs::remove_file(&path).await;
-            return Err(e.into());
+        match state.store.put_file(meta, quota).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(over_quota(quota));
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(e.into());
+            }
         }
         tracing::info!(user = %caller.user, file = %id, size, "file uploaded");
         let url = format!("/files/{id}/{name}");
@@ -190,7 +376,162 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     }
 }
 
-/// Download an attachment: its uploader, or a member of a conversation it was sent to.
+/// Who reads a file: the credential of the request ([`Caller`]: header, `?token=`, guest
+/// `?user=`) when there is one, else the file pass cookie.
+#[derive(Debug, Clone)]
+pub struct Reader(pub String);
+
+impl FromRequestParts<Arc<AppState>> for Reader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let params = Query::<WsParams>::try_from_uri(&parts.uri)
+            .map(|q| q.0)
+            .unwrap_or_default();
+        let explicit = parts.headers.contains_key(header::AUTHORIZATION)
+            || params.token.is_some()
+            || params.user.is_some();
+        if !explicit {
+            if let Some(pass) = cookie(&parts.headers, PASS_COOKIE) {
+                return match state.file_passes.verify(pass) {
+                    Some((user, guest)) if !guest || state.auth.guest_enabled() => Ok(Reader(user)),
+                    _ => {
+                        state.metrics.auth_failures.inc();
+                        Err(ApiError::unauthorized(
+                            "the file pass is invalid or has expired: get a new one with POST /api/files/pass",
+                        ))
+                    }
+                };
+            }
+        }
+        let Caller(caller) = Caller::from_request_parts(parts, state).await?;
+        Ok(Reader(caller.user))
+    }
+}
+
+/// The value of the cookie `name`, if the request has it.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+/// Whether the request reached the server over HTTPS (as a proxy in front reports it).
+fn over_https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
+/// Get a file pass: a cookie (`Path=/files/`, `HttpOnly`, `SameSite=Strict`) that lets
+/// this browser download the files the caller may read, for `file_pass_ttl_secs` (never
+/// past the caller's token). Browsers use it instead of putting a credential in file URLs.
+#[utoipa::path(post, path = "/api/files/pass", responses(
+    (status = 200, description = "{\"expires_at\"} (Unix ms); the pass is in `Set-Cookie`"),
+    (status = 401, description = "no valid credential", body = super::docs::ErrorBody),
+), security(("bearer" = [])))]
+pub async fn pass(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (pass, expires_at) =
+        state
+            .file_passes
+            .issue(&caller.user, caller.guest, caller.expires_at)?;
+    let max_age = ((expires_at - now_ms()) / 1000).max(0);
+    let secure = if over_https(&headers) { "; Secure" } else { "" };
+    let cookie = format!(
+        "{PASS_COOKIE}={pass}; Path=/files/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"
+    );
+    let mut resp = Json(json!({"expires_at": expires_at})).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).map_err(internal)?,
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// Drop this browser's file pass (on sign-out). Needs no credential.
+#[utoipa::path(delete, path = "/api/files/pass", responses(
+    (status = 204, description = "the cookie is cleared"),
+))]
+pub async fn drop_pass() -> Response {
+    (
+        StatusCode::NO_CONTENT,
+        [(
+            header::SET_COOKIE,
+            format!("{PASS_COOKIE}=; Path=/files/; Max-Age=0; HttpOnly; SameSite=Strict"),
+        )],
+    )
+        .into_response()
+}
+
+/// Deletes the files no message shares that are older than `upload_gc_age_secs`: their
+/// records, then their bytes. Returns how many went.
+pub async fn collect_unshared(state: &AppState) -> Result<usize, crate::store::StoreError> {
+    let age_ms = state.config.upload_gc_age_secs.saturating_mul(1000) as i64;
+    let before = now_ms().saturating_sub(age_ms);
+    let dir = files_dir(state);
+    let mut total = 0;
+    // Bounded: each round deletes up to GC_BATCH; the rest waits for the next pass.
+    for _ in 0..100 {
+        let gone = state.store.delete_unshared_files(before, GC_BATCH).await?;
+        for f in &gone {
+            match tokio::fs::remove_file(dir.join(&f.id)).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %f.id, error = %e, "cannot delete an unshared file")
+                }
+            }
+        }
+        total += gone.len();
+        if gone.len() < GC_BATCH as usize {
+            break;
+        }
+    }
+    if total > 0 {
+        tracing::info!(files = total, "deleted unshared uploads");
+    }
+    Ok(total)
+}
+
+/// Runs [`collect_unshared`] every `file_gc_interval_ms` until shutdown begins (off when
+/// `upload_gc_age_secs` is 0); also forgets idle upload rate keys.
+pub async fn run_collector(state: Arc<AppState>) {
+    let every = Duration::from_millis(state.config.file_gc_interval_ms.max(10));
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        state.uploads.forget_idle();
+        if state.config.upload_gc_age_secs == 0 {
+            continue;
+        }
+        // A pass runs to its end (records and bytes go together); shutdown waits for it.
+        if let Err(e) = collect_unshared(&state).await {
+            tracing::warn!(error = %e, "collecting unshared uploads failed");
+        }
+    }
+}
+
+/// Download an attachment: its uploader, or a member of a conversation a message shared
+/// it to. Credentials: as every route, or the file pass cookie.
 #[utoipa::path(get, path = "/files/{id}/{name}", params(
     ("id" = String, Path, description = "file id from the upload"),
     ("name" = String, Path, description = "file name from the upload"),
@@ -201,16 +542,16 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
 ), security(("bearer" = [])))]
 pub async fn download(
     State(state): State<Arc<AppState>>,
-    Caller(caller): Caller,
+    Reader(reader): Reader,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such file");
-    if ulid::Ulid::from_string(&id).is_err() {
+    if !hubbub_protocol::is_file_id(&id) {
         return Err(not_found());
     }
     let meta = state.store.file(&id).await?.ok_or_else(not_found)?;
     // Others' files are invisible (404, not 403: their existence is not revealed).
-    if meta.name != name || !state.store.may_read_file(&id, &caller.user).await? {
+    if meta.name != name || !state.store.may_read_file(&id, &reader).await? {
         return Err(not_found());
     }
     let file = tokio::fs::File::open(files_dir(&state).join(&meta.id))

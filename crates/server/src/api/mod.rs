@@ -171,6 +171,10 @@ pub fn router(state: Arc<AppState>) -> Router {
                 upload_limit.saturating_add(64 * 1024),
             )),
         )
+        .route(
+            "/api/files/pass",
+            post(files::pass).delete(files::drop_pass),
+        )
         .route("/files/{id}/{name}", get(files::download))
         .route("/api/admin/broadcast", post(admin::broadcast))
         .fallback(not_found)

@@ -575,7 +575,7 @@ pub async fn accounts_and_files(f: Fixture) {
         uploader: "alice".into(),
         created_at: 1_700_000_000_000,
     };
-    s.put_file(meta.clone()).await.unwrap();
+    assert!(s.put_file(meta.clone(), u64::MAX).await.unwrap());
     assert_eq!(s.file(&meta.id).await.unwrap(), Some(meta));
     assert_eq!(s.file("nope").await.unwrap(), None);
     s.ping().await.unwrap();
@@ -586,14 +586,17 @@ pub async fn accounts_and_files(f: Fixture) {
 pub async fn files_are_visible_to_uploader_and_recipients(f: Fixture) {
     let s = &*f.store;
     let id = "01ARZ3NDEKTSV4RRFFQ69G5FAW";
-    s.put_file(FileMeta {
-        id: id.into(),
-        name: "a.png".into(),
-        mime: "image/png".into(),
-        size: 1,
-        uploader: "alice".into(),
-        created_at: 0,
-    })
+    s.put_file(
+        FileMeta {
+            id: id.into(),
+            name: "a.png".into(),
+            mime: "image/png".into(),
+            size: 1,
+            uploader: "alice".into(),
+            created_at: 0,
+        },
+        u64::MAX,
+    )
     .await
     .unwrap();
     let attachment = json!({"url": format!("/files/{id}/a.png"), "name": "a.png"});
@@ -623,6 +626,180 @@ pub async fn files_are_visible_to_uploader_and_recipients(f: Fixture) {
     assert!(!s.may_read_file("nope", "alice").await.unwrap());
 }
 
+fn file(id: &str, uploader: &str, size: u64, created_at: i64) -> FileMeta {
+    FileMeta {
+        id: id.into(),
+        name: "a.png".into(),
+        mime: "image/png".into(),
+        size,
+        uploader: uploader.into(),
+        created_at,
+    }
+}
+
+fn attachment(conv: &str, from: &str, cid: &str, id: &str) -> NewMessage {
+    let mut m = text(conv, from, cid, "");
+    m.content_type = ContentType::Image;
+    m.content = json!({"url": format!("/files/{id}/a.png"), "name": "a.png"});
+    m
+}
+
+/// Sending a file's URL shares the file only when the sender may read it at that moment:
+/// someone who merely saw the URL, or who lost access by leaving, grants nothing.
+pub async fn a_url_shares_a_file_only_when_its_sender_may_read_it(f: Fixture) {
+    let s = &*f.store;
+    let id = "01ARZ3NDEKTSV4RRFFQ69G5FB0";
+    assert!(s.put_file(file(id, "alice", 1, 0), u64::MAX).await.unwrap());
+    for (room, who) in [("room:a", "alice"), ("room:a", "bob"), ("room:b", "bob")] {
+        s.join_room(room, who).await.unwrap();
+    }
+    s.join_room("room:b", "carol").await.unwrap();
+    s.join_room("room:c", "mallory").await.unwrap();
+    s.join_room("room:c", "dave").await.unwrap();
+
+    // mallory never could read it: her message shares nothing.
+    append(s, attachment("room:c", "mallory", "m1", id)).await;
+    assert!(!s.may_read_file(id, "mallory").await.unwrap());
+    assert!(
+        !s.may_read_file(id, "dave").await.unwrap(),
+        "a URL alone grants nothing"
+    );
+
+    // bob may read it once alice shared it in room:a, so his forward to room:b shares it.
+    append(s, attachment("room:a", "alice", "a1", id)).await;
+    assert!(s.may_read_file(id, "bob").await.unwrap());
+    append(s, attachment("room:b", "bob", "b1", id)).await;
+    assert!(
+        s.may_read_file(id, "carol").await.unwrap(),
+        "forwarded by a reader"
+    );
+
+    // After leaving room:a, bob's access is gone and his new forward shares nothing.
+    s.join_room("room:d", "bob").await.unwrap();
+    s.join_room("room:d", "erin").await.unwrap();
+    s.leave_room("room:a", "bob").await.unwrap();
+    s.leave_room("room:b", "bob").await.unwrap();
+    assert!(!s.may_read_file(id, "bob").await.unwrap());
+    append(s, attachment("room:d", "bob", "d1", id)).await;
+    assert!(
+        !s.may_read_file(id, "erin").await.unwrap(),
+        "an ex-member grants nothing"
+    );
+    // Editing a message to point to the file follows the same rule.
+    append(s, text("room:c", "mallory", "m2", "hi")).await;
+    s.edit("room:c", 2, json!({"url": format!("/files/{id}/a.png")}), 0)
+        .await
+        .unwrap();
+    assert!(
+        !s.may_read_file(id, "dave").await.unwrap(),
+        "nor an edit by a non-reader"
+    );
+}
+
+/// A recalled message no longer shares its file, and neither does one edited to point
+/// elsewhere; another message that still shares it keeps it readable.
+pub async fn a_recalled_or_edited_attachment_no_longer_shares_its_file(f: Fixture) {
+    let s = &*f.store;
+    let (id, other) = ("01ARZ3NDEKTSV4RRFFQ69G5FB1", "01ARZ3NDEKTSV4RRFFQ69G5FB2");
+    assert!(s.put_file(file(id, "alice", 1, 0), u64::MAX).await.unwrap());
+    assert!(s
+        .put_file(file(other, "alice", 1, 0), u64::MAX)
+        .await
+        .unwrap());
+    s.join_room("room:r", "alice").await.unwrap();
+    s.join_room("room:r", "bob").await.unwrap();
+    let first = append(s, attachment("room:r", "alice", "r1", id)).await;
+    let second = append(s, attachment("room:r", "alice", "r2", id)).await;
+    assert!(s.may_read_file(id, "bob").await.unwrap());
+    s.recall("room:r", first.seq, "alice", 0).await.unwrap();
+    assert!(
+        s.may_read_file(id, "bob").await.unwrap(),
+        "still shared by the second message"
+    );
+    s.edit(
+        "room:r",
+        second.seq,
+        json!({"url": format!("/files/{other}/a.png")}),
+        0,
+    )
+    .await
+    .unwrap();
+    assert!(!s.may_read_file(id, "bob").await.unwrap(), "edited away");
+    assert!(s.may_read_file(other, "bob").await.unwrap(), "edited in");
+    s.recall("room:r", second.seq, "alice", 0).await.unwrap();
+    assert!(!s.may_read_file(other, "bob").await.unwrap(), "recalled");
+    assert!(
+        s.may_read_file(id, "alice").await.unwrap(),
+        "the uploader keeps it"
+    );
+}
+
+/// Uploads count against their uploader's quota; files no message shares are collected
+/// once old enough, shared ones never.
+pub async fn uploads_have_a_quota_and_unshared_ones_are_collected(f: Fixture) {
+    let s = &*f.store;
+    let ids = [
+        "01ARZ3NDEKTSV4RRFFQ69G5FC0",
+        "01ARZ3NDEKTSV4RRFFQ69G5FC1",
+        "01ARZ3NDEKTSV4RRFFQ69G5FC2",
+        "01ARZ3NDEKTSV4RRFFQ69G5FC3",
+    ];
+    assert!(s
+        .put_file(file(ids[0], "alice", 600, 1_000), 1_000)
+        .await
+        .unwrap());
+    assert!(
+        !s.put_file(file(ids[1], "alice", 401, 2_000), 1_000)
+            .await
+            .unwrap(),
+        "over the quota"
+    );
+    assert_eq!(s.file(ids[1]).await.unwrap(), None, "nothing stored");
+    assert!(s
+        .put_file(file(ids[1], "alice", 400, 2_000), 1_000)
+        .await
+        .unwrap());
+    assert!(
+        s.put_file(file(ids[2], "bob", 900, 3_000), 1_000)
+            .await
+            .unwrap(),
+        "per user"
+    );
+    assert_eq!(s.file_usage("alice").await.unwrap(), 1_000);
+    assert_eq!(s.file_usage("nobody").await.unwrap(), 0);
+    assert!(s
+        .put_file(file(ids[3], "bob", 1, 9_000), 1_000)
+        .await
+        .unwrap());
+
+    // ids[1] is shared; ids[0] and ids[2] are not and old enough; ids[3] is too new.
+    s.join_room("room:g", "alice").await.unwrap();
+    append(s, attachment("room:g", "alice", "g1", ids[1])).await;
+    let gone = s.delete_unshared_files(5_000, 100).await.unwrap();
+    let mut gone: Vec<&str> = gone.iter().map(|f| f.id.as_str()).collect();
+    gone.sort();
+    assert_eq!(gone, [ids[0], ids[2]]);
+    assert_eq!(s.file(ids[0]).await.unwrap(), None);
+    assert!(s.file(ids[1]).await.unwrap().is_some());
+    assert!(s.file(ids[3]).await.unwrap().is_some());
+    assert_eq!(
+        s.file_usage("alice").await.unwrap(),
+        400,
+        "the quota is freed"
+    );
+    assert!(s
+        .delete_unshared_files(5_000, 100)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A recalled share leaves the file unshared: collected on the next pass.
+    s.recall("room:g", 1, "alice", 0).await.unwrap();
+    let gone = s.delete_unshared_files(5_000, 1).await.unwrap();
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].id, ids[1]);
+}
+
 /// Runs every property of the suite as its own `#[tokio::test]`, given an async
 /// factory `fn(CommitHook) -> (Arc<dyn Store>, Box<dyn Any + Send>)`.
 #[macro_export]
@@ -642,6 +819,9 @@ macro_rules! store_conformance {
             only_members_append_to_a_room,
             joins_and_leaves_are_announced_in_commit_order,
             the_watermark_is_never_after_a_pending_stamp,
+            a_url_shares_a_file_only_when_its_sender_may_read_it,
+            a_recalled_or_edited_attachment_no_longer_shares_its_file,
+            uploads_have_a_quota_and_unshared_ones_are_collected,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

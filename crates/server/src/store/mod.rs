@@ -289,8 +289,21 @@ pub trait Store: Send + Sync + 'static {
     /// Every room with its member count.
     fn rooms(&self) -> BoxFuture<'static, StoreResult<Vec<RoomSummary>>>;
 
-    /// Records an uploaded file.
-    fn put_file(&self, meta: FileMeta) -> BoxFuture<'static, StoreResult<()>>;
+    /// Records an uploaded file, unless its uploader's files would then total more than
+    /// `quota` bytes: false, and nothing is stored. The check and the insert are atomic.
+    fn put_file(&self, meta: FileMeta, quota: u64) -> BoxFuture<'static, StoreResult<bool>>;
+
+    /// Total size of the files `user` uploaded that are still stored, in bytes.
+    fn file_usage(&self, user: &str) -> BoxFuture<'static, StoreResult<u64>>;
+
+    /// Deletes the records of up to `limit` files created before `created_before` (ms)
+    /// that no message shares (never sent, or every message that sent them was recalled
+    /// or edited away), oldest first, and returns them so that their bytes can go too.
+    fn delete_unshared_files(
+        &self,
+        created_before: i64,
+        limit: u32,
+    ) -> BoxFuture<'static, StoreResult<Vec<FileMeta>>>;
 
     /// An uploaded file's record.
     fn file(&self, id: &str) -> BoxFuture<'static, StoreResult<Option<FileMeta>>>;
@@ -308,7 +321,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'static, StoreResult<Vec<Committed>>>;
 
     /// Whether `user` may download the file `id`: its uploader, or a member of a
-    /// conversation it was sent to (in an attachment's `url`).
+    /// conversation a message shared it to. A message shares the file its attachment's
+    /// `url` points to only when its sender could read the file when sending (or
+    /// editing) it, and only until it is recalled or edited to point elsewhere.
     fn may_read_file(&self, id: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>>;
 
     /// A time (Unix ms) before which every change stamp (`ts`, `edited_at`, recall time)
@@ -328,8 +343,10 @@ pub trait Store: Send + Sync + 'static {
 /// (`{"url": "/files/<id>/<name>"}`), if any.
 pub fn attachment_file_id(content: &serde_json::Value) -> Option<&str> {
     let url = content.get("url")?.as_str()?;
-    let id = url.strip_prefix("/files/")?.split('/').next()?;
-    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(id)
+    match hubbub_protocol::parse_attachment_url(url)? {
+        hubbub_protocol::AttachmentUrl::Upload { id, .. } => Some(id),
+        hubbub_protocol::AttachmentUrl::External => None,
+    }
 }
 
 /// Milliseconds since the Unix epoch.

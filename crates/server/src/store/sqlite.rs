@@ -104,6 +104,28 @@ ALTER TABLE messages ADD COLUMN modified_at INTEGER;
 ALTER TABLE messages ADD COLUMN recalled_by TEXT;
 CREATE INDEX messages_modified ON messages (conv, modified_at) WHERE modified_at IS NOT NULL;
 "#,
+    // Shares per message, so that recalling or editing a message ends the share it made;
+    // the shares recorded before are kept for the messages that still point to the file.
+    // Per-uploader sums (quota) and the collection of old unshared uploads get indexes.
+    r#"
+CREATE TABLE message_files (
+    file_id     TEXT NOT NULL,
+    conv        TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    PRIMARY KEY (file_id, conv, seq)
+) WITHOUT ROWID;
+CREATE INDEX message_files_by_message ON message_files (conv, seq);
+INSERT OR IGNORE INTO message_files (file_id, conv, seq)
+    SELECT s.file_id, s.conv, m.seq FROM file_shares s JOIN messages m ON m.conv = s.conv
+    WHERE m.recalled = 0
+      AND json_valid(m.content)
+      AND json_type(m.content) = 'object'
+      AND substr(json_extract(m.content, '$.url'), 1, 8 + length(s.file_id))
+          = '/files/' || s.file_id || '/';
+DROP TABLE file_shares;
+CREATE INDEX files_by_uploader ON files (uploader, size);
+CREATE INDEX files_by_age ON files (created_at);
+"#,
 ];
 
 type Reply<T> = oneshot::Sender<StoreResult<T>>;
@@ -146,7 +168,16 @@ enum WriteOp {
         password_hash: String,
         reply: Reply<()>,
     },
-    PutFile(FileMeta, Reply<()>),
+    PutFile {
+        meta: FileMeta,
+        quota: u64,
+        reply: Reply<bool>,
+    },
+    DeleteUnsharedFiles {
+        created_before: i64,
+        limit: u32,
+        reply: Reply<Vec<FileMeta>>,
+    },
     Ping(Reply<()>),
     Close(Reply<()>),
 }
@@ -332,6 +363,28 @@ fn row_to_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     })
 }
 
+fn row_to_file(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileMeta> {
+    Ok(FileMeta {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        mime: r.get(2)?,
+        size: r.get(3)?,
+        uploader: r.get(4)?,
+        created_at: r.get(5)?,
+    })
+}
+
+/// Whether `user` may read the file `id`: its uploader, or a member of a conversation a
+/// message (not recalled) shared it to.
+fn query_may_read_file(conn: &Connection, id: &str, user: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT 1 FROM files WHERE id = ?1 AND uploader = ?2 \
+         UNION ALL SELECT 1 FROM message_files s JOIN members m ON m.conv = s.conv \
+         WHERE s.file_id = ?1 AND m.user = ?2 LIMIT 1",
+    )?
+    .exists(params![id, user])
+}
+
 fn query_last_seq(conn: &Connection, conv: &str) -> rusqlite::Result<u64> {
     conn.prepare_cached("SELECT coalesce(max(seq), 0) FROM messages WHERE conv = ?1")?
         .query_row([conv], |r| r.get(0))
@@ -361,6 +414,8 @@ enum Done {
     Changed(Reply<()>, Option<Committed>),
     Edited(Reply<i64>, Committed),
     Read(Reply<u64>, u64, Option<Committed>),
+    Stored(Reply<bool>, bool),
+    Deleted(Reply<Vec<FileMeta>>, Vec<FileMeta>),
 }
 
 impl Writer {
@@ -627,23 +682,24 @@ impl Writer {
                     e,
                 ))),
             },
-            WriteOp::PutFile(meta, reply) => match self
-                .conn
-                .prepare_cached(
-                    "INSERT INTO files (id, name, mime, size, uploader, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        meta.id,
-                        meta.name,
-                        meta.mime,
-                        meta.size,
-                        meta.uploader,
-                        meta.created_at
-                    ])
-                }) {
-                Ok(_) => Ok(Done::Ping(reply)),
-                Err(e) => Err(Box::new((WriteOp::PutFile(meta, reply), e))),
+            WriteOp::PutFile { meta, quota, reply } => match self.put_file(&meta, quota) {
+                Ok(stored) => Ok(Done::Stored(reply, stored)),
+                Err(e) => Err(Box::new((WriteOp::PutFile { meta, quota, reply }, e))),
+            },
+            WriteOp::DeleteUnsharedFiles {
+                created_before,
+                limit,
+                reply,
+            } => match self.delete_unshared_files(created_before, limit) {
+                Ok(gone) => Ok(Done::Deleted(reply, gone)),
+                Err(e) => Err(Box::new((
+                    WriteOp::DeleteUnsharedFiles {
+                        created_before,
+                        limit,
+                        reply,
+                    },
+                    e,
+                ))),
             },
             WriteOp::Ping(reply) => Ok(Done::Ping(reply)),
             WriteOp::Close(reply) => Ok(Done::Ping(reply)),
@@ -682,6 +738,7 @@ impl Writer {
                          WHERE conv = ?1 AND seq = ?2",
                     )?
                     .execute(params![conv, seq, by, now])?;
+                self.unshare_message(conv, seq)?;
                 Ok(Ok(Some(Committed::Recalled {
                     conv: conv.to_string(),
                     seq,
@@ -700,11 +757,15 @@ impl Writer {
         origin: u64,
         now: i64,
     ) -> rusqlite::Result<StoreResult<Committed>> {
-        let recalled: Option<bool> = self
+        let found: Option<(bool, String)> = self
             .conn
-            .prepare_cached("SELECT recalled FROM messages WHERE conv = ?1 AND seq = ?2")?
-            .query_row(params![conv, seq], |r| r.get(0))
+            .prepare_cached("SELECT recalled, sender FROM messages WHERE conv = ?1 AND seq = ?2")?
+            .query_row(params![conv, seq], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
+        let (recalled, sender) = match found {
+            Some((recalled, sender)) => (Some(recalled), sender),
+            None => (None, String::new()),
+        };
         match recalled {
             None => Ok(Err(StoreError::NotFound(format!(
                 "no message {seq} in {conv}"
@@ -719,7 +780,8 @@ impl Writer {
                         "UPDATE messages SET content = ?3, edited_at = ?4, modified_at = ?4 WHERE conv = ?1 AND seq = ?2",
                     )?
                     .execute(params![conv, seq, text, now])?;
-                self.share_file(conv, content)?;
+                self.unshare_message(conv, seq)?;
+                self.share_file(conv, seq, &sender, content)?;
                 Ok(Ok(Committed::Edited {
                     conv: conv.to_string(),
                     seq,
@@ -830,7 +892,7 @@ impl Writer {
             add.execute(params![msg.conv, a, now])?;
             add.execute(params![msg.conv, b, now])?;
         }
-        self.share_file(&msg.conv, &msg.content)?;
+        self.share_file(&msg.conv, seq, &msg.from, &msg.content)?;
         match self.seqs.get_mut(&msg.conv) {
             Some(last) => *last = seq,
             None => {
@@ -878,16 +940,88 @@ impl Writer {
         }))
     }
 
-    /// Records that the file an attachment points to was sent to `conv`.
-    fn share_file(&mut self, conv: &str, content: &serde_json::Value) -> rusqlite::Result<()> {
-        if let Some(id) = super::attachment_file_id(content) {
-            self.conn
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO file_shares (file_id, conv) VALUES (?1, ?2)",
-                )?
-                .execute(params![id, conv])?;
+    /// Records that message `seq` of `conv` shares the uploaded file its attachment points
+    /// to, if any, and only when `sender` may read that file now (a URL alone grants
+    /// nothing). Only messages with a `/files/` URL pay for the check.
+    fn share_file(
+        &mut self,
+        conv: &str,
+        seq: u64,
+        sender: &str,
+        content: &serde_json::Value,
+    ) -> rusqlite::Result<()> {
+        let Some(id) = super::attachment_file_id(content) else {
+            return Ok(());
+        };
+        if !query_may_read_file(&self.conn, id, sender)? {
+            tracing::debug!(file = %id, user = %sender, %conv, "not shared: the sender may not read the file");
+            return Ok(());
         }
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO message_files (file_id, conv, seq) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![id, conv, seq])?;
         Ok(())
+    }
+
+    /// Ends the share message `seq` of `conv` made (recalled, or edited).
+    fn unshare_message(&mut self, conv: &str, seq: u64) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM message_files WHERE conv = ?1 AND seq = ?2")?
+            .execute(params![conv, seq])?;
+        Ok(())
+    }
+
+    /// Stores a file's record unless its uploader's files would then total more than
+    /// `quota` bytes.
+    fn put_file(&mut self, meta: &FileMeta, quota: u64) -> rusqlite::Result<bool> {
+        let used: u64 = self
+            .conn
+            .prepare_cached("SELECT coalesce(sum(size), 0) FROM files WHERE uploader = ?1")?
+            .query_row([&meta.uploader], |r| r.get(0))?;
+        if used.saturating_add(meta.size) > quota {
+            return Ok(false);
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT INTO files (id, name, mime, size, uploader, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                meta.id,
+                meta.name,
+                meta.mime,
+                meta.size,
+                meta.uploader,
+                meta.created_at
+            ])?;
+        Ok(true)
+    }
+
+    /// Deletes (and returns) up to `limit` records of files created before
+    /// `created_before` that no message shares, oldest first.
+    fn delete_unshared_files(
+        &mut self,
+        created_before: i64,
+        limit: u32,
+    ) -> rusqlite::Result<Vec<FileMeta>> {
+        let gone: Vec<FileMeta> = self
+            .conn
+            .prepare_cached(
+                "SELECT id, name, mime, size, uploader, created_at FROM files f \
+                 WHERE created_at < ?1 \
+                   AND NOT EXISTS (SELECT 1 FROM message_files s WHERE s.file_id = f.id) \
+                 ORDER BY created_at LIMIT ?2",
+            )?
+            .query_map(params![created_before, limit], row_to_file)?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut delete = self
+            .conn
+            .prepare_cached("DELETE FROM files WHERE id = ?1")?;
+        for f in &gone {
+            delete.execute([&f.id])?;
+        }
+        Ok(gone)
     }
 
     fn join(&mut self, conv: &str, user: &str, now: i64) -> rusqlite::Result<JoinOutcome> {
@@ -939,6 +1073,12 @@ impl Done {
             Done::Read(r, pos, _) => {
                 let _ = r.send(Ok(pos));
             }
+            Done::Stored(r, b) => {
+                let _ = r.send(Ok(b));
+            }
+            Done::Deleted(r, gone) => {
+                let _ = r.send(Ok(gone));
+            }
         }
     }
 
@@ -961,6 +1101,12 @@ impl Done {
                 let _ = r.send(Err(e));
             }
             Done::Read(r, _, _) => {
+                let _ = r.send(Err(e));
+            }
+            Done::Stored(r, _) => {
+                let _ = r.send(Err(e));
+            }
+            Done::Deleted(r, _) => {
                 let _ = r.send(Err(e));
             }
         }
@@ -987,10 +1133,13 @@ fn fail(op: WriteOp, e: StoreError) {
         WriteOp::Read { reply, .. } => {
             let _ = reply.send(Err(e));
         }
-        WriteOp::CreateUser { reply, .. }
-        | WriteOp::PutFile(_, reply)
-        | WriteOp::Ping(reply)
-        | WriteOp::Close(reply) => {
+        WriteOp::PutFile { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        WriteOp::DeleteUnsharedFiles { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        WriteOp::CreateUser { reply, .. } | WriteOp::Ping(reply) | WriteOp::Close(reply) => {
             let _ = reply.send(Err(e));
         }
     }
@@ -1228,8 +1377,28 @@ impl Store for SqliteStore {
         })
     }
 
-    fn put_file(&self, meta: FileMeta) -> BoxFuture<'static, StoreResult<()>> {
-        self.write(|reply| WriteOp::PutFile(meta, reply))
+    fn put_file(&self, meta: FileMeta, quota: u64) -> BoxFuture<'static, StoreResult<bool>> {
+        self.write(|reply| WriteOp::PutFile { meta, quota, reply })
+    }
+
+    fn file_usage(&self, user: &str) -> BoxFuture<'static, StoreResult<u64>> {
+        let user = user.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT coalesce(sum(size), 0) FROM files WHERE uploader = ?1")?
+                .query_row([user], |r| r.get(0))
+        })
+    }
+
+    fn delete_unshared_files(
+        &self,
+        created_before: i64,
+        limit: u32,
+    ) -> BoxFuture<'static, StoreResult<Vec<FileMeta>>> {
+        self.write(|reply| WriteOp::DeleteUnsharedFiles {
+            created_before,
+            limit,
+            reply,
+        })
     }
 
     fn file(&self, id: &str) -> BoxFuture<'static, StoreResult<Option<FileMeta>>> {
@@ -1238,16 +1407,7 @@ impl Store for SqliteStore {
             c.prepare_cached(
                 "SELECT id, name, mime, size, uploader, created_at FROM files WHERE id = ?1",
             )?
-            .query_row([id], |r| {
-                Ok(FileMeta {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    mime: r.get(2)?,
-                    size: r.get(3)?,
-                    uploader: r.get(4)?,
-                    created_at: r.get(5)?,
-                })
-            })
+            .query_row([id], row_to_file)
             .optional()
         })
     }
@@ -1301,14 +1461,7 @@ impl Store for SqliteStore {
 
     fn may_read_file(&self, id: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>> {
         let (id, user) = (id.to_string(), user.to_string());
-        self.read(move |c| {
-            c.prepare_cached(
-                "SELECT 1 FROM files WHERE id = ?1 AND uploader = ?2 \
-                 UNION ALL SELECT 1 FROM file_shares s JOIN members m ON m.conv = s.conv \
-                 WHERE s.file_id = ?1 AND m.user = ?2 LIMIT 1",
-            )?
-            .exists(params![id, user])
-        })
+        self.read(move |c| query_may_read_file(c, &id, &user))
     }
 
     fn watermark(&self) -> i64 {
@@ -1326,5 +1479,54 @@ impl Store for SqliteStore {
 
     fn close(&self) -> BoxFuture<'static, StoreResult<()>> {
         self.write(WriteOp::Close)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database made before shares were kept per message keeps the shares of the
+    /// messages that still point to their file, and no others.
+    #[tokio::test]
+    async fn shares_recorded_before_per_message_shares_are_carried_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hubbub.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..6] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 6).unwrap();
+            conn.execute_batch(
+                r#"
+INSERT INTO conversations VALUES ('room:a', 'room', 'alice', 0), ('room:b', 'room', 'alice', 0);
+INSERT INTO members (conv, user, role, joined_at) VALUES
+    ('room:a', 'alice', 'admin', 0), ('room:a', 'bob', 'member', 0),
+    ('room:b', 'alice', 'admin', 0), ('room:b', 'carol', 'member', 0);
+INSERT INTO files VALUES ('01ARZ3NDEKTSV4RRFFQ69G5FAV', 'a.png', 'image/png', 1, 'alice', 0);
+INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts) VALUES
+    ('room:a', 1, 'm1', 'alice', 'c1', 'image', '{"url":"/files/01ARZ3NDEKTSV4RRFFQ69G5FAV/a.png"}', 0),
+    ('room:a', 2, 'm2', 'alice', 'c2', 'text', '"hello"', 0),
+    ('room:b', 1, 'm3', 'alice', 'c3', 'image', 'null', 0);
+UPDATE messages SET recalled = 1 WHERE conv = 'room:b';
+INSERT INTO file_shares VALUES ('01ARZ3NDEKTSV4RRFFQ69G5FAV', 'room:a'), ('01ARZ3NDEKTSV4RRFFQ69G5FAV', 'room:b');
+"#,
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(dir.path(), Arc::new(|_| {})).unwrap();
+        let id = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
+        assert!(
+            store.may_read_file(id, "bob").await.unwrap(),
+            "still shared"
+        );
+        assert!(
+            !store.may_read_file(id, "carol").await.unwrap(),
+            "its message was recalled"
+        );
+        store.recall("room:a", 1, "alice", 0).await.unwrap();
+        assert!(!store.may_read_file(id, "bob").await.unwrap());
+        store.close().await.unwrap();
     }
 }
