@@ -117,14 +117,23 @@ impl ServeArgs {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+    let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench::run(args),
         Command::Chat(args) => chat::run(args),
         Command::User(cmd) => admin::user(cmd),
         Command::Token(args) => admin::token(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: what failed and why (the causes joined with ": "), no backtrace.
+            let text = format!("{e:#}").replace('\n', " ");
+            eprintln!("hubbub: error: {text}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
@@ -151,6 +160,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config =
         Config::load(args.config.as_deref(), overrides).context("reading the configuration")?;
     init_logs(config.log_format == "json");
+    let unknown = Config::unknown_env_keys(std::env::vars());
+    if !unknown.is_empty() {
+        tracing::warn!(
+            "ignoring environment variables that name no config key: {}",
+            unknown.join(", ")
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -160,6 +176,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", config.bind))?;
         let addr = listener.local_addr()?;
+        let shutdown = shutdown_signal();
         // Scripts and tests read this line to find the port. Not `println!`: it panics
         // when stdout cannot be written.
         {
@@ -168,7 +185,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = writeln!(out, "hubbub listening on http://{addr}");
             let _ = out.flush();
         }
-        hubbub_server::run(listener, config, shutdown_signal()).await
+        hubbub_server::run(listener, config, shutdown).await
     })
 }
 
@@ -176,27 +193,36 @@ fn figment_json(map: Map<String, Value>) -> hubbub_server::config::Overrides {
     hubbub_server::config::Overrides::new(Value::Object(map))
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed here, before the server
+/// announces itself, so a signal sent right after the listening line still stops it
+/// cleanly.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
+        use tokio::signal::unix::{signal, SignalKind};
+        let streams = signal(SignalKind::terminate())
+            .and_then(|term| signal(SignalKind::interrupt()).map(|int| (term, int)));
+        async move {
+            match streams {
+                Ok((mut term, mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    return;
+                    let _ = tokio::signal::ctrl_c().await;
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            }
+            tracing::info!("shutdown requested");
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async move {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutdown requested");
+        }
     }
-    tracing::info!("shutdown requested");
 }

@@ -550,3 +550,76 @@ async fn a_log_that_cannot_be_written_stops_nothing() {
     let status = server.wait_exit(WAIT);
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[test]
+fn environment_variables_a_platform_injects_are_ignored_with_one_warning() {
+    // What Kubernetes puts into every pod of a namespace with a Service named hubbub.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("HUBBUB_LOG", "warn")
+        .env("HUBBUB_PORT", "tcp://10.0.0.1:8080")
+        .env("HUBBUB_PORT_8080_TCP_ADDR", "10.0.0.1")
+        .env("HUBBUB_SERVICE_HOST", "10.0.0.1")
+        .env("HUBBUB_HEARTBEAT_MS", "20000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hubbub serve");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read the listening line");
+    assert!(
+        line.starts_with("hubbub listening on http://"),
+        "the server did not start: {line:?}"
+    );
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok);
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("environment variables"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning line: {stderr}");
+    for name in [
+        "HUBBUB_PORT",
+        "HUBBUB_PORT_8080_TCP_ADDR",
+        "HUBBUB_SERVICE_HOST",
+    ] {
+        assert!(warnings[0].contains(name), "{name} named: {stderr}");
+    }
+    assert!(!warnings[0].contains("HUBBUB_HEARTBEAT_MS"), "{stderr}");
+    assert!(!warnings[0].contains("HUBBUB_LOG"), "{stderr}");
+}
+
+#[test]
+fn a_bad_value_in_the_environment_is_one_clear_line_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hubbub"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_BACKTRACE", "1")
+        .env("HUBBUB_HEARTBEAT_MS", "soon")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hubbub serve");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "it did not start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("hubbub: error: "), "{stderr}");
+    assert!(
+        stderr.to_ascii_lowercase().contains("heartbeat_ms") && stderr.contains("\"soon\""),
+        "names the key and the value: {stderr}"
+    );
+}

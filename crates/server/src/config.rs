@@ -88,6 +88,25 @@ pub struct Config {
     pub file_gc_interval_ms: u64,
     /// Lifetime of a file pass (the download cookie of browsers), in seconds.
     pub file_pass_ttl_secs: u64,
+    /// Host names (the `Host` header, port ignored) served besides IP literals and
+    /// `localhost`; `["*"]` serves any host (no DNS-rebinding protection).
+    pub allowed_hosts: Vec<String>,
+    /// A new connection must deliver its first request head within this many
+    /// milliseconds.
+    pub http_header_timeout_ms: u64,
+    /// A keep-alive connection between requests is closed when its next request head is
+    /// not complete within this many milliseconds of the previous response.
+    pub http_idle_timeout_ms: u64,
+    /// A request body that sends nothing for this many milliseconds is dropped.
+    pub http_body_timeout_ms: u64,
+    /// Most HTTP connections open at once, before upgrades (more are refused with 503).
+    pub max_http_connections: usize,
+    /// Most HTTP connections from one IP address, before upgrades (more get 429).
+    pub max_http_connections_per_ip: usize,
+    /// Rooms one IP address may create per minute (a token bucket with this burst).
+    pub room_create_per_ip_per_min: u32,
+    /// Rooms the whole server creates per minute (a token bucket with this burst).
+    pub room_create_per_min: u32,
 }
 
 impl Default for Config {
@@ -129,6 +148,14 @@ impl Default for Config {
             upload_gc_age_secs: 24 * 3600,
             file_gc_interval_ms: 10 * 60 * 1000,
             file_pass_ttl_secs: 15 * 60,
+            allowed_hosts: Vec::new(),
+            http_header_timeout_ms: 10_000,
+            http_idle_timeout_ms: 60_000,
+            http_body_timeout_ms: 30_000,
+            max_http_connections: 10_000,
+            max_http_connections_per_ip: 256,
+            room_create_per_ip_per_min: 60,
+            room_create_per_min: 600,
         }
     }
 }
@@ -152,19 +179,45 @@ impl Config {
         file: Option<&Path>,
         overrides: impl figment::Provider,
     ) -> Result<Config, Box<figment::Error>> {
+        Self::load_with_env(file, "HUBBUB_", overrides)
+    }
+
+    /// [`Config::load`] with the environment variables named `prefix*`.
+    fn load_with_env(
+        file: Option<&Path>,
+        prefix: &str,
+        overrides: impl figment::Provider,
+    ) -> Result<Config, Box<figment::Error>> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             fig = fig.merge(Toml::file_exact(file));
         }
-        // HUBBUB_LOG (log filter) and HUBBUB_CONFIG (the file) are not config keys.
+        // Only variables naming a config key are read: others (HUBBUB_LOG, HUBBUB_CONFIG,
+        // and what a platform injects, such as Kubernetes' HUBBUB_PORT=tcp://... for a
+        // Service named hubbub) are left alone; `unknown_env_keys` lists them.
         fig.merge(
-            Env::prefixed("HUBBUB_")
-                .ignore(&["log", "config"])
+            Env::prefixed(prefix)
+                .filter(|k| is_config_key(k.as_str()))
                 .split("__"),
         )
         .merge(overrides)
         .extract()
         .map_err(Box::new)
+    }
+
+    /// The `HUBBUB_*` variables of `vars` that name no config key (and are not
+    /// `HUBBUB_LOG` or `HUBBUB_CONFIG`), sorted: they are ignored, and worth a warning.
+    pub fn unknown_env_keys(vars: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+        let mut unknown: Vec<String> = vars
+            .into_iter()
+            .filter_map(|(k, _)| {
+                let key = k.strip_prefix("HUBBUB_")?.to_ascii_lowercase();
+                let known = is_config_key(&key) || matches!(key.as_str(), "log" | "config");
+                (!known).then_some(k)
+            })
+            .collect();
+        unknown.sort();
+        unknown
     }
 
     /// Whether guest mode is on, applying the loopback default.
@@ -201,11 +254,46 @@ impl Config {
         if self.file_gc_interval_ms == 0 || self.file_pass_ttl_secs == 0 {
             return Err("file_gc_interval_ms and file_pass_ttl_secs must be positive".into());
         }
+        if self.max_http_connections == 0 || self.max_http_connections_per_ip == 0 {
+            return Err(
+                "max_http_connections and max_http_connections_per_ip must be positive".into(),
+            );
+        }
+        if self.http_header_timeout_ms == 0
+            || self.http_idle_timeout_ms == 0
+            || self.http_body_timeout_ms == 0
+        {
+            return Err("the http_*_timeout_ms keys must be positive".into());
+        }
+        if self.room_create_per_ip_per_min == 0 || self.room_create_per_min == 0 {
+            return Err(
+                "room_create_per_ip_per_min and room_create_per_min must be positive".into(),
+            );
+        }
+        if let Some(bad) = self
+            .allowed_hosts
+            .iter()
+            .find(|h| h.is_empty() || h.contains(['/', ' ']))
+        {
+            return Err(format!("allowed_hosts entry {bad:?} is not a host name"));
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err("log_format is text or json".into());
         }
         Ok(())
     }
+}
+
+/// Whether `key` (lower case, as figment sees an environment variable without its
+/// prefix; nested keys as `outer__inner`) names a config key.
+fn is_config_key(key: &str) -> bool {
+    static KEYS: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        });
+    let top = key.split("__").next().unwrap_or(key);
+    KEYS.iter().any(|k| k.eq_ignore_ascii_case(top))
 }
 
 #[cfg(test)]
@@ -220,6 +308,43 @@ mod tests {
         assert!(!c.guest_enabled());
         c.guest = Some(true);
         assert!(c.guest_enabled());
+    }
+
+    #[test]
+    fn unknown_environment_keys_are_ignored_and_listed_and_bad_values_name_the_key() {
+        // figment reads the process environment, shared by the tests running at once:
+        // this test uses a prefix of its own.
+        let none = || Serialized::defaults(serde_json::json!({}));
+        std::env::set_var("HBENVTEST_PORT", "tcp://10.0.0.1:8080");
+        std::env::set_var("HBENVTEST_SERVICE_HOST", "10.0.0.1");
+        std::env::set_var("HBENVTEST_SYNC_MAX", "77");
+        let c = Config::load_with_env(None, "HBENVTEST_", none()).unwrap();
+        assert_eq!(c.sync_max, 77, "known keys are still read");
+        let vars = [
+            ("HUBBUB_PORT", "tcp://10.0.0.1:8080"),
+            ("HUBBUB_SERVICE_HOST", "10.0.0.1"),
+            ("HUBBUB_SYNC_MAX", "77"),
+            ("HUBBUB_LOG", "debug"),
+            ("HUBBUB_CONFIG", "x.toml"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(
+            Config::unknown_env_keys(vars),
+            ["HUBBUB_PORT", "HUBBUB_SERVICE_HOST"]
+        );
+        std::env::set_var("HBENVTEST_SYNC_MAX", "lots");
+        let err = Config::load_with_env(None, "HBENVTEST_", none()).unwrap_err();
+        for k in [
+            "HBENVTEST_SYNC_MAX",
+            "HBENVTEST_PORT",
+            "HBENVTEST_SERVICE_HOST",
+        ] {
+            std::env::remove_var(k);
+        }
+        let text = err.to_string();
+        assert!(text.to_ascii_lowercase().contains("sync_max"), "{text}");
+        assert!(!text.contains('\n'), "one line: {text}");
     }
 
     #[test]

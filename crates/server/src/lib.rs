@@ -12,10 +12,11 @@
 //! - [`store`]: the [`store::Store`] trait, the SQLite implementation (group commit) and
 //!   the shared conformance suite.
 //! - [`api`]: HTTP routes and the JSON error body.
+//! - `serve`: the accept loop (HTTP timeouts, connection caps); [`host`]: the `Host`
+//!   check against DNS rebinding.
 //! - [`auth`]: the credential seam (guest names today).
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,8 +30,10 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod gateway;
+pub mod host;
 pub mod hub;
 pub mod metrics;
+mod serve;
 pub mod store;
 pub mod web;
 
@@ -72,6 +75,8 @@ pub struct AppState {
     pub file_passes: api::files::FilePasses,
     /// Upload rates per user and per address.
     pub uploads: api::files::UploadLimits,
+    /// Room creation, per address and in total.
+    pub room_creation: gateway::RoomCreation,
 }
 
 /// Serves on `listener` until `shutdown` resolves; then stops accepting, closes every
@@ -126,6 +131,10 @@ pub async fn run(
     let file_passes = api::files::FilePasses::from_config(&config)?;
     let uploads =
         api::files::UploadLimits::new(config.uploads_per_minute, config.uploads_per_minute_per_ip);
+    let room_creation = gateway::RoomCreation::new(
+        config.room_create_per_ip_per_min,
+        config.room_create_per_min,
+    );
     let state = Arc::new(AppState {
         config,
         store: store.clone(),
@@ -137,6 +146,7 @@ pub async fn run(
         known_users: dashmap::DashSet::new(),
         logins: auth::LoginThrottle::default(),
         metrics,
+        room_creation,
         conn_limiter,
         file_passes,
         uploads,
@@ -156,19 +166,7 @@ pub async fn run(
     let app = api::router(state.clone());
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, guest = state.auth.guest_enabled(), "serving");
-    let stop = token.clone();
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        tokio::select! {
-            _ = shutdown => {}
-            _ = stop.cancelled() => {}
-        }
-        stop.cancel();
-    })
-    .await?;
+    serve::serve(listener, app, &state.config, token.clone(), shutdown).await;
 
     token.cancel();
     let _ = closer.await;

@@ -83,16 +83,44 @@ pub async fn messages(
     ))
 }
 
-/// Public rooms with their member and online counts.
-#[utoipa::path(get, path = "/api/rooms", responses(
-    (status = 200, description = "{\"rooms\":[{\"name\",\"conv\",\"members\",\"online\"}]}"),
+/// Paging of `GET /api/rooms`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RoomPaging {
+    /// Page size: default 100, at most 500.
+    pub limit: Option<usize>,
+    /// Rooms whose name sorts after this one (the `next` of the previous page).
+    pub after: Option<String>,
+}
+
+/// Default page of `GET /api/rooms`.
+pub const ROOMS_PAGE: usize = 100;
+/// Largest page of `GET /api/rooms`.
+pub const ROOMS_PAGE_MAX: usize = 500;
+
+/// Public rooms with their member and online counts, a page at a time in name order.
+#[utoipa::path(get, path = "/api/rooms", params(RoomPaging), responses(
+    (status = 200, description = "{\"rooms\":[{\"name\",\"conv\",\"members\",\"online\"}],\"next\"}: `next` is the `after` of the following page, null on the last one"),
+    (status = 400, description = "bad paging", body = super::docs::ErrorBody),
     (status = 401, description = "no valid credential", body = super::docs::ErrorBody),
 ), security(("bearer" = [])))]
 pub async fn rooms(
     State(state): State<Arc<AppState>>,
     Caller(_caller): Caller,
+    paging: Result<Query<RoomPaging>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let rooms = state.store.rooms().await?;
+    let Query(paging) = paging.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = paging.limit.unwrap_or(ROOMS_PAGE);
+    if limit == 0 || limit > ROOMS_PAGE_MAX {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1..={ROOMS_PAGE_MAX}"
+        )));
+    }
+    let after = paging.after.map(|name| Conv::room_id(&name));
+    // One more than the page tells whether another page follows.
+    let mut rooms = state.store.rooms(after.as_deref(), limit + 1).await?;
+    let more = rooms.len() > limit;
+    rooms.truncate(limit);
     let mut out = Vec::with_capacity(rooms.len());
     for r in rooms {
         let online = match state.hub.room(&r.conv, &*state.store).await {
@@ -102,5 +130,10 @@ pub async fn rooms(
         let name = r.conv.strip_prefix("room:").unwrap_or(&r.conv).to_string();
         out.push(json!({"name": name, "conv": r.conv, "members": r.members, "online": online}));
     }
-    Ok(Json(json!({ "rooms": out })))
+    let next = if more {
+        out.last().map(|r| r["name"].clone())
+    } else {
+        None
+    };
+    Ok(Json(json!({ "rooms": out, "next": next })))
 }

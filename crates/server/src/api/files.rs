@@ -312,6 +312,9 @@ pub async fn upload(
         tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
         let path = dir.join(&id);
         let tmp = dir.join(format!("{id}.part"));
+        // Removes the partial file however this ends: an error, or the request dropped
+        // mid-body (the client went away or its body timed out).
+        let mut partial = PartialFile(Some(tmp.clone()));
         let mut out = tokio::fs::File::create(&tmp).await.map_err(internal)?;
         let mut size: usize = 0;
         let written: Result<(), ApiError> = async {
@@ -330,11 +333,9 @@ pub async fn upload(
         }
         .await;
         drop(out);
-        if let Err(e) = written {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
-        }
+        written?;
         tokio::fs::rename(&tmp, &path).await.map_err(internal)?;
+        partial.0 = None;
         let meta = FileMeta {
             id: id.clone(),
             name: name.clone(),
@@ -361,6 +362,18 @@ pub async fn upload(
             Json(json!({"url": url, "name": name, "size": size, "mime": mime})),
         )
             .into_response());
+    }
+}
+
+/// A file that is removed when this is dropped, unless taken out of it.
+struct PartialFile(Option<PathBuf>);
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            // Synchronous: the drop may happen outside any runtime task; one unlink.
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

@@ -179,6 +179,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/admin/broadcast", post(admin::broadcast))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::host::check,
+        ))
         .with_state(state)
 }
 

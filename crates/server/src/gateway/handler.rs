@@ -67,6 +67,7 @@ pub(crate) struct Conn {
     state: Arc<AppState>,
     session: SessionHandle,
     identity: Identity,
+    peer: std::net::IpAddr,
     send_limiter: DefaultDirectRateLimiter,
     frame_limiter: DefaultDirectRateLimiter,
     strikes: u32,
@@ -75,7 +76,12 @@ pub(crate) struct Conn {
 type Answer = Result<Value, ProtoError>;
 
 impl Conn {
-    pub(crate) fn new(state: Arc<AppState>, session: SessionHandle, identity: Identity) -> Conn {
+    pub(crate) fn new(
+        state: Arc<AppState>,
+        session: SessionHandle,
+        identity: Identity,
+        peer: std::net::IpAddr,
+    ) -> Conn {
         let cfg = &state.config;
         let rate = NonZeroU32::new(cfg.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(cfg.send_burst).unwrap_or(NonZeroU32::MIN);
@@ -97,6 +103,7 @@ impl Conn {
             state,
             session,
             identity,
+            peer,
             strikes: 0,
         }
     }
@@ -297,6 +304,11 @@ impl Conn {
                     format!("a user may be a member of at most {max} rooms"),
                 ));
             }
+        }
+        // A room nobody is in may be created by this join: that takes a token from the
+        // address's and the server's room-creation buckets first.
+        if room.is_empty() {
+            self.state.room_creation.check(self.peer)?;
         }
         let outcome = self.state.store.join_room(&conv, self.user()).await?;
         // The room's bus shard applies the join (and tells the members) in commit order

@@ -1,7 +1,9 @@
 //! Connection limits, checked before the upgrade: in total (`503 unavailable`) and per
-//! source IP address (`429 rate_limited`).
+//! source IP address (`429 rate_limited`). Room creation limits, per source address and
+//! for the whole server.
 
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -79,6 +81,51 @@ impl Drop for ConnPermit {
             *n = n.saturating_sub(1);
             *n == 0
         });
+    }
+}
+
+/// Token buckets for creating rooms: one per source address and one for the server.
+pub struct RoomCreation {
+    per_ip: governor::DefaultKeyedRateLimiter<IpAddr>,
+    global: governor::DefaultDirectRateLimiter,
+}
+
+impl std::fmt::Debug for RoomCreation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomCreation").finish_non_exhaustive()
+    }
+}
+
+impl RoomCreation {
+    /// Buckets that refill `per_ip` and `global` rooms a minute, holding that many.
+    pub fn new(per_ip: u32, global: u32) -> RoomCreation {
+        let quota =
+            |n: u32| governor::Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
+        RoomCreation {
+            per_ip: governor::RateLimiter::keyed(quota(per_ip)),
+            global: governor::RateLimiter::direct(quota(global)),
+        }
+    }
+
+    /// Takes a token for a room created from `ip`, or says why not.
+    pub fn check(&self, ip: IpAddr) -> Result<(), hubbub_protocol::ProtoError> {
+        // Forget full buckets now and then, so the map does not grow with every address.
+        if self.per_ip.len() > 4096 {
+            self.per_ip.retain_recent();
+        }
+        if self.per_ip.check_key(&ip).is_err() {
+            return Err(hubbub_protocol::ProtoError::new(
+                ErrorCode::RateLimited,
+                "too many new rooms from this address; try again in a minute",
+            ));
+        }
+        if self.global.check().is_err() {
+            return Err(hubbub_protocol::ProtoError::new(
+                ErrorCode::RateLimited,
+                "too many new rooms on this server; try again in a minute",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -21,7 +21,7 @@ mod handler;
 mod limits;
 pub mod session;
 
-pub use limits::ConnLimiter;
+pub use limits::{ConnLimiter, RoomCreation};
 
 pub use session::Codec;
 
@@ -124,6 +124,7 @@ pub async fn ws_handler(
     // What the session needs once upgraded, in one box: axum keeps the callback beside
     // the session's future for as long as the connection lives.
     let accepted = Box::new(Accepted {
+        peer: peer.ip(),
         identity,
         device,
         codec,
@@ -148,6 +149,7 @@ pub async fn ws_handler(
 
 /// An authorized connection waiting for its WebSocket upgrade.
 struct Accepted {
+    peer: std::net::IpAddr,
     identity: crate::auth::Identity,
     device: String,
     codec: Codec,
@@ -163,6 +165,7 @@ impl Accepted {
         socket: axum::extract::ws::WebSocket,
     ) -> impl std::future::Future<Output = ()> {
         let Accepted {
+            peer,
             identity,
             device,
             codec,
@@ -183,6 +186,7 @@ impl Accepted {
             device,
             codec,
             permit,
+            peer,
         };
         tracker.track_future(session::run(conn, state).instrument(span))
     }

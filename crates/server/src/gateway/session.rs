@@ -60,6 +60,8 @@ pub(crate) struct Upgraded {
     pub(crate) codec: Codec,
     /// Its place in the connection limits, freed when the session ends.
     pub(crate) permit: ConnPermit,
+    /// The client's address.
+    pub(crate) peer: std::net::IpAddr,
 }
 
 /// Sets the session up (its queue, the `welcome`, its place in the hub) and returns the
@@ -74,6 +76,7 @@ pub(crate) fn run(conn: Upgraded, state: Arc<AppState>) -> impl Future<Output = 
         device,
         codec,
         permit,
+        peer,
     } = conn;
     let cfg = &state.config;
     // flume's queue grows as it fills, so an idle session holds no slots (a tokio mpsc
@@ -111,7 +114,7 @@ pub(crate) fn run(conn: Upgraded, state: Arc<AppState>) -> impl Future<Output = 
     );
     let parts = Box::new(Parts {
         io,
-        conn: Conn::new(state, session.clone(), identity),
+        conn: Conn::new(state, session.clone(), identity, peer),
         pending: Pending::default(),
         permit,
     });

@@ -395,9 +395,17 @@ pub async fn rooms_membership_and_roles(f: Fixture) {
     assert!(!s.leave_room("room:r", "bob").await.unwrap());
     assert!(!s.is_member("room:r", "bob").await.unwrap());
     s.join_room("room:q", "carol").await.unwrap();
-    let rooms = s.rooms().await.unwrap();
+    let rooms = s.rooms(None, 10).await.unwrap();
     let counts: Vec<(String, u64)> = rooms.into_iter().map(|r| (r.conv, r.members)).collect();
     assert_eq!(counts, vec![("room:q".into(), 1), ("room:r".into(), 1)]);
+    // Pages in name order, after a cursor.
+    let first = s.rooms(None, 1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].conv, "room:q");
+    let next = s.rooms(Some("room:q"), 1).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].conv, "room:r");
+    assert!(s.rooms(Some("room:r"), 1).await.unwrap().is_empty());
     append(s, text("room:r", "alice", "j1", "x")).await;
     assert_eq!(s.join_room("room:r", "bob").await.unwrap().last_seq, 1);
 }

@@ -286,8 +286,13 @@ pub trait Store: Send + Sync + 'static {
     /// The stored password hash of an account, if it exists.
     fn password_hash(&self, name: &str) -> BoxFuture<'static, StoreResult<Option<String>>>;
 
-    /// Every room with its member count.
-    fn rooms(&self) -> BoxFuture<'static, StoreResult<Vec<RoomSummary>>>;
+    /// Rooms with their member counts, in `conv` order: at most `limit` of them, those
+    /// after the room `after` (a `conv`) when given.
+    fn rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Vec<RoomSummary>>>;
 
     /// Records an uploaded file, unless its uploader's files would then total more than
     /// `quota` bytes: false, and nothing is stored. The check and the insert are atomic.

@@ -1361,13 +1361,20 @@ impl Store for SqliteStore {
         })
     }
 
-    fn rooms(&self) -> BoxFuture<'static, StoreResult<Vec<RoomSummary>>> {
-        self.read(|c| {
+    fn rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Vec<RoomSummary>>> {
+        let after = after.unwrap_or("").to_string();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
             let mut s = c.prepare_cached(
                 "SELECT c.conv, (SELECT count(*) FROM members m WHERE m.conv = c.conv) \
-                 FROM conversations c WHERE c.kind = 'room' ORDER BY c.conv",
+                 FROM conversations c WHERE c.kind = 'room' AND c.conv > ?1 \
+                 ORDER BY c.conv LIMIT ?2",
             )?;
-            let rows = s.query_map([], |r| {
+            let rows = s.query_map(params![after, limit], |r| {
                 Ok(RoomSummary {
                     conv: r.get(0)?,
                     members: r.get(1)?,
