@@ -17,6 +17,10 @@ pub struct Metrics {
     pub auth_failures: IntCounter,
     pub store_batch_size: Histogram,
     pub store_commit_seconds: Histogram,
+    /// Password hashes and checks running now (argon2id, bounded by `hash_concurrency`).
+    pub password_hashes_active: IntGauge,
+    /// Requests waiting for a place to hash a password (bounded by `hash_queue`).
+    pub password_hashes_waiting: IntGauge,
 }
 
 // Metric names and help texts below are constants; creating and registering them can only
@@ -40,11 +44,22 @@ impl Metrics {
                 .expect("unique histogram");
             h
         };
-        let connections_open =
-            IntGauge::new("connections_open", "WebSocket sessions open now").expect("gauge");
-        registry
-            .register(Box::new(connections_open.clone()))
-            .expect("unique gauge");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("gauge");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique gauge");
+            g
+        };
+        let connections_open = gauge("connections_open", "WebSocket sessions open now");
+        let password_hashes_active = gauge(
+            "password_hashes_active",
+            "password hashes and checks running now",
+        );
+        let password_hashes_waiting = gauge(
+            "password_hashes_waiting",
+            "requests waiting for a place to hash a password",
+        );
         Metrics {
             connections_open,
             connections_total: counter("connections_total", "WebSocket sessions opened"),
@@ -75,6 +90,8 @@ impl Metrics {
                 "time to apply and commit one store batch",
                 prometheus::exponential_buckets(0.000_1, 2.0, 16).expect("buckets"),
             ),
+            password_hashes_active,
+            password_hashes_waiting,
             registry,
         }
     }
