@@ -49,7 +49,7 @@ for round in $(seq "$rounds"); do
         env HUBBUB_SEND_RATE_PER_SEC=10000000 HUBBUB_SEND_BURST=10000000 \
             HUBBUB_FRAME_RATE_PER_SEC=10000000 HUBBUB_FRAME_BURST=10000000 \
             HUBBUB_MAX_CONNECTIONS_PER_IP=1000000 HUBBUB_MAX_HTTP_CONNECTIONS_PER_IP=1000000 HUBBUB_LOG=warn "${envs[@]}" \
-            taskset -c "$SERVER_CPU" "$bin" serve --bind "127.0.0.1:$PORT" --data-dir "$DATA" >/dev/null &
+            taskset -c "$SERVER_CPU" "$bin" serve --guest --bind "127.0.0.1:$PORT" --data-dir "$DATA" >/dev/null &
         PID=$!
         sleep 1
         echo "== round $round: $build"

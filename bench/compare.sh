@@ -38,7 +38,7 @@ trap cleanup EXIT
 HUBBUB_SEND_RATE_PER_SEC=10000000 HUBBUB_SEND_BURST=10000000 \
 HUBBUB_FRAME_RATE_PER_SEC=10000000 HUBBUB_FRAME_BURST=10000000 \
 HUBBUB_MAX_CONNECTIONS_PER_IP=1000000 HUBBUB_MAX_HTTP_CONNECTIONS_PER_IP=1000000 HUBBUB_LOG=warn \
-    taskset -c "$SERVER_CPU" "$HUBBUB" serve --bind "127.0.0.1:$HUBBUB_PORT" --data-dir "$DATA" >/dev/null &
+    taskset -c "$SERVER_CPU" "$HUBBUB" serve --guest --bind "127.0.0.1:$HUBBUB_PORT" --data-dir "$DATA" >/dev/null &
 HUBBUB_PID=$!
 PIDS+=("$HUBBUB_PID")
 taskset -c "$SERVER_CPU" target/gohub/gohub --port "$GOHUB_PORT" 2>/dev/null &

@@ -106,6 +106,7 @@ async function api(path, opts = {}) {
     const err = new Error((body && body.message) || `${res.status} ${res.statusText}`);
     err.status = res.status;
     err.code = body && body.code;
+    err.retryAfter = Number(res.headers.get('Retry-After')) || 0;
     throw err;
   }
   return body;
@@ -225,8 +226,15 @@ $('guest-form').addEventListener('submit', (ev) => {
     return;
   }
   auth = { user: name, guest: true };
-  saveAuth();
-  startChat();
+  // Ask the server first: a name that belongs to an account (or looks like one) is
+  // refused, and the socket would not say why.
+  api('/api/conversations').then(() => {
+    saveAuth();
+    startChat();
+  }, (e) => {
+    auth = null;
+    $('signin-error').textContent = e.status === 401 ? e.message : `Cannot join: ${e.message}`;
+  });
 });
 
 async function login(register) {
@@ -246,10 +254,12 @@ async function login(register) {
     saveAuth();
     startChat();
   } catch (e) {
-    const msg = e.status === 409 ? 'That username is taken.'
+    const wait = e.retryAfter ? ` Try again in ${e.retryAfter} s.` : '';
+    const msg = e.status === 409 ? `That username is not available: ${e.message}`
       : e.status === 401 ? 'Wrong username or password.'
-        : e.status === 429 ? 'Too many attempts; wait a few minutes.'
-          : e.message;
+        : e.status === 429 ? `Too many attempts.${wait}`
+          : e.status === 503 ? `The server is busy.${wait}`
+            : e.message;
     $('signin-error').textContent = msg;
   }
 }

@@ -227,6 +227,15 @@ async function main() {
     assert((await page.locator('#me-name').textContent()) === 'dora', 'signed in as dora');
     await page.context().close();
     delete pages.signin;
+    // A guest can't take an account's name (nor a look-alike), and is told why.
+    const { page: impostor } = await newUser(browser, 'impostor');
+    await impostor.goto(BASE + '/');
+    await impostor.getByRole('textbox', { name: 'Name', exact: true }).fill('D0RA');
+    await impostor.getByRole('button', { name: 'Connect', exact: true }).click();
+    await until(async () => /account/.test(await impostor.locator('#signin-error').textContent()), 'the guest name refused');
+    assert(await impostor.locator('#app').isHidden(), 'still signing in');
+    await impostor.context().close();
+    delete pages.impostor;
   });
 
   await test('two users chat in a room', async () => {

@@ -87,7 +87,7 @@ pub(crate) fn user(cmd: UserCommand) -> anyhow::Result<()> {
                     eprintln!("created user {name}");
                     Ok(())
                 }
-                Err(StoreError::Conflict(_)) => bail!("the user {name} already exists"),
+                Err(StoreError::Conflict(why)) => bail!("cannot add the user {name}: {why}"),
                 Err(e) => Err(e).context("creating the user"),
             }
         }

@@ -56,12 +56,16 @@ struct ServeArgs {
     /// Users with admin rights, comma separated.
     #[arg(long, value_delimiter = ',')]
     admins: Option<Vec<String>>,
-    /// Allow guests (?user=NAME). Default: on when bound to a loopback address.
+    /// Allow guests (?user=NAME, no password; a guest can never use an account's name).
+    /// Default: off (`hubbub` with no subcommand turns it on for a loopback demo).
     #[arg(long, conflicts_with = "no_guest")]
     guest: bool,
     /// Refuse guests.
     #[arg(long)]
     no_guest: bool,
+    /// `hubbub` with no subcommand: the local demo.
+    #[arg(skip)]
+    demo: bool,
     /// Server ping interval in milliseconds; silent connections close after 2.5x.
     #[arg(long)]
     heartbeat_ms: Option<u64>,
@@ -119,7 +123,11 @@ impl ServeArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+    let demo = ServeArgs {
+        demo: true,
+        ..ServeArgs::default()
+    };
+    let result = match cli.command.unwrap_or(Command::Serve(demo)) {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench::run(args),
         Command::Chat(args) => chat::run(args),
@@ -157,7 +165,7 @@ fn init_logs(json: bool) {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let overrides = figment_json(args.overrides());
-    let config =
+    let mut config =
         Config::load(args.config.as_deref(), overrides).context("reading the configuration")?;
     init_logs(config.log_format == "json");
     let unknown = Config::unknown_env_keys(std::env::vars());
@@ -166,6 +174,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "ignoring environment variables that name no config key: {}",
             unknown.join(", ")
         );
+    }
+    // The local demo lets guests in, unless guest mode was decided either way, and only
+    // on a loopback address.
+    let demo_guests = args.demo && config.guest.is_none() && config.bind.ip().is_loopback();
+    if demo_guests {
+        config.guest = Some(true);
+        eprintln!(
+            "hubbub: demo mode: guests may join without a password (?user=NAME) on this \
+             loopback address. `hubbub serve` runs with accounts only; add --guest to allow \
+             guests there."
+        );
+        tracing::warn!("demo mode: guest mode is on");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

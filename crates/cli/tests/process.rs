@@ -189,7 +189,7 @@ async fn user_add_and_token_verbs_work_against_a_running_server() {
         Some("a long password\n"),
     );
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is taken"));
     let short = hubbub(&["user", "add", "dave", "--data-dir", d], Some("short\n"));
     assert!(!short.status.success());
     assert!(String::from_utf8_lossy(&short.stderr).contains("at least 8"));
@@ -621,5 +621,83 @@ fn a_bad_value_in_the_environment_is_one_clear_line_and_exit_1() {
     assert!(
         stderr.to_ascii_lowercase().contains("heartbeat_ms") && stderr.contains("\"soon\""),
         "names the key and the value: {stderr}"
+    );
+}
+
+/// Starts `hubbub ARGS` on 127.0.0.1:0 (through the environment, so the no-subcommand
+/// demo can be started too); returns the child, its address and its stderr.
+fn spawn_hubbub(dir: &Path, args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
+        .args(args)
+        .env("HUBBUB_BIND", "127.0.0.1:0")
+        .env("HUBBUB_DATA_DIR", dir)
+        .env("HUBBUB_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hubbub");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("hubbub listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, addr)
+}
+
+/// Stops a child and returns what it wrote to stderr.
+fn stop_and_read_stderr(mut child: std::process::Child) -> String {
+    use std::io::Read;
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    err
+}
+
+#[tokio::test]
+async fn guests_come_only_with_the_demo_or_when_chosen() {
+    let dir = tempfile::tempdir().unwrap();
+    // `hubbub serve`: accounts only.
+    let (child, addr) = spawn_hubbub(dir.path(), &["serve"]);
+    let refused = Client::connect(ConnectOptions::guest(format!("ws://{addr}"), "visitor")).await;
+    assert!(
+        matches!(
+            refused,
+            Err(hubbub_client::ClientError::Connect {
+                status: Some(401),
+                ..
+            })
+        ),
+        "{:?}",
+        refused.map(|_| ())
+    );
+    let err = stop_and_read_stderr(child);
+    assert!(!err.contains("demo mode"), "{err}");
+
+    // `hubbub` alone: the local demo lets guests in and says so.
+    let (child, addr) = spawn_hubbub(dir.path(), &[]);
+    let guest = tokio::time::timeout(
+        WAIT,
+        Client::connect(ConnectOptions::guest(format!("ws://{addr}"), "visitor")),
+    )
+    .await
+    .expect("connect in time")
+    .expect("the demo lets guests in");
+    assert_eq!(guest.welcome().user, "visitor");
+    drop(guest);
+    let err = stop_and_read_stderr(child);
+    assert!(
+        err.contains("demo mode: guests may join without a password"),
+        "{err}"
     );
 }

@@ -18,7 +18,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Users with admin rights (authenticated by token, never as guests).
     pub admins: Vec<String>,
-    /// Guest mode (`?user=NAME`). `None`: on when bound to a loopback address.
+    /// Guest mode (`?user=NAME`, no password): an explicit choice; `None` means off.
     pub guest: Option<bool>,
     /// Interval of server pings; a connection silent for 2.5x this is closed.
     pub heartbeat_ms: u64,
@@ -107,6 +107,15 @@ pub struct Config {
     pub room_create_per_ip_per_min: u32,
     /// Rooms the whole server creates per minute (a token bucket with this burst).
     pub room_create_per_min: u32,
+    /// Register and login requests allowed per source address per minute, sustained.
+    pub auth_rate_per_min: u32,
+    /// Burst of register and login requests per source address.
+    pub auth_burst: u32,
+    /// Password hashes computed at once (argon2id, 19 MiB each); 0: half the cores, at
+    /// least 1.
+    pub hash_concurrency: usize,
+    /// Requests that may wait for a place to hash a password; more are refused with 503.
+    pub hash_queue: usize,
 }
 
 impl Default for Config {
@@ -156,6 +165,10 @@ impl Default for Config {
             max_http_connections_per_ip: 256,
             room_create_per_ip_per_min: 60,
             room_create_per_min: 600,
+            auth_rate_per_min: 20,
+            auth_burst: 20,
+            hash_concurrency: 0,
+            hash_queue: 32,
         }
     }
 }
@@ -220,9 +233,9 @@ impl Config {
         unknown
     }
 
-    /// Whether guest mode is on, applying the loopback default.
+    /// Whether guest mode is on: only when chosen (`guest = true`, `--guest`).
     pub fn guest_enabled(&self) -> bool {
-        self.guest.unwrap_or_else(|| self.bind.ip().is_loopback())
+        self.guest.unwrap_or(false)
     }
 
     /// Checks values that would make the server misbehave.
@@ -277,6 +290,9 @@ impl Config {
         {
             return Err(format!("allowed_hosts entry {bad:?} is not a host name"));
         }
+        if self.auth_rate_per_min == 0 || self.auth_burst == 0 {
+            return Err("auth_rate_per_min and auth_burst must be positive".into());
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err("log_format is text or json".into());
         }
@@ -301,11 +317,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn guest_defaults_to_loopback_only() {
+    fn guest_mode_is_off_unless_chosen() {
         let mut c = Config::default();
-        assert!(c.guest_enabled());
-        c.bind = "0.0.0.0:80".parse().unwrap();
-        assert!(!c.guest_enabled());
+        assert!(c.bind.ip().is_loopback());
+        assert!(!c.guest_enabled(), "not even on a loopback address");
         c.guest = Some(true);
         assert!(c.guest_enabled());
     }

@@ -12,9 +12,10 @@
 //! - [`store`]: the [`store::Store`] trait, the SQLite implementation (group commit) and
 //!   the shared conformance suite.
 //! - [`api`]: HTTP routes and the JSON error body.
+//! - [`auth`]: the credential seam (tokens, guest names), password hashing and its
+//!   limits, the login throttle.
 //! - `serve`: the accept loop (HTTP timeouts, connection caps); [`host`]: the `Host`
 //!   check against DNS rebinding.
-//! - [`auth`]: the credential seam (guest names today).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -68,6 +69,12 @@ pub struct AppState {
     pub known_users: dashmap::DashSet<String>,
     /// Failed-login bookkeeping.
     pub logins: auth::LoginThrottle,
+    /// Guest names known to be recorded in the store (a cache; cleared when it grows large).
+    pub guest_names: dashmap::DashSet<String>,
+    /// Bounds concurrent password hashing.
+    pub hashing: auth::PasswordWork,
+    /// Register and login requests per source address.
+    pub auth_rate: auth::AddressRate,
     pub metrics: Metrics,
     /// Open WebSocket connections, in total and per address.
     pub conn_limiter: Arc<gateway::ConnLimiter>,
@@ -126,6 +133,8 @@ pub async fn run(
         config.admins.iter().cloned(),
         tokens,
     );
+    let hashing = auth::PasswordWork::new(config.hash_concurrency, config.hash_queue, &metrics);
+    let auth_rate = auth::AddressRate::new(config.auth_rate_per_min, config.auth_burst);
     let conn_limiter =
         gateway::ConnLimiter::new(config.max_connections, config.max_connections_per_ip);
     let file_passes = api::files::FilePasses::from_config(&config)?;
@@ -145,6 +154,9 @@ pub async fn run(
         sessions: TaskTracker::new(),
         known_users: dashmap::DashSet::new(),
         logins: auth::LoginThrottle::default(),
+        guest_names: dashmap::DashSet::new(),
+        hashing,
+        auth_rate,
         metrics,
         room_creation,
         conn_limiter,
@@ -165,7 +177,12 @@ pub async fn run(
     };
     let app = api::router(state.clone());
     let local = listener.local_addr()?;
-    tracing::info!(addr = %local, guest = state.auth.guest_enabled(), "serving");
+    tracing::info!(
+        addr = %local,
+        guest = state.auth.guest_enabled(),
+        hash_concurrency = state.hashing.permits(),
+        "serving"
+    );
     serve::serve(listener, app, &state.config, token.clone(), shutdown).await;
 
     token.cancel();

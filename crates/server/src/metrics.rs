@@ -19,6 +19,10 @@ pub struct Metrics {
     pub store_commit_seconds: Histogram,
     pub store_writer_panics: IntCounter,
     pub rooms_cached: IntGauge,
+    /// Password hashes and checks running now (argon2id, bounded by `hash_concurrency`).
+    pub password_hashes_active: IntGauge,
+    /// Requests waiting for a place to hash a password (bounded by `hash_queue`).
+    pub password_hashes_waiting: IntGauge,
 }
 
 // Metric names and help texts below are constants; creating and registering them can only
@@ -53,6 +57,14 @@ impl Metrics {
         let rooms_cached = gauge(
             "rooms_cached",
             "rooms whose member lists are held in memory now",
+        );
+        let password_hashes_active = gauge(
+            "password_hashes_active",
+            "password hashes and checks running now",
+        );
+        let password_hashes_waiting = gauge(
+            "password_hashes_waiting",
+            "requests waiting for a place to hash a password",
         );
         Metrics {
             connections_open,
@@ -90,6 +102,8 @@ impl Metrics {
                 "store batches abandoned because the writer panicked (it keeps running)",
             ),
             rooms_cached,
+            password_hashes_active,
+            password_hashes_waiting,
             registry,
         }
     }

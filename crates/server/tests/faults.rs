@@ -27,6 +27,8 @@ async fn a_locked_database_fails_sends_and_readiness_then_service_resumes() {
     alice.join("ops").await.unwrap();
     assert_eq!(alice.send_text("room:ops", "before").await.unwrap().seq, 1);
     assert_eq!(readyz(&server).await, 200);
+    // Bob has been here before (a new guest name is recorded in the store, a write).
+    server.connect("bob").await.close().await.ok();
 
     // Another process takes the database's write lock and keeps it.
     let db = server.dir.path().join("hubbub.db");
@@ -55,7 +57,7 @@ async fn a_locked_database_fails_sends_and_readiness_then_service_resumes() {
         other => panic!("expected a store error, got {other:?}"),
     }
     assert!(start.elapsed() < Duration::from_secs(2));
-    // Others are still served meanwhile: reads do not need the write lock.
+    // Others are still served meanwhile: connecting and reads do not need the write lock.
     let bob = server.connect("bob").await;
     bob.join("ops").await.ok();
     locker.join().unwrap();

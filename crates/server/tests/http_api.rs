@@ -1031,3 +1031,249 @@ async fn unshared_uploads_are_deleted_once_old_and_shared_ones_stay() {
     assert_eq!(get_as(&server, &url_of(&sent), "bob").await, 200);
     assert!(files.join(id_of(&sent)).exists());
 }
+
+/// A server in guest mode that also has accounts.
+async fn guests_and_accounts_server() -> TestServer {
+    TestServer::with(|c| {
+        c.guest = Some(true);
+        c.jwt_secret = Some(SECRET.into());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn guest_mode_is_off_unless_chosen() {
+    let server = TestServer::with(|c| c.guest = None).await;
+    assert_eq!(
+        refused_status(hubbub_client::ConnectOptions::guest(
+            server.url(),
+            "visitor"
+        ))
+        .await,
+        Some(401)
+    );
+    let r = http()
+        .get(server.http("/api/conversations?user=visitor"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn a_guest_cannot_use_a_registered_name_or_one_like_it() {
+    let server = guests_and_accounts_server().await;
+    let token = register_and_login(&server, "alice").await;
+    let alice = server.connect_opts(token_opts(server.url(), &token)).await;
+    let bob = server.connect("bob").await;
+    bob.send_text("dm:alice:bob", "a secret for alice")
+        .await
+        .unwrap();
+    for name in ["alice", "ALICE", "Alice", "aIice", "a1ice"] {
+        let opts = hubbub_client::ConnectOptions::guest(server.url(), name);
+        let refused = match Client::connect(opts).await {
+            Err(ClientError::Connect { status, body, .. }) => (status, body),
+            other => panic!("guest {name} let in: {:?}", other.map(|_| ())),
+        };
+        assert_eq!(refused.0, Some(401), "guest {name}");
+        assert!(
+            format!("{:?}", refused.1).contains("account"),
+            "{name}: {refused:?}"
+        );
+        let r = http()
+            .get(server.http(&format!("/api/conversations?user={name}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "guest {name} over HTTP");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["code"], "unauthorized");
+    }
+    // The account's own session was not taken over: it still answers.
+    alice.ping().await.expect("alice's session is still open");
+}
+
+#[tokio::test]
+async fn a_name_a_guest_used_cannot_be_registered() {
+    let server = guests_and_accounts_server().await;
+    let carol = server.connect("carol").await;
+    let dave = server.connect("dave").await;
+    dave.send_text("dm:carol:dave", "hello guest carol")
+        .await
+        .unwrap();
+    drop(carol);
+    for name in ["carol", "CAROL", "caro1"] {
+        let body = json!({"username": name, "password": "correct horse"});
+        let (status, v) = post_json(&server, "/api/register", &body).await;
+        assert_eq!((status, &v["code"]), (409, &json!("conflict")), "{name}");
+        assert!(v["message"].as_str().unwrap().contains("guest"), "{v}");
+    }
+    // A fresh name is still free.
+    register_and_login(&server, "erin").await;
+}
+
+#[tokio::test]
+async fn names_that_differ_only_in_case_or_look_alikes_cannot_both_be_registered() {
+    let server = accounts_server().await;
+    register_and_login(&server, "alice").await;
+    for name in ["Alice", "ALICE", "aIice", "a1ice", "AL1CE"] {
+        let body = json!({"username": name, "password": "correct horse"});
+        let (status, v) = post_json(&server, "/api/register", &body).await;
+        assert_eq!((status, &v["code"]), (409, &json!("conflict")), "{name}");
+    }
+    // The canonical name is the one registered: another spelling does not log in.
+    let body = json!({"username": "Alice", "password": "correct horse"});
+    assert_eq!(post_json(&server, "/api/login", &body).await.0, 401);
+    register_and_login(&server, "alicia").await;
+}
+
+#[tokio::test]
+async fn concurrent_guesses_get_at_most_the_allowed_number_of_checks() {
+    let server = TestServer::with(|c| {
+        c.guest = Some(false);
+        c.jwt_secret = Some(SECRET.into());
+        // Only the login throttle is under test here.
+        c.auth_rate_per_min = 1_000_000;
+        c.auth_burst = 1_000_000;
+        c.hash_queue = 1_000;
+    })
+    .await;
+    register_and_login(&server, "alice").await;
+    let http = http();
+    let guesses = (0..60).map(|i| {
+        let http = http.clone();
+        let url = server.http("/api/login");
+        // The right password is among the guesses.
+        let password = if i == 59 {
+            "correct horse".to_string()
+        } else {
+            format!("guess number {i}")
+        };
+        async move {
+            let r = http
+                .post(url)
+                .json(&json!({"username": "alice", "password": password}))
+                .send()
+                .await
+                .unwrap();
+            let retry_after = r.headers().get("retry-after").is_some();
+            (r.status().as_u16(), retry_after)
+        }
+    });
+    let answers = futures_util::future::join_all(guesses).await;
+    let checked = answers
+        .iter()
+        .filter(|(s, _)| matches!(s, 200 | 401))
+        .count();
+    let limited = answers.iter().filter(|(s, r)| *s == 429 && *r).count();
+    eprintln!("60 concurrent guesses: {checked} checked, {limited} told to wait");
+    assert!(
+        checked <= hubbub_server::auth::LoginThrottle::FREE_ATTEMPTS as usize,
+        "{checked} guesses were checked: {answers:?}"
+    );
+    assert_eq!(checked + limited, 60, "{answers:?}");
+}
+
+#[tokio::test]
+async fn the_owner_is_not_locked_out_for_minutes_by_guesses_from_another_address() {
+    let server = accounts_server().await;
+    register_and_login(&server, "alice").await;
+    let attacker = http();
+    let bad = json!({"username": "alice", "password": "not the password"});
+    let mut attacker_limited = None;
+    for _ in 0..10 {
+        let r = attacker
+            .post(server.http("/api/login"))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            attacker_limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 401);
+    }
+    assert!(
+        attacker_limited.is_some(),
+        "the guesses were never slowed down"
+    );
+
+    // The owner, from another loopback address.
+    let owner = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(WAIT)
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let good = json!({"username": "alice", "password": "correct horse"});
+    let started = std::time::Instant::now();
+    let mut waited = Duration::ZERO;
+    let mut ok = false;
+    for _ in 0..5 {
+        let r = owner
+            .post(server.http("/api/login"))
+            .json(&good)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            ok = true;
+            break;
+        }
+        assert_eq!(r.status(), 429);
+        let secs: u64 = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .expect("a 429 says when to retry");
+        assert!(secs <= 5, "the owner is told to wait {secs} s");
+        // Waiting as told is the protocol here, not a guess at timing.
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        waited += Duration::from_secs(secs);
+    }
+    assert!(ok, "the owner could not log in");
+    eprintln!(
+        "owner logged in after {:?} (told to wait {waited:?})",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn registrations_from_one_address_are_rate_limited_before_hashing() {
+    let server = TestServer::with(|c| {
+        c.guest = Some(false);
+        c.auth_rate_per_min = 1;
+        c.auth_burst = 3;
+    })
+    .await;
+    let http = http();
+    let regs = (0..20).map(|i| {
+        let http = http.clone();
+        let url = server.http("/api/register");
+        async move {
+            let r = http
+                .post(url)
+                .json(&json!({"username": format!("user{i}"), "password": "correct horse"}))
+                .send()
+                .await
+                .unwrap();
+            let retry = r.headers().get("retry-after").cloned();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (status, v["code"].clone(), retry)
+        }
+    });
+    let answers = futures_util::future::join_all(regs).await;
+    let created = answers.iter().filter(|a| a.0 == 201).count();
+    let limited = answers
+        .iter()
+        .filter(|a| a.0 == 429 && a.1 == "rate_limited" && a.2.is_some())
+        .count();
+    assert_eq!((created, limited), (3, 17), "{answers:?}");
+    // Logging in counts against the same budget.
+    let body = json!({"username": "user0", "password": "correct horse"});
+    assert_eq!(post_json(&server, "/api/login", &body).await.0, 429);
+}

@@ -12,8 +12,9 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    /// Starts `hubbub serve --bind BIND --data-dir DIR` with extra environment and
-    /// waits for its listening line.
+    /// Starts `hubbub serve --bind BIND --data-dir DIR --guest` (these tests talk to it as
+    /// guests, unless they pass `--no-guest`) with extra environment and waits for its
+    /// listening line.
     #[allow(dead_code)] // not every test binary uses it
     pub(crate) fn start(dir: &Path, bind: &str, env: &[(&str, &str)]) -> Server {
         Self::start_with(dir, bind, &[], env)
@@ -40,6 +41,7 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
             .args(["serve", "--bind", bind, "--data-dir"])
             .arg(dir)
+            .args((!args.contains(&"--no-guest")).then_some("--guest"))
             .args(args)
             .env("HUBBUB_LOG", "warn")
             .envs(env.iter().copied())

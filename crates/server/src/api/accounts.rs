@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
@@ -13,7 +14,7 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use super::{ApiError, JsonBody};
-use crate::auth::{check_password_rules, hash_password, verify_password};
+use crate::auth::{check_password_rules, hash_password, verify_password, HashBusy};
 use crate::AppState;
 
 /// A user name and a password.
@@ -25,16 +26,39 @@ pub struct Credentials {
     pub password: String,
 }
 
+/// Refuses a request from `ip` beyond its register/login rate, before any password work.
+fn check_address_rate(state: &AppState, ip: std::net::IpAddr) -> Result<(), ApiError> {
+    state.auth_rate.check(ip).map_err(|wait| {
+        ApiError::rate_limited(
+            "too many register and login requests from this address; try again later",
+            wait,
+        )
+    })
+}
+
+fn busy(e: HashBusy) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable,
+        e.to_string(),
+    )
+    .retry_after(Duration::from_secs(1))
+}
+
 /// Create an account.
 #[utoipa::path(post, path = "/api/register", request_body = Credentials, responses(
     (status = 201, description = "created: {\"user\"}"),
     (status = 400, description = "invalid name or password", body = super::docs::ErrorBody),
-    (status = 409, description = "the name is taken", body = super::docs::ErrorBody),
+    (status = 409, description = "the name is taken, too similar to a taken name, or used by a guest", body = super::docs::ErrorBody),
+    (status = 429, description = "too many requests from this address (Retry-After)", body = super::docs::ErrorBody),
+    (status = 503, description = "too many passwords being hashed (Retry-After)", body = super::docs::ErrorBody),
 ))]
 pub async fn register(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     JsonBody(body): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
+    check_address_rate(&state, peer.ip())?;
     if !is_valid_user_name(&body.username) {
         return Err(ApiError::bad_request(
             "username must match ^[A-Za-z0-9_.-]{1,32}$",
@@ -42,16 +66,12 @@ pub async fn register(
     }
     check_password_rules(&body.password).map_err(ApiError::bad_request)?;
     let password = body.password;
-    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+    let permit = state.hashing.acquire().await.map_err(busy)?;
+    let hash = permit
+        .run(move || hash_password(&password))
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                e.to_string(),
-            )
-        })?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e))?;
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
     state.store.create_user(&body.username, &hash).await?;
     state.known_users.insert(body.username.clone());
     tracing::info!(user = %body.username, "account created");
@@ -62,58 +82,63 @@ pub async fn register(
 #[utoipa::path(post, path = "/api/login", request_body = Credentials, responses(
     (status = 200, description = "{\"token\",\"expires_at\"} (expires_at in Unix ms)"),
     (status = 401, description = "bad credentials", body = super::docs::ErrorBody),
-    (status = 429, description = "too many failed attempts for this account or address", body = super::docs::ErrorBody),
+    (status = 429, description = "too many requests or failed attempts for this account or address (Retry-After)", body = super::docs::ErrorBody),
+    (status = 503, description = "too many passwords being checked (Retry-After)", body = super::docs::ErrorBody),
 ))]
 pub async fn login(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     JsonBody(body): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
-    let account_key = format!("user:{}", body.username);
-    let ip_key = format!("ip:{}", peer.ip());
-    for key in [&account_key, &ip_key] {
-        if let Some(secs) = state.logins.retry_after(key) {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::RateLimited,
-                format!("too many failed logins; try again in {secs} s"),
-            ));
-        }
-    }
+    check_address_rate(&state, peer.ip())?;
+    // Counted before the check; one check per account at a time.
+    let attempt = state
+        .logins
+        .begin(&body.username, peer.ip())
+        .map_err(|wait| {
+            ApiError::rate_limited(
+                format!(
+                    "too many failed logins; try again in {} s",
+                    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+                ),
+                wait,
+            )
+        })?;
     let hash = if is_valid_user_name(&body.username) {
         state.store.password_hash(&body.username).await?
     } else {
         None
     };
-    let password = body.password;
-    let ok = tokio::task::spawn_blocking(move || match hash {
-        Some(h) => verify_password(&password, &h),
-        None => {
-            // Spend the same time as a real check, so timing does not reveal names.
-            let _ = verify_password(&password, DUMMY_HASH);
-            false
+    let permit = match state.hashing.acquire().await {
+        Ok(p) => p,
+        Err(e) => {
+            attempt.not_checked();
+            return Err(busy(e));
         }
-    })
-    .await
-    .unwrap_or(false);
+    };
+    let password = body.password;
+    let ok = permit
+        .run(move || match hash {
+            Some(h) => verify_password(&password, &h),
+            None => {
+                // Spend the same time as a real check, so timing does not reveal names.
+                let _ = verify_password(&password, DUMMY_HASH);
+                false
+            }
+        })
+        .await
+        .unwrap_or(false);
     if !ok {
-        state.logins.failed(&account_key);
-        state.logins.failed(&ip_key);
+        attempt.failed();
         state.metrics.auth_failures.inc();
         return Err(ApiError::unauthorized("wrong user name or password"));
     }
-    state.logins.succeeded(&account_key);
+    attempt.succeeded();
     let (token, expires_at) = state
         .auth
         .tokens()
         .issue(&body.username, None)
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                e.to_string(),
-            )
-        })?;
+        .map_err(ApiError::internal)?;
     Ok(Json(json!({"token": token, "expires_at": expires_at})).into_response())
 }
 

@@ -36,6 +36,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: ErrorCode,
     pub message: String,
+    /// Sent as `Retry-After` (whole seconds) with 429 and 503.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -44,7 +46,35 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// Adds `Retry-After: wait` (rounded up to whole seconds, at least 1).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+
+    /// 429 `rate_limited`, with `Retry-After`.
+    pub fn rate_limited(message: impl Into<String>, wait: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            message,
+        )
+        .retry_after(wait)
+    }
+
+    /// 500 `internal`: logs `detail` and tells the client nothing more.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            "internal error",
+        )
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -85,11 +115,16 @@ impl From<crate::store::StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut res = (
             self.status,
             Json(json!({"code": self.code, "message": self.message})),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            res.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        res
     }
 }
 
@@ -112,10 +147,13 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             params.token.as_deref(),
             params.user.as_deref(),
         );
-        state.auth.authenticate(&creds).map(Caller).map_err(|e| {
+        let identity = state.auth.authenticate(&creds).map_err(|e| {
             state.metrics.auth_failures.inc();
             ApiError::unauthorized(e.to_string())
-        })
+        })?;
+        crate::access::admit_guest(state, identity)
+            .await
+            .map(Caller)
     }
 }
 

@@ -66,6 +66,10 @@ pub async fn ws_handler(
             .into_response();
         }
     };
+    let identity = match crate::access::admit_guest(&state, identity).await {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
     if let Err(origin) = check_origin(&state, &headers) {
         return ApiError::new(
             StatusCode::FORBIDDEN,

@@ -562,6 +562,37 @@ pub async fn recall_and_edit(f: Fixture) {
     )));
 }
 
+/// Account names are unique up to look-alikes, and guest names and account names never
+/// meet, in either order.
+pub async fn guest_names_and_account_names_never_meet(f: Fixture) {
+    let s = &*f.store;
+    s.create_user("alice", "$argon2id$hash").await.unwrap();
+    for lookalike in ["Alice", "ALICE", "aIice", "a1ice", "alIce"] {
+        match s.create_user(lookalike, "$argon2id$other").await {
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("{lookalike} next to alice: {other:?}"),
+        }
+        match s.claim_guest_name(lookalike).await {
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("guest {lookalike} next to account alice: {other:?}"),
+        }
+    }
+    match s.claim_guest_name("alice").await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("guest alice next to account alice: {other:?}"),
+    }
+    s.claim_guest_name("b0b").await.unwrap();
+    s.claim_guest_name("b0b").await.unwrap();
+    for lookalike in ["b0b", "BOB", "bob"] {
+        match s.create_user(lookalike, "$argon2id$hash").await {
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("account {lookalike} after guest b0b: {other:?}"),
+        }
+    }
+    assert_eq!(s.password_hash("bob").await.unwrap(), None);
+    s.create_user("carol", "$argon2id$hash").await.unwrap();
+}
+
 /// Accounts and files.
 pub async fn accounts_and_files(f: Fixture) {
     let s = &*f.store;
@@ -823,6 +854,7 @@ macro_rules! store_conformance {
             conversations_read_cursors_and_unread,
             recall_and_edit,
             accounts_and_files,
+            guest_names_and_account_names_never_meet,
             files_are_visible_to_uploader_and_recipients,
             only_members_append_to_a_room,
             joins_and_leaves_are_announced_in_commit_order,

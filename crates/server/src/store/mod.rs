@@ -280,8 +280,14 @@ pub trait Store: Send + Sync + 'static {
         origin: u64,
     ) -> BoxFuture<'static, StoreResult<u64>>;
 
-    /// Creates an account; `Conflict` if the name is taken.
+    /// Creates an account; `Conflict` if the name is taken, confusable with an account's
+    /// name (same [`crate::auth::name_skeleton`]), or confusable with a name a guest used.
     fn create_user(&self, name: &str, password_hash: &str) -> BoxFuture<'static, StoreResult<()>>;
+
+    /// Records that a guest uses `name` (idempotent), so that no account can take it
+    /// later; `Conflict` if the name is confusable with an account's name (same
+    /// [`crate::auth::name_skeleton`]). Names are recorded for good.
+    fn claim_guest_name(&self, name: &str) -> BoxFuture<'static, StoreResult<()>>;
 
     /// The stored password hash of an account, if it exists.
     fn password_hash(&self, name: &str) -> BoxFuture<'static, StoreResult<Option<String>>>;

@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::auth::name_skeleton;
 use crate::metrics::Metrics;
 
 use super::{
@@ -126,6 +127,26 @@ DROP TABLE file_shares;
 CREATE INDEX files_by_uploader ON files (uploader, size);
 CREATE INDEX files_by_age ON files (created_at);
 "#,
+    // Guest names and account names never meet: each name has a skeleton (case-folded,
+    // look-alikes mapped, see `auth::name_skeleton`), filled in by `fill_skeletons` for
+    // rows written before this migration. Names that already took part in conversations
+    // without an account were used by guests: they are recorded as such.
+    r#"
+ALTER TABLE users ADD COLUMN skeleton TEXT;
+CREATE INDEX users_by_skeleton ON users (skeleton);
+CREATE TABLE guest_names (
+    name        TEXT PRIMARY KEY,
+    skeleton    TEXT,
+    first_seen  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX guest_names_by_skeleton ON guest_names (skeleton);
+INSERT OR IGNORE INTO guest_names (name, first_seen)
+    SELECT name, CAST(strftime('%s', 'now') AS INTEGER) * 1000 FROM (
+        SELECT user AS name FROM members
+        UNION SELECT user FROM read_cursors
+        UNION SELECT sender FROM messages
+    ) WHERE name NOT IN (SELECT name FROM users);
+"#,
 ];
 
 type Reply<T> = oneshot::Sender<StoreResult<T>>;
@@ -178,6 +199,10 @@ enum WriteOp {
         limit: u32,
         reply: Reply<Vec<FileMeta>>,
     },
+    ClaimGuest {
+        name: String,
+        reply: Reply<()>,
+    },
     Ping(Reply<()>),
     Close(Reply<()>),
 }
@@ -218,6 +243,7 @@ impl SqliteStore {
         let path = dir.join("hubbub.db");
         let mut conn = open_conn(&path, busy_timeout).map_err(unavailable)?;
         migrate(&mut conn).map_err(unavailable)?;
+        fill_skeletons(&mut conn).map_err(unavailable)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             let r = open_conn(&path, busy_timeout).map_err(unavailable)?;
@@ -322,6 +348,30 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         tracing::info!(version = i + 1, "applied schema migration");
     }
     Ok(())
+}
+
+/// Computes the missing name skeletons (rows from before skeletons were stored).
+fn fill_skeletons(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for table in ["users", "guest_names"] {
+        let names: Vec<String> = tx
+            .prepare(&format!("SELECT name FROM {table} WHERE skeleton IS NULL"))?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut update =
+            tx.prepare(&format!("UPDATE {table} SET skeleton = ?2 WHERE name = ?1"))?;
+        for name in names {
+            update.execute(params![name, name_skeleton(&name)])?;
+        }
+    }
+    tx.commit()
+}
+
+/// The account, if any, whose name has `skeleton`.
+fn account_with_skeleton(conn: &Connection, skeleton: &str) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT name FROM users WHERE skeleton = ?1 LIMIT 1")?
+        .query_row([skeleton], |r| r.get(0))
+        .optional()
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -659,18 +709,10 @@ impl Writer {
                 name,
                 password_hash,
                 reply,
-            } => match self
-                .conn
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO users (name, password_hash, created_at) VALUES (?1, ?2, ?3)",
-                )
-                .and_then(|mut s| s.execute(params![name, password_hash, now]))
-            {
-                Ok(1) => Ok(Done::Ping(reply)),
-                Ok(_) => {
-                    let _ = reply.send(Err(StoreError::Conflict(format!(
-                        "the user name {name:?} is taken"
-                    ))));
+            } => match self.create_user(&name, &password_hash, now) {
+                Ok(None) => Ok(Done::Ping(reply)),
+                Ok(Some(refusal)) => {
+                    let _ = reply.send(Err(StoreError::Conflict(refusal)));
                     Ok(Done::Answered)
                 }
                 Err(e) => Err(Box::new((
@@ -700,6 +742,14 @@ impl Writer {
                     },
                     e,
                 ))),
+            },
+            WriteOp::ClaimGuest { name, reply } => match self.claim_guest(&name, now) {
+                Ok(None) => Ok(Done::Ping(reply)),
+                Ok(Some(refusal)) => {
+                    let _ = reply.send(Err(StoreError::Conflict(refusal)));
+                    Ok(Done::Answered)
+                }
+                Err(e) => Err(Box::new((WriteOp::ClaimGuest { name, reply }, e))),
             },
             WriteOp::Ping(reply) => Ok(Done::Ping(reply)),
             WriteOp::Close(reply) => Ok(Done::Ping(reply)),
@@ -1113,6 +1163,62 @@ impl Done {
     }
 }
 
+impl Writer {
+    /// Inserts an account unless its name meets an account's or a guest's name; returns
+    /// the refusal, if any.
+    fn create_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        now: i64,
+    ) -> rusqlite::Result<Option<String>> {
+        let skeleton = name_skeleton(name);
+        if let Some(taken) = account_with_skeleton(&self.conn, &skeleton)? {
+            return Ok(Some(if taken == name {
+                format!("the user name {name:?} is taken")
+            } else {
+                format!("the user name {name:?} is too similar to an existing account's name")
+            }));
+        }
+        let guest: Option<String> = self
+            .conn
+            .prepare_cached("SELECT name FROM guest_names WHERE skeleton = ?1 LIMIT 1")?
+            .query_row([&skeleton], |r| r.get(0))
+            .optional()?;
+        if guest.is_some() {
+            return Ok(Some(format!(
+                "the user name {name:?} (or one too similar to it) was used by a guest"
+            )));
+        }
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO users (name, password_hash, created_at, skeleton) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![name, password_hash, now, skeleton])?;
+        Ok((n == 0).then(|| format!("the user name {name:?} is taken")))
+    }
+
+    /// Records a guest name unless it meets an account's name; returns the refusal, if
+    /// any.
+    fn claim_guest(&self, name: &str, now: i64) -> rusqlite::Result<Option<String>> {
+        let skeleton = name_skeleton(name);
+        if account_with_skeleton(&self.conn, &skeleton)?.is_some() {
+            return Ok(Some(format!(
+                "the name {name:?} belongs to an account (or is too similar to one): \
+                 log in, or choose another guest name"
+            )));
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO guest_names (name, skeleton, first_seen) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![name, skeleton, now])?;
+        Ok(None)
+    }
+}
+
 fn fail(op: WriteOp, e: StoreError) {
     match op {
         WriteOp::Append(_, r) => {
@@ -1139,7 +1245,10 @@ fn fail(op: WriteOp, e: StoreError) {
         WriteOp::DeleteUnsharedFiles { reply, .. } => {
             let _ = reply.send(Err(e));
         }
-        WriteOp::CreateUser { reply, .. } | WriteOp::Ping(reply) | WriteOp::Close(reply) => {
+        WriteOp::CreateUser { reply, .. }
+        | WriteOp::ClaimGuest { reply, .. }
+        | WriteOp::Ping(reply)
+        | WriteOp::Close(reply) => {
             let _ = reply.send(Err(e));
         }
     }
@@ -1350,6 +1459,11 @@ impl Store for SqliteStore {
             password_hash,
             reply,
         })
+    }
+
+    fn claim_guest_name(&self, name: &str) -> BoxFuture<'static, StoreResult<()>> {
+        let name = name.to_string();
+        self.write(|reply| WriteOp::ClaimGuest { name, reply })
     }
 
     fn password_hash(&self, name: &str) -> BoxFuture<'static, StoreResult<Option<String>>> {
