@@ -75,6 +75,13 @@ pub struct Config {
     /// How long the store waits for a database locked by another process before the
     /// operation fails with `unavailable`, in milliseconds.
     pub store_busy_timeout_ms: u64,
+    /// Largest `data` of a `signal` (its JSON encoding), in bytes; larger is `too_large`.
+    pub max_signal_bytes: usize,
+    /// Sustained rate of `signal` data one user may send to one other user, in bytes per
+    /// second (over budget is `rate_limited`).
+    pub signal_bytes_per_sec: u32,
+    /// Burst of `signal` data one user may send to one other user, in bytes.
+    pub signal_burst_bytes: u32,
 }
 
 impl Default for Config {
@@ -110,6 +117,9 @@ impl Default for Config {
             max_connections_per_ip: 1_000,
             max_rooms_per_user: 1_000,
             store_busy_timeout_ms: 5_000,
+            max_signal_bytes: 16 * 1024,
+            signal_bytes_per_sec: 64 * 1024,
+            signal_burst_bytes: 256 * 1024,
         }
     }
 }
@@ -175,6 +185,12 @@ impl Config {
         }
         if self.history_max == 0 || self.sync_max == 0 {
             return Err("history_max and sync_max must be positive".into());
+        }
+        if self.signal_bytes_per_sec == 0 || self.signal_burst_bytes == 0 {
+            return Err("signal_bytes_per_sec and signal_burst_bytes must be positive".into());
+        }
+        if self.max_signal_bytes > self.signal_burst_bytes as usize {
+            return Err("max_signal_bytes must be at most signal_burst_bytes".into());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err("log_format is text or json".into());

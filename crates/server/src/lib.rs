@@ -62,6 +62,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Open WebSocket connections, in total and per address.
     pub conn_limiter: Arc<gateway::ConnLimiter>,
+    /// The byte budget of `signal`s per (sender, recipient).
+    pub signal_budget: gateway::SignalBudget,
 }
 
 /// Serves on `listener` until `shutdown` resolves; then stops accepting, closes every
@@ -93,6 +95,8 @@ pub async fn run(
     );
     let conn_limiter =
         gateway::ConnLimiter::new(config.max_connections, config.max_connections_per_ip);
+    let signal_budget =
+        gateway::SignalBudget::new(config.signal_bytes_per_sec, config.signal_burst_bytes);
     let state = Arc::new(AppState {
         config,
         store: store.clone(),
@@ -104,6 +108,7 @@ pub async fn run(
         logins: auth::LoginThrottle::default(),
         metrics,
         conn_limiter,
+        signal_budget,
     });
 
     let token = state.shutdown.clone();

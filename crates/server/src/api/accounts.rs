@@ -44,14 +44,8 @@ pub async fn register(
     let password = body.password;
     let hash = tokio::task::spawn_blocking(move || hash_password(&password))
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                e.to_string(),
-            )
-        })?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e))?;
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
     state.store.create_user(&body.username, &hash).await?;
     state.known_users.insert(body.username.clone());
     tracing::info!(user = %body.username, "account created");
@@ -107,13 +101,7 @@ pub async fn login(
         .auth
         .tokens()
         .issue(&body.username, None)
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                e.to_string(),
-            )
-        })?;
+        .map_err(ApiError::internal)?;
     Ok(Json(json!({"token": token, "expires_at": expires_at})).into_response())
 }
 

@@ -79,11 +79,7 @@ fn served_type(mime: &str) -> (&str, bool) {
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorCode::Internal,
-        e.to_string(),
-    )
+    ApiError::internal(e)
 }
 
 fn too_large(limit: usize) -> ApiError {

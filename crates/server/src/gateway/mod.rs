@@ -21,7 +21,7 @@ mod handler;
 mod limits;
 pub mod session;
 
-pub use limits::ConnLimiter;
+pub use limits::{ConnLimiter, SignalBudget};
 
 pub use session::Codec;
 
