@@ -234,7 +234,8 @@ async fn a_flood_of_signals_does_not_knock_the_recipient_offline() {
         .await
         .unwrap();
     let mut signals = 0;
-    let deadline = tokio::time::Instant::now() + WAIT;
+    // A bound, not a wait: the frames are all there; reading them is slow under load.
+    let deadline = tokio::time::Instant::now() + 3 * WAIT;
     loop {
         match tokio::time::timeout_at(deadline, victim.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => {
