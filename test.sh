@@ -23,6 +23,7 @@ PACKAGES=(
 # Steps that prepare the tests once the packages are there: one function each, below.
 PREPARE=(
     browser_packages
+    autobahn_testsuite
 )
 
 # tests/browser's locked npm packages, installed again when package-lock.json changed.
@@ -35,6 +36,12 @@ browser_packages() {
         (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
         echo "$want" >"$stamp"
     fi
+}
+
+# The Autobahn WebSocket testsuite (wstest, Python 2.7) in a virtualenv under the target
+# dir, where crates/server/tests/autobahn.rs looks for it (HUBBUB_WSTEST overrides).
+autobahn_testsuite() {
+    tests/autobahn/setup.sh "${CARGO_TARGET_DIR:-target}/autobahn-venv" >/dev/null
 }
 
 if ! command -v cargo >/dev/null; then

@@ -33,6 +33,8 @@ pub const MAX_ROOM_NAME: usize = 64;
 pub const MAX_CLIENT_MSG_ID: usize = 128;
 /// Longest URL inside attachment content, in bytes.
 pub const MAX_URL: usize = 2048;
+/// The largest `seq` a request may name (seqs are stored as signed 64-bit integers).
+pub const MAX_SEQ: u64 = i64::MAX as u64;
 
 /// Stable error codes, shared by `error` frames and HTTP error bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -93,6 +95,17 @@ impl ProtoError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
     }
+}
+
+/// Checks a `seq` a request names: at most [`MAX_SEQ`] (`bad_request` otherwise, naming
+/// the field).
+pub fn check_seq(field: &str, seq: u64) -> Result<u64, ProtoError> {
+    if seq > MAX_SEQ {
+        return Err(ProtoError::bad_request(format!(
+            "{field} must be at most {MAX_SEQ}"
+        )));
+    }
+    Ok(seq)
 }
 
 /// True when `name` is a valid user name: `^[A-Za-z0-9_.-]{1,32}$`.

@@ -1,6 +1,6 @@
 //! Who may read and write which conversation: one rule set for the WebSocket and HTTP.
 
-use hubbub_protocol::{Conv, ErrorCode, ProtoError};
+use hubbub_protocol::{check_seq, Conv, ErrorCode, ProtoError};
 
 use crate::api::ApiError;
 use crate::auth::Identity;
@@ -102,8 +102,14 @@ pub fn history_query(
                 "give before_seq or after_seq, not both",
             ))
         }
-        (Some(before), None) => HistoryQuery::Before { before, limit },
-        (None, Some(after)) => HistoryQuery::After { after, limit },
+        (Some(before), None) => HistoryQuery::Before {
+            before: check_seq("before_seq", before)?,
+            limit,
+        },
+        (None, Some(after)) => HistoryQuery::After {
+            after: check_seq("after_seq", after)?,
+            limit,
+        },
         (None, None) => HistoryQuery::Latest { limit },
     })
 }

@@ -116,6 +116,13 @@ pub struct Config {
     pub hash_concurrency: usize,
     /// Requests that may wait for a place to hash a password; more are refused with 503.
     pub hash_queue: usize,
+    /// Largest `data` of a `signal` (its JSON encoding), in bytes; larger is `too_large`.
+    pub max_signal_bytes: usize,
+    /// Sustained rate of `signal` data one user may send to one other user, in bytes per
+    /// second (over budget is `rate_limited`).
+    pub signal_bytes_per_sec: u32,
+    /// Burst of `signal` data one user may send to one other user, in bytes.
+    pub signal_burst_bytes: u32,
 }
 
 impl Default for Config {
@@ -169,6 +176,9 @@ impl Default for Config {
             auth_burst: 20,
             hash_concurrency: 0,
             hash_queue: 32,
+            max_signal_bytes: 16 * 1024,
+            signal_bytes_per_sec: 64 * 1024,
+            signal_burst_bytes: 256 * 1024,
         }
     }
 }
@@ -292,6 +302,12 @@ impl Config {
         }
         if self.auth_rate_per_min == 0 || self.auth_burst == 0 {
             return Err("auth_rate_per_min and auth_burst must be positive".into());
+        }
+        if self.signal_bytes_per_sec == 0 || self.signal_burst_bytes == 0 {
+            return Err("signal_bytes_per_sec and signal_burst_bytes must be positive".into());
+        }
+        if self.max_signal_bytes > self.signal_burst_bytes as usize {
+            return Err("max_signal_bytes must be at most signal_burst_bytes".into());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err("log_format is text or json".into());

@@ -90,6 +90,18 @@ impl CloseReason {
         reason: "frame too large",
         flush: true,
     };
+    /// The peer broke the WebSocket protocol (RFC 6455 section 7.4.1).
+    pub const PROTOCOL_ERROR: CloseReason = CloseReason {
+        code: 1002,
+        reason: "protocol error",
+        flush: false,
+    };
+    /// A text frame or close reason that is not UTF-8.
+    pub const INVALID_PAYLOAD: CloseReason = CloseReason {
+        code: 1007,
+        reason: "invalid UTF-8",
+        flush: false,
+    };
     pub const REPLACED: CloseReason = CloseReason {
         code: 4001,
         reason: "replaced",

@@ -84,6 +84,8 @@ pub struct AppState {
     pub uploads: api::files::UploadLimits,
     /// Room creation, per address and in total.
     pub room_creation: gateway::RoomCreation,
+    /// The byte budget of `signal`s per (sender, recipient).
+    pub signal_budget: gateway::SignalBudget,
 }
 
 /// Serves on `listener` until `shutdown` resolves; then stops accepting, closes every
@@ -144,6 +146,8 @@ pub async fn run(
         config.room_create_per_ip_per_min,
         config.room_create_per_min,
     );
+    let signal_budget =
+        gateway::SignalBudget::new(config.signal_bytes_per_sec, config.signal_burst_bytes);
     let state = Arc::new(AppState {
         config,
         store: store.clone(),
@@ -162,6 +166,7 @@ pub async fn run(
         conn_limiter,
         file_passes,
         uploads,
+        signal_budget,
     });
     // Deletes old unshared uploads until shutdown begins.
     let collector = tokio::spawn(api::files::run_collector(state.clone()));

@@ -67,16 +67,6 @@ impl ApiError {
         .retry_after(wait)
     }
 
-    /// 500 `internal`: logs `detail` and tells the client nothing more.
-    pub fn internal(detail: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %detail, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Internal,
-            "internal error",
-        )
-    }
-
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
     }
@@ -84,7 +74,20 @@ impl ApiError {
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
     }
+
+    /// A `500 internal`: `e` is logged, the client gets a fixed message.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            INTERNAL_MESSAGE,
+        )
+    }
 }
+
+/// The message of every `internal` error body.
+pub const INTERNAL_MESSAGE: &str = "internal error";
 
 /// The HTTP status of each error code.
 pub fn status_of(code: ErrorCode) -> StatusCode {
@@ -115,9 +118,16 @@ impl From<crate::store::StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // However it was made, an internal error shows no internal text.
+        let message = if self.code == ErrorCode::Internal && self.message != INTERNAL_MESSAGE {
+            tracing::error!(error = %self.message, "internal error");
+            INTERNAL_MESSAGE.to_string()
+        } else {
+            self.message
+        };
         let mut res = (
             self.status,
-            Json(json!({"code": self.code, "message": self.message})),
+            Json(json!({"code": self.code, "message": message})),
         )
             .into_response();
         if let Some(secs) = self.retry_after {
@@ -245,7 +255,10 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             Json(json!({"status": "ready"})).into_response()
         }
         Ok(Ok(())) => unavailable("shutting down".into()),
-        Ok(Err(e)) => unavailable(e.to_string()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: the store failed");
+            unavailable(crate::store::UNAVAILABLE_MESSAGE.into())
+        }
         Err(_) => unavailable("the store did not answer in time".into()),
     }
 }

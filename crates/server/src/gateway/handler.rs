@@ -9,8 +9,9 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::FutureExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hubbub_protocol::{
-    decode_client_frame, is_valid_room_name, is_valid_user_name, validate_content, ClientFrame,
-    ContentType, Conv, ErrorCode, ProtoError, ReqId, ServerFrame, SignalKind, MAX_CLIENT_MSG_ID,
+    check_seq, decode_client_frame, is_valid_room_name, is_valid_user_name, validate_content,
+    ClientFrame, ContentType, Conv, ErrorCode, ProtoError, ReqId, ServerFrame, SignalKind,
+    MAX_CLIENT_MSG_ID,
 };
 use serde_json::{json, Value};
 
@@ -225,6 +226,15 @@ impl Conn {
         }
     }
 
+    /// Counts a ping or pong from the peer against the frame rate limit. Nothing is
+    /// answered (control frames have no `id`), but the strikes count: a peer that keeps
+    /// flooding is closed with 1008.
+    pub(crate) fn control_frame(&mut self) {
+        if self.frame_limiter.check().is_err() {
+            self.strike("too many frames; slow down");
+        }
+    }
+
     /// Counts a rate-limited frame; a connection that keeps going is closed with 1008.
     fn strike(&mut self, message: &str) -> ProtoError {
         self.strikes += 1;
@@ -367,8 +377,9 @@ impl Conn {
                 "at most {MAX_SYNC_CONVS} conversations per sync"
             )));
         }
-        for conv in cursors.keys() {
+        for (conv, &cursor) in &cursors {
             Conv::parse(conv)?;
+            check_seq("a cursor", cursor)?;
         }
         let limit = page_limit(limit, DEFAULT_SYNC, self.state.config.sync_max)?;
         let mut out = serde_json::Map::new();
@@ -430,6 +441,7 @@ impl Conn {
     }
 
     async fn read(&self, conv: &str, seq: u64) -> Result<(), ProtoError> {
+        check_seq("seq", seq)?;
         self.authorize(conv).await?;
         self.state
             .store
@@ -440,6 +452,7 @@ impl Conn {
 
     /// Only the sender, or an admin of the room, may recall.
     async fn recall(&self, conv: &str, seq: u64) -> Answer {
+        check_seq("seq", seq)?;
         self.authorize(conv).await?;
         let msg = self.existing_message(conv, seq).await?;
         if msg.from != self.user() {
@@ -466,6 +479,7 @@ impl Conn {
 
     /// Only the sender may edit; the new content follows the message's content type.
     async fn edit(&self, conv: &str, seq: u64, content: Value) -> Answer {
+        check_seq("seq", seq)?;
         self.authorize(conv).await?;
         let msg = self.existing_message(conv, seq).await?;
         if msg.from != self.user() {
@@ -540,6 +554,14 @@ impl Conn {
         if call_id.is_empty() || call_id.len() > 128 {
             return Err(ProtoError::bad_request("call_id must be 1 to 128 bytes"));
         }
+        let max = self.state.config.max_signal_bytes;
+        let size = json_len(&data);
+        if size > max {
+            return Err(ProtoError::new(
+                ErrorCode::TooLarge,
+                format!("signal data must be at most {max} bytes (it is {size})"),
+            ));
+        }
         if !self.state.hub.is_online(to) {
             return Err(ProtoError::new(
                 ErrorCode::NotFound,
@@ -550,6 +572,13 @@ impl Conn {
             return Err(ProtoError::new(
                 ErrorCode::Forbidden,
                 format!("you share no room or dm with {to}"),
+            ));
+        }
+        // Last, so that only signals that are delivered spend the budget.
+        if !self.state.signal_budget.take(self.user(), to, size) {
+            return Err(ProtoError::new(
+                ErrorCode::RateLimited,
+                format!("too much signal data to {to}; slow down"),
             ));
         }
         let frame = OutFrame::new(ServerFrame::Signal {
@@ -605,6 +634,24 @@ impl Conn {
             self.state.hub.send_to_user(&u, &frame, None);
         }
     }
+}
+
+/// The length of `v` encoded as compact JSON.
+fn json_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Writing into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
 }
 
 fn answer_frame(id: Option<ReqId>, result: Answer) -> ServerFrame {

@@ -21,7 +21,7 @@ mod handler;
 mod limits;
 pub mod session;
 
-pub use limits::{ConnLimiter, RoomCreation};
+pub use limits::{ConnLimiter, RoomCreation, SignalBudget};
 
 pub use session::Codec;
 

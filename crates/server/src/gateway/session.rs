@@ -153,8 +153,10 @@ async fn serve(mut parts: Box<Parts>, session: SessionHandle, first: bool) {
             Event::Frame(msg) => Box::pin(io.handle_frame(conn, msg, pending)).await.err(),
             Event::PeerClosed => break false,
             Event::ReadError(e) => {
-                if is_too_large(&e) {
-                    session.close(CloseReason::TOO_LARGE);
+                // tungstenite reports a broken frame without answering it: the close
+                // frame with the fitting code is ours to send.
+                if let Some(reason) = read_error_close(&e) {
+                    session.close(reason);
                 }
                 tracing::debug!(session = session.id, error = %e, "read error");
                 break false;
@@ -380,9 +382,11 @@ impl Io {
                 let session = conn.session().clone();
                 self.drive(Box::pin(session.reply(error))).await?;
             }
-            // Close frames end the stream (tungstenite answers them); pings are answered
-            // by tungstenite too.
-            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Close(_) => {}
+            // Pings are answered by tungstenite, but they cost as much as any frame: they
+            // count against the frame rate limit like the rest.
+            WsMessage::Ping(_) | WsMessage::Pong(_) => conn.control_frame(),
+            // Close frames end the stream (tungstenite answers them).
+            WsMessage::Close(_) => {}
         }
         Ok(())
     }
@@ -540,16 +544,28 @@ impl Io {
     }
 }
 
-fn is_too_large(e: &axum::Error) -> bool {
+/// The close a read error calls for: 1009 for a frame over the size limit, 1002 for a
+/// protocol violation, 1007 for text (or a close reason) that is not UTF-8; `None` when
+/// the connection itself failed.
+fn read_error_close(e: &axum::Error) -> Option<CloseReason> {
     use std::error::Error as _;
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    use tokio_tungstenite::tungstenite::Error as WsError;
     let mut source = e.source();
     while let Some(s) = source {
-        if let Some(t) = s.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-            return matches!(t, tokio_tungstenite::tungstenite::Error::Capacity(_));
+        if let Some(t) = s.downcast_ref::<WsError>() {
+            return match t {
+                WsError::Capacity(_) => Some(CloseReason::TOO_LARGE),
+                // The peer is gone: there is no one to tell.
+                WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+                WsError::Protocol(_) => Some(CloseReason::PROTOCOL_ERROR),
+                WsError::Utf8(_) => Some(CloseReason::INVALID_PAYLOAD),
+                _ => None,
+            };
         }
         source = s.source();
     }
-    false
+    None
 }
 
 /// The next WebSocket frame from what is held and then what is queued: for JSON, as many

@@ -47,10 +47,20 @@ pub enum StoreError {
     Internal(String),
 }
 
+/// What clients are told when the store cannot answer.
+pub const UNAVAILABLE_MESSAGE: &str = "the store is unavailable; retry later";
+
+/// Clients get a fixed message for `Unavailable` and `Internal` (the details are logged);
+/// `Conflict` and `NotFound` carry messages written for them.
 impl From<StoreError> for ProtoError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(m) => ProtoError::new(ErrorCode::Unavailable, m),
+            // The driver's text stays in the log: it names internals (and may quote the
+            // request), which clients have no use for.
+            StoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, "store unavailable");
+                ProtoError::new(ErrorCode::Unavailable, UNAVAILABLE_MESSAGE)
+            }
             StoreError::Conflict(m) => ProtoError::new(ErrorCode::Conflict, m),
             StoreError::NotFound(m) => ProtoError::new(ErrorCode::NotFound, m),
             StoreError::NotMember(m) => ProtoError::new(ErrorCode::NotMember, m),
