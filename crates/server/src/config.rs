@@ -75,6 +75,11 @@ pub struct Config {
     /// How long the store waits for a database locked by another process before the
     /// operation fails with `unavailable`, in milliseconds.
     pub store_busy_timeout_ms: u64,
+    /// Bound of each session's outgoing queue, in bytes (of the encoded frames queued and
+    /// not yet written). A push beyond it closes the session as a slow consumer; answers
+    /// to the session's own requests wait while the queue holds half of it (or half of
+    /// `queue_frames`), so that pushes always find room.
+    pub queue_bytes: usize,
 }
 
 impl Default for Config {
@@ -110,6 +115,7 @@ impl Default for Config {
             max_connections_per_ip: 1_000,
             max_rooms_per_user: 1_000,
             store_busy_timeout_ms: 5_000,
+            queue_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -160,6 +166,9 @@ impl Config {
         }
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());
+        }
+        if self.queue_bytes < 64 * 1024 {
+            return Err("queue_bytes must be at least 65536".into());
         }
         if self.queue_frames == 0 || self.max_inflight_sends == 0 {
             return Err("queue_frames and max_inflight_sends must be positive".into());
