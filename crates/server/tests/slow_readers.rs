@@ -16,6 +16,9 @@ use tokio_tungstenite::WebSocketStream;
 
 type Raw = WebSocketStream<TcpStream>;
 
+/// The stories here measure time and hold a lot in flight: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A WebSocket client on a socket with a small receive buffer (so that the kernel cannot
 /// hide a backlog), as `user` on `device`. It reads only when told to.
 async fn raw_client(server: &TestServer, user: &str, device: &str) -> Raw {
@@ -74,7 +77,7 @@ async fn exchange(members: &mut [Client], conv: &str, per_member: usize, size: u
                 match c.next_event(Duration::from_secs(10)).await {
                     Ok(Event::Frame(ServerFrame::Message(m))) if m.conv == conv => got += 1,
                     Ok(Event::Frame(_)) => {}
-                    other => panic!("member lost: {other:?}"),
+                    other => panic!("member lost with {got} of {want} messages: {other:?}"),
                 }
             }
         }
@@ -90,6 +93,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_does_not_slow_the_others_down() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let server = TestServer::with(|c| {
         c.send_rate_per_sec = 1_000_000;
         c.send_burst = 1_000_000;
@@ -120,7 +124,9 @@ async fn a_client_that_never_reads_does_not_slow_the_others_down() {
         stuck_member.join("busy").await.unwrap();
         stuck_member.close().await.unwrap();
         let stuck = raw_client(&server, &user, "d").await;
+        eprintln!("run {run}: alone {:?}", alone[run]);
         beside_a_stuck_one.push(exchange(&mut members, "room:busy", PER_MEMBER, SIZE).await);
+        eprintln!("run {run}: beside {:?}", beside_a_stuck_one[run]);
         drop(stuck);
     }
     let (alone, beside) = (median(alone), median(beside_a_stuck_one));
@@ -134,6 +140,7 @@ async fn a_client_that_never_reads_does_not_slow_the_others_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_session_whose_queue_is_full_is_closed_with_4001() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let server = TestServer::with(|c| {
         c.queue_frames = 8;
         c.frame_rate_per_sec = 1_000_000;
@@ -239,6 +246,7 @@ async fn read_throttled(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_catching_up_a_large_backlog_is_not_closed_and_gets_it_all_once() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let server = TestServer::with(|c| {
         c.send_rate_per_sec = 1_000_000;
         c.send_burst = 1_000_000;
