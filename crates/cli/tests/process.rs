@@ -701,3 +701,127 @@ async fn guests_come_only_with_the_demo_or_when_chosen() {
         "{err}"
     );
 }
+
+/// A WebSocket as `user` on a socket with a small receive buffer, that sends `requests`
+/// and then reads nothing.
+async fn ask_and_never_read(
+    addr: &str,
+    user: &str,
+    requests: impl Iterator<Item = String>,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use futures_util::SinkExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let url = format!("ws://{addr}/ws?user={user}");
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, stream))
+        .await
+        .expect("upgrade in time")
+        .expect("upgrade");
+    for r in requests {
+        let msg = tokio_tungstenite::tungstenite::Message::text(r);
+        if ws.feed(msg).await.is_err() {
+            break;
+        }
+    }
+    // The server may stop reading: do not wait for the last requests to be taken.
+    let _ = tokio::time::timeout(Duration::from_millis(500), ws.flush()).await;
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_ask_for_more_than_they_read_hold_bounded_memory_that_returns() {
+    const MIB: u64 = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &[],
+        &[
+            ("HUBBUB_SEND_RATE_PER_SEC", "100000"),
+            ("HUBBUB_SEND_BURST", "100000"),
+            ("HUBBUB_FRAME_RATE_PER_SEC", "100000"),
+            ("HUBBUB_FRAME_BURST", "100000"),
+        ],
+    );
+    let pid = server.child.id();
+    let alice = server
+        .connect(ConnectOptions::guest(server.url(), "alice"))
+        .await;
+    alice.join("big").await.unwrap();
+    let text = "m".repeat(16 * 1024);
+    for _ in 0..200 {
+        alice.send_text("room:big", &text).await.unwrap();
+    }
+    // Warm up: the same pages, read.
+    for _ in 0..10 {
+        let page = alice
+            .history("room:big", None, None, Some(200))
+            .await
+            .unwrap();
+        assert_eq!(page.messages.len(), 200);
+    }
+    let baseline = rss_bytes(pid);
+
+    // Three clients each ask for 300 pages of 200 messages of 16 KiB (about 1 GB of
+    // answers) and read none of them; twice.
+    let history = |i| format!(r#"{{"type":"history","id":"h{i}","conv":"room:big","limit":200}}"#);
+    let mut rounds = Vec::new();
+    for round in 0..2 {
+        let mut stuck = Vec::new();
+        for u in 0..3 {
+            let user = format!("greedy{round}{u}");
+            let c = server
+                .connect(ConnectOptions::guest(server.url(), &user))
+                .await;
+            c.join("big").await.unwrap();
+            c.close().await.unwrap();
+            stuck.push(ask_and_never_read(&server.addr, &user, (0..300).map(history)).await);
+        }
+        // While they sit there, the server holds a bounded amount for each (its queue, the
+        // answer being written and the one waiting for room) and serves alice.
+        let mut peak = 0;
+        for _ in 0..60 {
+            peak = peak.max(rss_bytes(pid));
+            alice.ping().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(stuck);
+        // Wait until the server has let go of them.
+        let mut presence = false;
+        for _ in 0..100 {
+            let users: Vec<String> = (0..3).map(|u| format!("greedy{round}{u}")).collect();
+            let users: Vec<&str> = users.iter().map(String::as_str).collect();
+            presence = alice.presence(&users).await.unwrap().values().any(|&on| on);
+            if !presence {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!presence, "the server kept the greedy sessions");
+        let after = rss_bytes(pid);
+        eprintln!(
+            "round {round}: rss baseline {} MiB, peak {} MiB, after {} MiB",
+            baseline / MIB,
+            peak / MIB,
+            after / MIB
+        );
+        rounds.push((peak, after));
+    }
+    // The bound: a few tens of MiB for three such clients (about 25 MiB each), not a
+    // gigabyte.
+    for (peak, _) in &rounds {
+        assert!(
+            *peak < baseline + 112 * MIB,
+            "RSS {peak} grew far beyond the baseline {baseline}"
+        );
+    }
+    // glibc's malloc keeps much of what was freed for reuse rather than returning it
+    // (BENCHMARKS.md has the numbers): the second round reuses it and does not grow.
+    let (first, second) = (rounds[0].1, rounds[1].1);
+    assert!(
+        second < first + 32 * MIB && second < baseline + 128 * MIB,
+        "RSS after the second round {second} grew beyond the first {first}"
+    );
+    alice.ping().await.unwrap();
+}

@@ -123,6 +123,11 @@ pub struct Config {
     pub signal_bytes_per_sec: u32,
     /// Burst of `signal` data one user may send to one other user, in bytes.
     pub signal_burst_bytes: u32,
+    /// Bound of each session's outgoing queue, in bytes (of the encoded frames queued and
+    /// not yet written). A push beyond it closes the session as a slow consumer; answers
+    /// to the session's own requests wait while the queue holds half of it (or half of
+    /// `queue_frames`), so that pushes always find room.
+    pub queue_bytes: usize,
 }
 
 impl Default for Config {
@@ -179,6 +184,7 @@ impl Default for Config {
             max_signal_bytes: 16 * 1024,
             signal_bytes_per_sec: 64 * 1024,
             signal_burst_bytes: 256 * 1024,
+            queue_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -255,6 +261,9 @@ impl Config {
         }
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());
+        }
+        if self.queue_bytes < 64 * 1024 {
+            return Err("queue_bytes must be at least 65536".into());
         }
         if self.queue_frames == 0 || self.max_inflight_sends == 0 {
             return Err("queue_frames and max_inflight_sends must be positive".into());

@@ -10,7 +10,7 @@
 //! `sync` after reconnecting; the store has everything).
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -126,13 +126,21 @@ pub struct Session {
     pub user: Arc<str>,
     pub device: Arc<str>,
     tx: flume::Sender<Arc<OutFrame>>,
-    /// Set when the session is asked to close; `close_waker` then wakes its task (the
-    /// only one that waits for it).
+    /// Set when the session is asked to close; `waker` then wakes its task.
     closing: AtomicBool,
-    close_waker: AtomicWaker,
+    /// The session's own task: it alone waits, for a close or for room for a reply.
+    waker: AtomicWaker,
     /// An answer to the session's own request is queued: write without lingering (the
     /// client is waiting for it).
     answer_queued: AtomicBool,
+    /// A reply waits for room: the writer wakes the task when it takes frames.
+    room_wanted: AtomicBool,
+    /// Frames are measured in the encoding the session writes (protobuf or JSON).
+    protobuf: bool,
+    /// Encoded bytes of the frames queued and not yet handed to the socket.
+    queued_bytes: AtomicUsize,
+    /// Bound of `queued_bytes` (see [`Session::push`] and [`Session::reply`]).
+    queue_bytes: usize,
     close_reason: Mutex<Option<CloseReason>>,
     slow_consumer_closes: prometheus::IntCounter,
 }
@@ -140,11 +148,26 @@ pub struct Session {
 pub type SessionHandle = Arc<Session>;
 
 impl Session {
+    /// A JSON session whose queue is bounded by `tx` alone.
     pub fn new(
         id: u64,
         user: Arc<str>,
         device: Arc<str>,
         tx: flume::Sender<Arc<OutFrame>>,
+        metrics: &Metrics,
+    ) -> SessionHandle {
+        Session::with_queue(id, user, device, tx, usize::MAX, false, metrics)
+    }
+
+    /// A session whose queue `tx` is also bounded to `queue_bytes` encoded bytes, in
+    /// protobuf or JSON.
+    pub fn with_queue(
+        id: u64,
+        user: Arc<str>,
+        device: Arc<str>,
+        tx: flume::Sender<Arc<OutFrame>>,
+        queue_bytes: usize,
+        protobuf: bool,
         metrics: &Metrics,
     ) -> SessionHandle {
         Arc::new(Session {
@@ -154,7 +177,11 @@ impl Session {
             tx,
             closing: AtomicBool::new(false),
             answer_queued: AtomicBool::new(false),
-            close_waker: AtomicWaker::new(),
+            room_wanted: AtomicBool::new(false),
+            protobuf,
+            queued_bytes: AtomicUsize::new(0),
+            queue_bytes,
+            waker: AtomicWaker::new(),
             close_reason: Mutex::new(None),
             slow_consumer_closes: metrics.slow_consumer_closes.clone(),
         })
@@ -165,10 +192,23 @@ impl Session {
         format!("s-{:x}", self.id)
     }
 
-    /// Queues a pushed frame without waiting. A full queue closes the session as a slow
-    /// consumer. Returns whether the frame was queued.
+    /// The size of `frame` as this session writes it (encoding it on first use).
+    pub fn frame_len(&self, frame: &OutFrame) -> usize {
+        if self.protobuf {
+            frame.pb().len()
+        } else {
+            frame.json().len()
+        }
+    }
+
+    /// Queues a pushed frame without waiting. A push that finds the queue full, in
+    /// frames or in bytes, closes the session as a slow consumer. Returns whether the
+    /// frame was queued (a closing session takes no more pushes).
     pub fn push(&self, frame: &Arc<OutFrame>) -> bool {
-        match self.tx.try_send(frame.clone()) {
+        if self.closing.load(Ordering::Acquire) {
+            return false;
+        }
+        match self.queue(frame, false) {
             Ok(()) => true,
             Err(flume::TrySendError::Full(_)) => {
                 if self.close(CloseReason::SLOW_CONSUMER) {
@@ -181,31 +221,73 @@ impl Session {
         }
     }
 
-    /// Queues an answer to this session's own request, waiting for room in the queue.
+    /// Replaces the session: queues `kicked` if there is room (a full queue only loses
+    /// the frame) and closes it with 4001.
+    pub fn kick(&self, frame: &Arc<OutFrame>) {
+        if !self.closing.load(Ordering::Acquire) {
+            let _ = self.queue(frame, false);
+        }
+        self.close(CloseReason::REPLACED);
+    }
+
+    /// Puts `frame` into the queue if it fits: pushes may fill the queue to its bounds,
+    /// replies only to half of them (in frames and in bytes), so that pushes always find
+    /// room however much a client asked for. A frame larger than the share goes into an
+    /// empty queue.
+    fn queue(
+        &self,
+        frame: &Arc<OutFrame>,
+        reply: bool,
+    ) -> Result<(), flume::TrySendError<Arc<OutFrame>>> {
+        let len = self.frame_len(frame);
+        let budget = if reply {
+            let half = self.tx.capacity().map_or(usize::MAX, |c| (c / 2).max(1));
+            if self.tx.len() >= half {
+                return Err(flume::TrySendError::Full(frame.clone()));
+            }
+            self.queue_bytes / 2
+        } else {
+            self.queue_bytes
+        };
+        // Counted before it is queued, so that the writer never takes it uncounted.
+        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        if before > 0 && before.saturating_add(len) > budget {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            return Err(flume::TrySendError::Full(frame.clone()));
+        }
+        self.tx.try_send(frame.clone()).inspect_err(|_| {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        })
+    }
+
+    /// Queues an answer to this session's own request, waiting while the queue holds
+    /// half its bound or more (see [`Session::queue`]): a client that does not read its
+    /// answers stops being read. Must be awaited by the session's own task, whose writer
+    /// makes the room. Returns false if the session closed first.
     pub async fn reply(&self, frame: ServerFrame) -> bool {
         self.reply_frame(OutFrame::new(frame)).await
     }
 
     /// [`Session::reply`] with an already wrapped frame.
     pub async fn reply_frame(&self, frame: Arc<OutFrame>) -> bool {
-        let closing = std::future::poll_fn(|cx| {
+        std::future::poll_fn(|cx| {
             if self.poll_closing(cx) {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
+                return std::task::Poll::Ready(false);
             }
-        });
-        let queued = tokio::select! {
-            r = self.tx.send_async(frame) => r.is_ok(),
-            () = closing => false,
-        };
-        self.answer_queued.store(true, Ordering::Release);
-        queued
+            match self.try_reply(frame.clone()) {
+                Ok(()) => std::task::Poll::Ready(true),
+                Err(_) => {
+                    self.room_wanted.store(true, Ordering::Release);
+                    std::task::Poll::Pending
+                }
+            }
+        })
+        .await
     }
 
-    /// Queues an answer if there is room; gives it back if the queue is full.
+    /// Queues an answer if it fits (see [`Session::queue`]); gives it back if not.
     pub fn try_reply(&self, frame: Arc<OutFrame>) -> Result<(), Arc<OutFrame>> {
-        match self.tx.try_send(frame) {
+        match self.queue(&frame, true) {
             Ok(()) => {
                 self.answer_queued.store(true, Ordering::Release);
                 Ok(())
@@ -214,6 +296,18 @@ impl Session {
             // Closed: nobody reads the queue any more.
             Err(flume::TrySendError::Disconnected(_)) => Ok(()),
         }
+    }
+
+    /// Called by the writer for the frames it took out of the queue and handed to the
+    /// socket. Returns whether a reply waits for the room this made.
+    pub fn taken(&self, bytes: usize) -> bool {
+        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        self.room_wanted.swap(false, Ordering::AcqRel)
+    }
+
+    /// Encoded bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Acquire)
     }
 
     /// Whether an answer was queued since the writer last took what is queued.
@@ -238,7 +332,7 @@ impl Session {
             }
         };
         self.closing.store(true, Ordering::Release);
-        self.close_waker.wake();
+        self.waker.wake();
         first
     }
 
@@ -247,7 +341,7 @@ impl Session {
         if self.closing.load(Ordering::Acquire) {
             return true;
         }
-        self.close_waker.register(cx.waker());
+        self.waker.register(cx.waker());
         self.closing.load(Ordering::Acquire)
     }
 
@@ -384,10 +478,9 @@ impl Hub {
         self.metrics.connections_open.inc();
         self.metrics.connections_total.inc();
         if let Some(old) = &replaced {
-            old.push(&OutFrame::new(ServerFrame::Kicked {
+            old.kick(&OutFrame::new(ServerFrame::Kicked {
                 reason: "replaced".into(),
             }));
-            old.close(CloseReason::REPLACED);
         }
         Registered { first, replaced }
     }
@@ -569,5 +662,93 @@ impl Hub {
                 s.close(reason.clone());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(
+        id: u64,
+        frames: usize,
+        bytes: usize,
+    ) -> (SessionHandle, flume::Receiver<Arc<OutFrame>>) {
+        let (tx, rx) = flume::bounded(frames);
+        let s = Session::with_queue(
+            id,
+            "ann".into(),
+            "d".into(),
+            tx,
+            bytes,
+            false,
+            &Metrics::new(),
+        );
+        (s, rx)
+    }
+
+    /// A frame of about `n` bytes.
+    fn text(n: usize) -> Arc<OutFrame> {
+        OutFrame::new(ServerFrame::Kicked {
+            reason: "x".repeat(n),
+        })
+    }
+
+    #[test]
+    fn a_push_beyond_the_byte_bound_closes_the_session_as_a_slow_consumer() {
+        let (s, _rx) = session(1, 1000, 64 * 1024);
+        let big = text(20_000);
+        assert!(s.push(&big) && s.push(&big) && s.push(&big));
+        assert_eq!(s.close_reason(), None);
+        assert!(!s.push(&big));
+        assert_eq!(s.close_reason(), Some(CloseReason::SLOW_CONSUMER));
+        // The refused frame is not counted.
+        assert_eq!(s.queued_bytes(), 3 * s.frame_len(&big));
+    }
+
+    #[test]
+    fn replies_fill_half_the_queue_and_pushes_find_the_rest() {
+        let (s, rx) = session(1, 1000, 64 * 1024);
+        let page = text(10_000);
+        // Replies up to half the bytes...
+        assert!(s.try_reply(page.clone()).is_ok());
+        assert!(s.try_reply(page.clone()).is_ok());
+        assert!(s.try_reply(page.clone()).is_ok());
+        assert!(s.try_reply(page.clone()).is_err());
+        // ...pushes up to all of them.
+        assert!(s.push(&page) && s.push(&page) && s.push(&page));
+        assert_eq!(s.close_reason(), None);
+        // The writer takes frames: the room is the replies' again.
+        let taken: usize = rx.drain().map(|f| s.frame_len(&f)).sum();
+        s.taken(taken);
+        assert_eq!(s.queued_bytes(), 0);
+        assert!(s.try_reply(page).is_ok());
+        // In frames too: half for replies.
+        let (s, _rx) = session(2, 4, 1024 * 1024);
+        let small = text(10);
+        assert!(s.try_reply(small.clone()).is_ok() && s.try_reply(small.clone()).is_ok());
+        assert!(s.try_reply(small.clone()).is_err());
+        assert!(s.push(&small) && s.push(&small));
+        assert!(!s.push(&small));
+    }
+
+    #[test]
+    fn a_reply_larger_than_the_share_goes_into_an_empty_queue() {
+        let (s, _rx) = session(1, 1000, 64 * 1024);
+        assert!(s.try_reply(text(50_000)).is_ok());
+        assert!(s.try_reply(text(10)).is_err());
+    }
+
+    #[test]
+    fn a_replaced_session_whose_queue_is_full_is_closed_with_4001() {
+        let hub = Hub::new(Metrics::new());
+        let (old, _rx) = session(1, 2, 1024 * 1024);
+        hub.register(&old);
+        assert!(old.push(&text(10)) && old.push(&text(10)));
+        let (new, _rx2) = session(2, 2, 1024 * 1024);
+        let r = hub.register(&new);
+        assert_eq!(r.replaced.map(|s| s.id), Some(1));
+        assert_eq!(old.close_reason(), Some(CloseReason::REPLACED));
+        assert_eq!(new.close_reason(), None);
     }
 }

@@ -82,11 +82,13 @@ pub(crate) fn run(conn: Upgraded, state: Arc<AppState>) -> impl Future<Output = 
     // flume's queue grows as it fills, so an idle session holds no slots (a tokio mpsc
     // channel allocates a block of them up front).
     let (tx, rx) = flume::bounded(cfg.queue_frames);
-    let session = Session::new(
+    let session = Session::with_queue(
         state.hub.next_session_id(),
         Arc::from(identity.user.as_str()),
         Arc::from(device.as_str()),
         tx,
+        cfg.queue_bytes,
+        codec == Codec::Protobuf,
         state.hub.metrics(),
     );
     let welcome = ServerFrame::Welcome {
@@ -434,10 +436,15 @@ impl Io {
                             } else {
                                 self.session.clear_answer_queued();
                                 let max = cfg.max_coalesce_bytes;
-                                match next_message(self.codec, &mut self.held, &self.rx, max) {
-                                    Some(msg) => msg,
-                                    None => continue,
+                                let next = next_message(self.codec, &mut self.held, &self.rx, max);
+                                let Some((msg, taken)) = next else {
+                                    continue;
+                                };
+                                if self.session.taken(taken) {
+                                    // A reply of this task waits for the room just made.
+                                    cx.waker().wake_by_ref();
                                 }
+                                msg
                             };
                             if Pin::new(&mut self.ws).start_send(msg).is_err() {
                                 return Poll::Ready(Stop::Broken);
@@ -514,9 +521,10 @@ impl Io {
                 return;
             }
             if reason.flush {
-                while let Some(msg) =
+                while let Some((msg, taken)) =
                     next_message(self.codec, &mut self.held, &self.rx, max_coalesce)
                 {
+                    session.taken(taken);
                     if ws.feed(msg).await.is_err() {
                         return;
                     }
@@ -570,26 +578,31 @@ fn read_error_close(e: &axum::Error) -> Option<CloseReason> {
 
 /// The next WebSocket frame from what is held and then what is queued: for JSON, as many
 /// messages as fit in `max` bytes, joined with `\n`; for protobuf, one message (binary
-/// frames carry one each). `None` if there is nothing to write.
+/// frames carry one each), with the encoded bytes of the messages it took. `None` if
+/// there is nothing to write.
 fn next_message(
     codec: Codec,
     held: &mut VecDeque<Arc<OutFrame>>,
     rx: &flume::Receiver<Arc<OutFrame>>,
     max: usize,
-) -> Option<WsMessage> {
+) -> Option<(WsMessage, usize)> {
     let mut next = || held.pop_front().or_else(|| rx.try_recv().ok());
     let first = next()?;
     if codec == Codec::Protobuf {
-        return Some(WsMessage::Binary(first.pb().clone()));
+        let bytes = first.pb().clone();
+        let len = bytes.len();
+        return Some((WsMessage::Binary(bytes), len));
     }
     let head = first.json();
     let Some(second) = next() else {
-        return Some(text_frame(head.clone()));
+        return Some((text_frame(head.clone()), head.len()));
     };
     let mut buf = BytesMut::with_capacity((head.len() * 2 + 1).min(max.max(head.len())));
     buf.extend_from_slice(head);
     let mut frame = Some(second);
+    let mut count = 1;
     while let Some(f) = frame {
+        count += 1;
         buf.extend_from_slice(b"\n");
         buf.extend_from_slice(f.json());
         if buf.len() >= max {
@@ -597,7 +610,9 @@ fn next_message(
         }
         frame = next();
     }
-    Some(text_frame(buf.freeze()))
+    // Each message but the first came with its `\n`.
+    let taken = buf.len() - count + 1;
+    Some((text_frame(buf.freeze()), taken))
 }
 
 fn text_frame(bytes: bytes::Bytes) -> WsMessage {
