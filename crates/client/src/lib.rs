@@ -223,6 +223,9 @@ pub struct SyncResult {
     /// The new cursor of every synced conversation (never past a gap: live messages
     /// that arrived during the sync count only when they directly follow the replay).
     pub cursors: BTreeMap<String, u64>,
+    /// Messages pushed live during the sync beyond a gap after the run in `messages`
+    /// (not covered by `cursors`: a later sync from them returns these again).
+    pub live: Vec<Message>,
     /// Conversations with more to fetch (sync again from `cursors`).
     pub more: Vec<String>,
     pub caught_up: bool,
@@ -627,8 +630,8 @@ impl Client {
         // Live messages may interleave with the replay. Per conversation the result is
         // one contiguous run after the cursor: the replay (up to the cursor the server
         // answered), extended by live messages that directly follow it; each seq once.
-        // A live message beyond a gap is left out and its conversation listed in
-        // `more`: the next sync fetches it from the store. A cursor never jumps a gap.
+        // A live message beyond a gap goes to `live` and its conversation is listed in
+        // `more`: the next sync fetches the gap. A cursor never jumps a gap.
         let mut by_conv: BTreeMap<String, BTreeMap<u64, Message>> = BTreeMap::new();
         for m in collected {
             by_conv
@@ -652,7 +655,7 @@ impl Client {
                     messages.push(m);
                 } else {
                     beyond_gap = true;
-                    break;
+                    out.live.push(m);
                 }
             }
             if let Some(c) = out.cursors.get_mut(&conv) {
@@ -701,6 +704,23 @@ impl Client {
             Ok(None) => Err(ClientError::Closed),
             Err(_) => Err(ClientError::Timeout),
         }
+    }
+
+    /// Takes the pushed messages that have arrived so far out of the event queue
+    /// (without waiting); other events stay queued, in order.
+    pub fn take_pushed_messages(&mut self) -> Vec<Message> {
+        while let Ok(e) = self.events.try_recv() {
+            self.buffered.push_back(e);
+        }
+        let mut messages = Vec::new();
+        self.buffered.retain(|e| match e {
+            Event::Frame(ServerFrame::Message(m)) => {
+                messages.push(m.clone());
+                false
+            }
+            _ => true,
+        });
+        messages
     }
 
     /// Waits for the first pushed frame matching `pred`; other events stay queued for

@@ -7,7 +7,9 @@
 //! in order; a repeat is dropped. When the connection ends it reconnects with
 //! exponential backoff (250 ms doubling to 10 s, with jitter), then `sync`s page by page
 //! from those cursors until every conversation of the user is caught up, including ones
-//! it learns of from the `sync` answer (those from `seq` 1). So the caller sees every
+//! it learns of from the `sync` answer (those from `seq` 1). Messages pushed during the
+//! catch-up wait beyond the gap like any other, so the pages only have to reach the
+//! first of them, however fast they come. So the caller sees every
 //! message once, in `seq` order per conversation: nothing missed, nothing repeated.
 
 use std::collections::btree_map::Entry;
@@ -322,7 +324,7 @@ impl Session {
             self.next_attempt = None;
             self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
             match Client::connect(self.opts.clone()).await {
-                Ok(client) => match self.catch_up(&client).await {
+                Ok(mut client) => match self.catch_up(&mut client).await {
                     Ok(done) => {
                         self.seq = done.seq;
                         self.connected_at = client.welcome().server_time;
@@ -358,7 +360,7 @@ impl Session {
     /// messages the caller already had, and the missed messages in order. Nothing is
     /// kept unless the whole catch-up succeeds, so a failure halfway loses nothing: the
     /// next attempt starts from the same place.
-    async fn catch_up(&self, client: &Client) -> Result<CaughtUp, ClientError> {
+    async fn catch_up(&self, client: &mut Client) -> Result<CaughtUp, ClientError> {
         let mut seq = self.seq.clone();
         let mut missed = Vec::new();
         let mut changes = Vec::new();
@@ -382,6 +384,12 @@ impl Session {
                 seq.deny(conv);
             }
             for m in r.messages {
+                seq.offer(m, &mut missed);
+            }
+            // Live messages (pushed during this round or between rounds) wait beyond
+            // the gap, so the pages only need to reach the first of them: the catch-up
+            // ends however fast messages keep coming.
+            for m in r.live.into_iter().chain(client.take_pushed_messages()) {
                 seq.offer(m, &mut missed);
             }
             for (conv, &asked) in &ask {

@@ -285,3 +285,76 @@ async fn a_live_message_after_a_gap_waits_until_the_gap_is_fetched() {
         "the gap first, then the live one, each once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_during_live_traffic_returns_contiguous_pages_and_never_skips() {
+    const BACKLOG: u64 = 600;
+    let server = TestServer::with(|c| {
+        c.sync_max = 50;
+        c.send_rate_per_sec = 100_000;
+        c.send_burst = 100_000;
+        c.frame_rate_per_sec = 100_000;
+        c.frame_burst = 100_000;
+    })
+    .await;
+    let alice = server.connect("alice").await;
+    let carol = std::sync::Arc::new(server.connect("carol").await);
+    let bob = server.connect("bob").await;
+    for c in [&alice, &*carol, &bob] {
+        c.join("pages").await.unwrap();
+    }
+    for i in 0..BACKLOG {
+        alice
+            .send_text("room:pages", &format!("b{i}"))
+            .await
+            .unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let live = {
+        let (carol, stop) = (carol.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 5000 {
+                tick.tick().await;
+                carol.send_text("room:pages", "live").await.unwrap();
+                sent += 1;
+            }
+        })
+    };
+    // bob pages through the backlog while carol's messages are pushed to him.
+    let mut cursor = 0;
+    let mut got = Vec::new();
+    for round in 0.. {
+        assert!(round < 500, "not caught up after {round} pages");
+        let r = bob
+            .sync(
+                std::collections::BTreeMap::from([("room:pages".to_string(), cursor)]),
+                None,
+            )
+            .await
+            .unwrap();
+        let seqs: Vec<u64> = r.messages.iter().map(|m| m.seq).collect();
+        let next = r.cursors["room:pages"];
+        assert!(
+            seqs == (cursor + 1..=next).collect::<Vec<_>>(),
+            "page {round} after {cursor}: {} messages for a new cursor of {next}, first out \
+             of place: {:?}",
+            seqs.len(),
+            seqs.iter()
+                .enumerate()
+                .find(|(i, s)| **s != cursor + 1 + *i as u64)
+        );
+        got.extend(seqs);
+        cursor = next;
+        if round == 2 {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if r.caught_up && round > 2 {
+            break;
+        }
+    }
+    live.await.unwrap();
+    assert!(cursor >= BACKLOG);
+    assert_eq!(got, (1..=cursor).collect::<Vec<_>>());
+}
