@@ -344,14 +344,20 @@ function startChat() {
 
 window.addEventListener('online', () => conn && conn.kick());
 
-/** server_time of the previous connection's welcome: changes since then are replayed. */
-let connectedAt = null;
+/**
+ * server_time of the welcome of the last connection whose catch-up completed: recalls
+ * and edits made after it are replayed by the next catch-up. It moves only when a
+ * catch-up finished (every page, `caught_up`) on the connection it started on, so a
+ * sync that fails or is cut short loses nothing: the next one starts from the same time.
+ */
+let syncedAt = null;
 
 async function onOpen(welcome, reconnect) {
   // After a sleep the renewal timer may be late: renew a pass that is (nearly) over.
   if (Date.now() > filePassExpires - 60000) refreshFilePass();
-  const since = connectedAt;
-  connectedAt = welcome.server_time;
+  const opened = conn.opens;
+  // The first connection has nothing cached from before it.
+  if (syncedAt == null) syncedAt = welcome.server_time;
   // Unsent messages go out first (same client_msg_id: a retry never stores twice); the
   // sync replay may then bring them back too, which the seq map deduplicates.
   for (const c of convs.values()) {
@@ -359,7 +365,7 @@ async function onOpen(welcome, reconnect) {
   }
   if (reconnect) {
     try {
-      await resync(since);
+      if (await resync(syncedAt, opened)) syncedAt = welcome.server_time;
     } catch (e) {
       console.warn('sync failed', e);
     }
@@ -374,12 +380,15 @@ async function onOpen(welcome, reconnect) {
 
 /**
  * Catch up every conversation from its cursor after a reconnect; with `since`, the
- * server also replays recalls and edits of messages already on screen.
+ * server also replays recalls and edits of messages already on screen. True only when
+ * every page arrived (`caught_up`) on the connection `opened` (a newer connection
+ * runs its own catch-up).
  */
-async function resync(since) {
+async function resync(since, opened) {
   let cursors = {};
   for (const c of convs.values()) cursors[c.id] = c.loaded ? c.maxSeen : c.lastSeq;
-  for (let round = 0; round < 50; round++) {
+  let complete = false;
+  for (let round = 0; round < 50 && conn.opens === opened; round++) {
     const req = { type: 'sync', cursors };
     if (round === 0 && since != null) req.since = since;
     const ok = await conn.request(req, 30000);
@@ -387,11 +396,12 @@ async function resync(since) {
       const c = convOf(info.conv);
       c.lastSeq = Math.max(c.lastSeq, info.last_seq || 0);
     }
-    if (ok.caught_up || !ok.more || ok.more.length === 0) break;
+    if (ok.caught_up) { complete = true; break; }
     cursors = {};
-    for (const id of ok.more) cursors[id] = ok.cursors[id];
+    for (const id of ok.more || []) cursors[id] = ok.cursors[id];
   }
   renderConvList();
+  return complete && conn.opens === opened;
 }
 
 async function refreshConversations() {

@@ -22,6 +22,8 @@ export class Connection {
     this.pingTimer = null;
     this.lastHeard = 0;
     this.open = false;
+    /** How many connections have opened (a `welcome` each). */
+    this.opens = 0;
   }
 
   start() {
@@ -103,6 +105,7 @@ export class Connection {
       const reconnect = this.everOpened;
       this.everOpened = true;
       this.open = true;
+      this.opens += 1;
       this.attempt = 0;
       this.kickedReason = null;
       this.startHeartbeat(frame.heartbeat_ms || 25000);

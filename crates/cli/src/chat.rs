@@ -154,7 +154,9 @@ async fn newest_page(session: &mut Session, conv: &str) -> Result<Vec<Message>, 
         .history(conv, None, None, Some(50))
         .await
         .map_err(|e| e.to_string())?;
-    session.follow(conv, 0);
+    // Followed from the page on (a conversation followed already stays as it is).
+    let before_page = page.messages.first().map_or(0, |m| m.seq.saturating_sub(1));
+    session.follow(conv, before_page);
     session.saw(&page.messages);
     Ok(page.messages)
 }

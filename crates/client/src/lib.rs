@@ -217,10 +217,15 @@ pub struct HistoryPage {
 /// The outcome of a `sync`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SyncResult {
-    /// The missed messages, by conversation in `seq` order, each once.
+    /// The missed messages, by conversation in `seq` order, each once: per
+    /// conversation exactly the seqs after its cursor up to its new cursor.
     pub messages: Vec<Message>,
-    /// The new cursor of every synced conversation.
+    /// The new cursor of every synced conversation (never past a gap: live messages
+    /// that arrived during the sync count only when they directly follow the replay).
     pub cursors: BTreeMap<String, u64>,
+    /// Messages pushed live during the sync beyond a gap after the run in `messages`
+    /// (not covered by `cursors`: a later sync from them returns these again).
+    pub live: Vec<Message>,
     /// Conversations with more to fetch (sync again from `cursors`).
     pub more: Vec<String>,
     pub caught_up: bool,
@@ -622,18 +627,44 @@ impl Client {
                 }
             }
         }
-        // Live messages may interleave with the replay: keep each (conv, seq) once, in
-        // seq order per conversation, and let cursors cover what was seen.
-        let mut seen = HashSet::new();
-        let mut messages: Vec<Message> = collected
-            .into_iter()
-            .filter(|m| m.seq > cursors.get(&m.conv).copied().unwrap_or(0))
-            .filter(|m| seen.insert((m.conv.clone(), m.seq)))
-            .collect();
-        messages.sort_by(|a, b| (&a.conv, a.seq).cmp(&(&b.conv, b.seq)));
-        for m in &messages {
-            let c = out.cursors.entry(m.conv.clone()).or_insert(0);
-            *c = (*c).max(m.seq);
+        // Live messages may interleave with the replay. Per conversation the result is
+        // one contiguous run after the cursor: the replay (up to the cursor the server
+        // answered), extended by live messages that directly follow it; each seq once.
+        // A live message beyond a gap goes to `live` and its conversation is listed in
+        // `more`: the next sync fetches the gap. A cursor never jumps a gap.
+        let mut by_conv: BTreeMap<String, BTreeMap<u64, Message>> = BTreeMap::new();
+        for m in collected {
+            by_conv
+                .entry(m.conv.clone())
+                .or_default()
+                .entry(m.seq)
+                .or_insert(m);
+        }
+        let mut messages = Vec::new();
+        for (conv, run) in by_conv {
+            let asked = cursors.get(&conv).copied().unwrap_or(0);
+            let answered = out.cursors.get(&conv).copied().unwrap_or(asked).max(asked);
+            let mut end = answered;
+            let mut beyond_gap = false;
+            for (seq, m) in run {
+                if seq <= asked {
+                    continue;
+                }
+                if seq <= answered || seq == end + 1 {
+                    end = end.max(seq);
+                    messages.push(m);
+                } else {
+                    beyond_gap = true;
+                    out.live.push(m);
+                }
+            }
+            if let Some(c) = out.cursors.get_mut(&conv) {
+                *c = end;
+            }
+            if beyond_gap && !out.more.contains(&conv) {
+                out.more.push(conv);
+                out.caught_up = false;
+            }
         }
         out.messages = messages;
         Ok(out)
@@ -673,6 +704,23 @@ impl Client {
             Ok(None) => Err(ClientError::Closed),
             Err(_) => Err(ClientError::Timeout),
         }
+    }
+
+    /// Takes the pushed messages that have arrived so far out of the event queue
+    /// (without waiting); other events stay queued, in order.
+    pub fn take_pushed_messages(&mut self) -> Vec<Message> {
+        while let Ok(e) = self.events.try_recv() {
+            self.buffered.push_back(e);
+        }
+        let mut messages = Vec::new();
+        self.buffered.retain(|e| match e {
+            Event::Frame(ServerFrame::Message(m)) => {
+                messages.push(m.clone());
+                false
+            }
+            _ => true,
+        });
+        messages
     }
 
     /// Waits for the first pushed frame matching `pred`; other events stay queued for
