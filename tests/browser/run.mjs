@@ -431,15 +431,15 @@ async function main() {
   });
 
   await test('an edit made while away is shown after a catch-up that was first cut short', async () => {
-    // erin's socket runs through a route this test controls: it cuts the socket, keeps
-    // erin away for a while, then cuts the first `sync` of her next connection.
-    const erin = await newUser(browser, 'erin');
+    // gwen's socket runs through a route this test controls: it cuts the socket, keeps
+    // gwen away for a while, then cuts the first `sync` of her next connection.
+    const gwen = await newUser(browser, 'gwen');
     const frank = await newUser(browser, 'frank');
     let away = false;
     let cutNextSync = false;
     let syncsCut = 0;
     let live = null;
-    await erin.context.routeWebSocket((url) => url.pathname === '/ws', (ws) => {
+    await gwen.context.routeWebSocket((url) => url.pathname === '/ws', (ws) => {
       if (away) { ws.close({ code: 1012, reason: 'away' }); return; }
       const server = ws.connectToServer();
       live = { ws, server };
@@ -457,35 +457,35 @@ async function main() {
     await signInGuest(frank.page, 'frank');
     await joinRoom(frank.page, 'quiet');
     await say(frank.page, 'draft one');
-    await signInGuest(erin.page, 'erin');
-    await joinRoom(erin.page, 'quiet');
-    await seeMessage(erin.page, 'draft one');
+    await signInGuest(gwen.page, 'gwen');
+    await joinRoom(gwen.page, 'quiet');
+    await seeMessage(gwen.page, 'draft one');
 
     away = true;
     live.server.close();
     live.ws.close({ code: 1006, reason: 'gone' });
-    await until(async () => (await erin.page.locator('#conn-status').textContent()) !== 'Connected', 'erin sees the disconnect');
-    // While erin is away, frank edits his message.
+    await until(async () => (await gwen.page.locator('#conn-status').textContent()) !== 'Connected', 'gwen sees the disconnect');
+    // While gwen is away, frank edits his message.
     const draft = frank.page.getByRole('log').locator('li.msg', { hasText: 'draft one' });
     await draft.hover();
     await draft.getByRole('button', { name: 'Edit message' }).click();
     await composer(frank.page).fill('final one');
     await composer(frank.page).press('Enter');
     await until(async () => (await frank.page.getByRole('log').locator('li.msg', { hasText: 'final one' }).locator('.edited').count()) === 1, 'the edit stored');
-    assert((await erin.page.locator('#conn-status').textContent()) !== 'Connected', 'erin is still away');
+    assert((await gwen.page.locator('#conn-status').textContent()) !== 'Connected', 'gwen is still away');
 
-    // erin comes back; her first catch-up is cut short, the next one must still replay
+    // gwen comes back; her first catch-up is cut short, the next one must still replay
     // the edit made before either of them.
     cutNextSync = true;
     away = false;
     await until(async () => syncsCut === 1, 'the first sync cut', 15000);
-    await connected(erin.page);
-    await seeMessage(erin.page, 'final one', 15000);
-    const shown = await messages(erin.page);
+    await connected(gwen.page);
+    await seeMessage(gwen.page, 'final one', 15000);
+    const shown = await messages(gwen.page);
     assert(countOf(shown, 'draft one') === 0 && countOf(shown, 'final one') === 1, 'only the edited text is shown');
     await frank.context.close();
-    await erin.context.close();
-    delete pages.erin;
+    await gwen.context.close();
+    delete pages.gwen;
     delete pages.frank;
   });
 

@@ -122,16 +122,31 @@ impl Tokens {
 /// use.
 pub fn load_or_create_secret(dir: &Path) -> std::io::Result<Vec<u8>> {
     let path = dir.join(SECRET_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().as_bytes().to_vec()),
-        Ok(_) => {}
+    let read = |path: &Path| -> std::io::Result<Vec<u8>> {
+        let s = std::fs::read_to_string(path)?;
+        if s.trim().is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} is empty: delete it to make a new secret",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(s.trim().as_bytes().to_vec())
+    };
+    match read(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+        other => return other,
     }
     std::fs::create_dir_all(dir)?;
     let secret: String = (0..32)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect();
+    // Written whole under a private name, then linked into place, which fails if the
+    // file exists: a process starting at the same moment (`hubbub token` beside a
+    // starting server) never reads a half-written secret, and one of the two wins.
+    let tmp = dir.join(format!("{SECRET_FILE}.{:016x}.tmp", rand::random::<u64>()));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -139,17 +154,18 @@ pub fn load_or_create_secret(dir: &Path) -> std::io::Result<Vec<u8>> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    match opts.open(&path) {
-        Ok(mut f) => {
-            use std::io::Write;
-            f.write_all(secret.as_bytes())?;
-            f.sync_all()?;
-            Ok(secret.into_bytes())
-        }
+    {
+        use std::io::Write;
+        let mut f = opts.open(&tmp)?;
+        f.write_all(secret.as_bytes())?;
+        f.sync_all()?;
+    }
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(secret.into_bytes()),
         // Someone else created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            Ok(std::fs::read_to_string(&path)?.trim().as_bytes().to_vec())
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(&path),
         Err(e) => Err(e),
     }
 }
@@ -747,6 +763,23 @@ mod tests {
             }),
             Err(AuthError::Expired)
         );
+    }
+
+    /// Processes starting at once (a server and `hubbub token`) agree on one secret and
+    /// never read a half-written one.
+    #[test]
+    fn concurrent_creators_of_the_secret_agree() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let secrets: Vec<Vec<u8>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| s.spawn(|| load_or_create_secret(dir.path()).unwrap()))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(secrets[0].len(), 64);
+            assert!(secrets.iter().all(|s| s == &secrets[0]), "{secrets:?}");
+        }
     }
 
     #[test]
