@@ -100,7 +100,15 @@ impl BusWorkers {
             tracker.spawn(tokio::task::unconstrained(async move {
                 while let Some(item) = rx.recv().await {
                     match item {
-                        Item::Change(change) => deliver(&hub, &*store, large_room, change).await,
+                        Item::Change(change) => {
+                            deliver(&hub, &*store, large_room, change).await;
+                            // Some recipient's queue is half full: let its writer run
+                            // before pushing more (the budget is off, so only an explicit
+                            // yield gives other tasks this thread).
+                            if hub.take_filling() {
+                                tokio::task::yield_now().await;
+                            }
+                        }
                         Item::Flush(done) => {
                             let _ = done.send(());
                         }

@@ -221,6 +221,13 @@ impl Session {
         }
     }
 
+    /// Whether the queue holds half its bound or more (in frames or in bytes): its writer
+    /// is behind, and whoever keeps pushing should let it run.
+    pub fn is_filling(&self) -> bool {
+        let half_frames = self.tx.capacity().is_some_and(|c| self.tx.len() * 2 >= c);
+        half_frames || self.queued_bytes.load(Ordering::Relaxed) * 2 >= self.queue_bytes
+    }
+
     /// Replaces the session: queues `kicked` if there is room (a full queue only loses
     /// the frame) and closes it with 4001.
     pub fn kick(&self, frame: &Arc<OutFrame>) {
@@ -439,6 +446,8 @@ pub struct Hub {
     metrics: Metrics,
     /// The hub's clock for room eviction.
     started: std::time::Instant,
+    /// A push found a queue half full since [`Hub::take_filling`] was last called.
+    filling: AtomicBool,
 }
 
 impl Hub {
@@ -449,6 +458,7 @@ impl Hub {
             next_session: AtomicU64::new(1),
             metrics,
             started: std::time::Instant::now(),
+            filling: AtomicBool::new(false),
         }
     }
 
@@ -517,6 +527,9 @@ impl Hub {
         for s in sessions.iter() {
             if Some(s.id) != except && s.push(frame) {
                 n += 1;
+                if s.is_filling() {
+                    self.filling.store(true, Ordering::Relaxed);
+                }
             }
         }
         self.metrics.deliveries.inc_by(n as u64);
@@ -639,6 +652,14 @@ impl Hub {
             Err(_) => {}
         }
         Ok(n)
+    }
+
+    /// Whether a push found a queue half full since the last call (and resets it). A
+    /// fan-out that sees it yields, so the writers of those queues run before it pushes
+    /// more: one commit can carry thousands of messages, and pushing them all at once into
+    /// a healthy but momentarily busy session's queue would overflow it.
+    pub fn take_filling(&self) -> bool {
+        self.filling.swap(false, Ordering::Relaxed)
     }
 
     /// Pushes `frame` to every online session. Returns how many got it.
