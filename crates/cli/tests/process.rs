@@ -567,16 +567,8 @@ fn environment_variables_a_platform_injects_are_ignored_with_one_warning() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn hubbub serve");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("read the listening line");
-    assert!(
-        line.starts_with("hubbub listening on http://"),
-        "the server did not start: {line:?}"
-    );
+    // Panics unless the server started and printed its listening line.
+    common::listening_addr(&mut child);
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -627,7 +619,6 @@ fn a_bad_value_in_the_environment_is_one_clear_line_and_exit_1() {
 /// Starts `hubbub ARGS` on 127.0.0.1:0 (through the environment, so the no-subcommand
 /// demo can be started too); returns the child, its address and its stderr.
 fn spawn_hubbub(dir: &Path, args: &[&str]) -> (std::process::Child, String) {
-    use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
         .args(args)
         .env("HUBBUB_BIND", "127.0.0.1:0")
@@ -637,15 +628,7 @@ fn spawn_hubbub(dir: &Path, args: &[&str]) -> (std::process::Child, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn hubbub");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("hubbub listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let addr = common::listening_addr(&mut child);
     (child, addr)
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{error_code, http, TestServer, WAIT};
+use common::{error_code, http, unlimited, TestServer, WAIT};
 use hubbub_client::{Client, Event};
 use hubbub_protocol::{ErrorCode, ServerFrame};
 
@@ -44,14 +44,6 @@ fn keep_sending(
             .max()
             .unwrap_or(0)
     })
-}
-
-/// Lifts the per-connection rate limits: these stories send as fast as they can.
-fn unlimited(c: &mut hubbub_server::Config) {
-    c.send_rate_per_sec = 1_000_000;
-    c.send_burst = 1_000_000;
-    c.frame_rate_per_sec = 1_000_000;
-    c.frame_burst = 1_000_000;
 }
 
 /// The seqs of `conv` pushed to `client` until `last` arrives.

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, WAIT};
+use common::{unlimited, TestServer, WAIT};
 use futures_util::{SinkExt, StreamExt};
 use hubbub_client::{Client, Event};
 use hubbub_protocol::ServerFrame;
@@ -98,13 +98,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_does_not_slow_the_others_down() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let server = TestServer::with(|c| {
-        c.send_rate_per_sec = 1_000_000;
-        c.send_burst = 1_000_000;
-        c.frame_rate_per_sec = 1_000_000;
-        c.frame_burst = 1_000_000;
-    })
-    .await;
+    let server = TestServer::with(unlimited).await;
     // The reported scale: 20 members exchange 5,000 messages of 2 KB, so the one that never
     // reads fills its socket buffers and queue and is closed meanwhile, and the commits
     // carry hundreds of messages each.
@@ -149,11 +143,8 @@ async fn a_client_that_never_reads_does_not_slow_the_others_down() {
 async fn a_replaced_session_whose_queue_is_full_is_closed_with_4001() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let server = TestServer::with(|c| {
+        unlimited(c);
         c.queue_frames = 8;
-        c.frame_rate_per_sec = 1_000_000;
-        c.frame_burst = 1_000_000;
-        c.send_rate_per_sec = 1_000_000;
-        c.send_burst = 1_000_000;
     })
     .await;
     // Big pages, so that a few answers fill the socket buffers and the rest wait in the
@@ -254,13 +245,7 @@ async fn read_throttled(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_catching_up_a_large_backlog_is_not_closed_and_gets_it_all_once() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let server = TestServer::with(|c| {
-        c.send_rate_per_sec = 1_000_000;
-        c.send_burst = 1_000_000;
-        c.frame_rate_per_sec = 1_000_000;
-        c.frame_burst = 1_000_000;
-    })
-    .await;
+    let server = TestServer::with(unlimited).await;
     const ROOMS: usize = 8;
     const PER_ROOM: u64 = 1_000;
     // One live message every 100 ms while it catches up (8 MB at 1 MB/s).

@@ -49,15 +49,7 @@ impl Server {
             .stderr(stderr)
             .spawn()
             .expect("spawn hubbub serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("hubbub listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let addr = listening_addr(&mut child);
         Server { child, addr }
     }
 
@@ -65,6 +57,20 @@ impl Server {
     pub(crate) fn url(&self) -> String {
         format!("ws://{}", self.addr)
     }
+}
+
+/// Reads a starting `hubbub serve`'s first line from its piped stdout and returns the
+/// `HOST:PORT` it listens on (panics on anything else).
+#[allow(dead_code)] // not every test binary uses it
+pub(crate) fn listening_addr(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read the listening line");
+    line.trim()
+        .strip_prefix("hubbub listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string()
 }
 
 impl Drop for Server {

@@ -156,6 +156,14 @@ impl Drop for TestServer {
     }
 }
 
+/// Lifts the per-connection rate limits, for stories that send as fast as they can.
+pub fn unlimited(c: &mut Config) {
+    c.send_rate_per_sec = 1_000_000;
+    c.send_burst = 1_000_000;
+    c.frame_rate_per_sec = 1_000_000;
+    c.frame_burst = 1_000_000;
+}
+
 /// An HTTP client for the API (loopback only, no proxies).
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
