@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hubbub_client::{Client, ConnectOptions};
+use hubbub_protocol::ServerFrame;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -384,6 +385,11 @@ async fn sigterm_under_load_acks_only_what_is_stored_and_exits_in_time() {
     const SENDERS: usize = 4;
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start_on_any_port(dir.path(), &[]);
+    // A watcher in the room tells when the load is real, however slow the machine.
+    let mut watcher = server
+        .connect(ConnectOptions::guest(server.url(), "watcher"))
+        .await;
+    watcher.join("load").await.unwrap();
     let tasks: Vec<_> = (0..SENDERS)
         .map(|i| {
             tokio::spawn(send_until_failure(
@@ -393,7 +399,12 @@ async fn sigterm_under_load_acks_only_what_is_stored_and_exits_in_time() {
             ))
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    watcher
+        .wait_for(Duration::from_secs(30), |f| {
+            matches!(f, ServerFrame::Message(m) if m.seq >= 60)
+        })
+        .await
+        .expect("the senders get going");
     let start = Instant::now();
     server.signal("-TERM");
     let status = server.wait_exit(Duration::from_secs(10));
