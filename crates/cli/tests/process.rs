@@ -400,9 +400,10 @@ async fn sigterm_under_load_acks_only_what_is_stored_and_exits_in_time() {
         })
         .collect();
     watcher
-        .wait_for(Duration::from_secs(30), |f| {
-            matches!(f, ServerFrame::Message(m) if m.seq >= 60)
-        })
+        .wait_for(
+            Duration::from_secs(30),
+            |f| matches!(f, ServerFrame::Message(m) if m.seq >= 60),
+        )
         .await
         .expect("the senders get going");
     let start = Instant::now();

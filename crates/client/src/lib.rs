@@ -32,8 +32,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use hubbub_protocol::reply::{HistoryOk, PresenceOk, SendOk, SyncOk};
 use hubbub_protocol::{
-    ClientFrame, ContentType, Message, ProtoError, ServerFrame, SUBPROTOCOL_JSON, SUBPROTOCOL_PB,
+    ClientFrame, ContentType, ProtoError, Reply, ServerFrame, SUBPROTOCOL_JSON, SUBPROTOCOL_PB,
 };
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -208,11 +209,9 @@ pub struct Sent {
 }
 
 /// A page of history, ascending by `seq`.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct HistoryPage {
-    pub messages: Vec<Message>,
-    pub has_more: bool,
-}
+pub type HistoryPage = HistoryOk;
+
+pub use hubbub_protocol::Message;
 
 /// The outcome of a `sync`.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -240,7 +239,7 @@ pub struct SyncResult {
     pub server_time: i64,
 }
 
-type Reply = Result<Map<String, Value>, ProtoError>;
+type Answer = Result<Reply, ProtoError>;
 
 struct SyncCollect {
     convs: HashSet<String>,
@@ -250,7 +249,7 @@ struct SyncCollect {
 
 #[derive(Default)]
 struct Shared {
-    pending: HashMap<String, oneshot::Sender<Reply>>,
+    pending: HashMap<String, oneshot::Sender<Answer>>,
     /// While a `sync` runs: the conversations it names and what was collected.
     sync: Option<SyncCollect>,
 }
@@ -421,9 +420,26 @@ impl Client {
         format!("c{}", self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Sends a request and waits for its `ok` (the body) or `error`. A frame without an
-    /// id gets a fresh one.
-    pub async fn request(&self, mut frame: ClientFrame) -> Result<Map<String, Value>, ClientError> {
+    /// Sends a request and waits for its `ok` (the body's fields) or `error`. A frame
+    /// without an id gets a fresh one.
+    pub async fn request(&self, frame: ClientFrame) -> Result<Map<String, Value>, ClientError> {
+        self.answer(frame).await.map(Reply::into_fields)
+    }
+
+    /// [`Client::request`], reading the `ok` as `T` (a type of
+    /// [`hubbub_protocol::reply`]).
+    pub async fn request_as<T: serde::de::DeserializeOwned>(
+        &self,
+        frame: ClientFrame,
+    ) -> Result<T, ClientError> {
+        let kind = frame.type_name();
+        self.answer(frame)
+            .await?
+            .parse()
+            .map_err(|e| ClientError::Protocol(format!("the ok of {kind}: {e}")))
+    }
+
+    async fn answer(&self, mut frame: ClientFrame) -> Result<Reply, ClientError> {
         let id = match frame.id() {
             Some(Value::String(s)) => s.clone(),
             Some(v) => v.to_string(),
@@ -516,8 +532,8 @@ impl Client {
         content_type: ContentType,
         content: Value,
     ) -> Result<Sent, ClientError> {
-        let body = self
-            .request(ClientFrame::Send {
+        let ok: SendOk = self
+            .request_as(ClientFrame::Send {
                 id: None,
                 conv: conv.into(),
                 client_msg_id: client_msg_id.into(),
@@ -526,10 +542,10 @@ impl Client {
             })
             .await?;
         Ok(Sent {
-            conv: str_field(&body, "conv")?,
-            seq: u64_field(&body, "seq")?,
-            msg_id: str_field(&body, "msg_id")?,
-            ts: body.get("ts").and_then(Value::as_i64).unwrap_or_default(),
+            conv: ok.conv,
+            seq: ok.seq,
+            msg_id: ok.msg_id,
+            ts: ok.ts,
             client_msg_id: client_msg_id.into(),
         })
     }
@@ -542,27 +558,14 @@ impl Client {
         after: Option<u64>,
         limit: Option<u32>,
     ) -> Result<HistoryPage, ClientError> {
-        let body = self
-            .request(ClientFrame::History {
-                id: None,
-                conv: conv.into(),
-                before_seq: before,
-                after_seq: after,
-                limit,
-            })
-            .await?;
-        let messages = match body.get("messages") {
-            Some(v) => serde_json::from_value(v.clone())
-                .map_err(|e| ClientError::Protocol(format!("history messages: {e}")))?,
-            None => Vec::new(),
-        };
-        Ok(HistoryPage {
-            messages,
-            has_more: body
-                .get("has_more")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+        self.request_as(ClientFrame::History {
+            id: None,
+            conv: conv.into(),
+            before_seq: before,
+            after_seq: after,
+            limit,
         })
+        .await
     }
 
     /// Catches up: every message after each cursor, then the new cursors.
@@ -589,7 +592,7 @@ impl Client {
             changes: Vec::new(),
         });
         let result = self
-            .request(ClientFrame::Sync {
+            .request_as::<SyncOk>(ClientFrame::Sync {
                 id: None,
                 cursors: cursors.clone(),
                 limit,
@@ -600,33 +603,21 @@ impl Client {
         let (collected, changes) = collected
             .map(|c| (c.messages, c.changes))
             .unwrap_or_default();
-        let body = result?;
+        let ok = result?;
         let mut out = SyncResult {
             changes,
-            server_time: body.get("server_time").and_then(Value::as_i64).unwrap_or(0),
-            caught_up: body
-                .get("caught_up")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            more: strings(body.get("more")),
-            denied: strings(body.get("denied")),
+            server_time: ok.server_time,
+            caught_up: ok.caught_up,
+            more: ok.more,
+            denied: ok.denied,
+            cursors: ok.cursors,
+            conversations: ok
+                .conversations
+                .into_iter()
+                .map(|c| (c.conv, c.last_seq))
+                .collect(),
             ..Default::default()
         };
-        if let Some(Value::Object(c)) = body.get("cursors") {
-            for (k, v) in c {
-                out.cursors.insert(k.clone(), v.as_u64().unwrap_or(0));
-            }
-        }
-        if let Some(Value::Array(list)) = body.get("conversations") {
-            for c in list {
-                if let (Some(conv), Some(last)) = (
-                    c.get("conv").and_then(Value::as_str),
-                    c.get("last_seq").and_then(Value::as_u64),
-                ) {
-                    out.conversations.push((conv.to_string(), last));
-                }
-            }
-        }
         // Live messages may interleave with the replay. Per conversation the result is
         // one contiguous run after the cursor: the replay (up to the cursor the server
         // answered), extended by live messages that directly follow it; each seq once.
@@ -672,24 +663,18 @@ impl Client {
 
     /// Asks who of `users` is online.
     pub async fn presence(&self, users: &[&str]) -> Result<BTreeMap<String, bool>, ClientError> {
-        let body = self
-            .request(ClientFrame::Presence {
+        let ok: PresenceOk = self
+            .request_as(ClientFrame::Presence {
                 id: None,
                 users: users.iter().map(|u| u.to_string()).collect(),
             })
             .await?;
-        let mut out = BTreeMap::new();
-        if let Some(Value::Object(m)) = body.get("online") {
-            for (k, v) in m {
-                out.insert(k.clone(), v.as_bool().unwrap_or(false));
-            }
-        }
-        Ok(out)
+        Ok(ok.online)
     }
 
     /// Application-level ping; waits for the `pong`.
     pub async fn ping(&self) -> Result<(), ClientError> {
-        self.request(ClientFrame::Ping { id: None })
+        self.answer(ClientFrame::Ping { id: None })
             .await
             .map(|_| ())
     }
@@ -792,29 +777,6 @@ impl Client {
     }
 }
 
-fn str_field(body: &Map<String, Value>, key: &str) -> Result<String, ClientError> {
-    body.get(key)
-        .and_then(Value::as_str)
-        .map(String::from)
-        .ok_or_else(|| ClientError::Protocol(format!("the ok has no {key}")))
-}
-
-fn u64_field(body: &Map<String, Value>, key: &str) -> Result<u64, ClientError> {
-    body.get(key)
-        .and_then(Value::as_u64)
-        .ok_or_else(|| ClientError::Protocol(format!("the ok has no {key}")))
-}
-
-fn strings(v: Option<&Value>) -> Vec<String> {
-    match v {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|s| s.as_str().map(String::from))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -899,7 +861,7 @@ fn route(
             let reply = match frame {
                 ServerFrame::Ok { body, .. } => Ok(body),
                 ServerFrame::Error { code, message, .. } => Err(ProtoError::new(code, message)),
-                _ => Ok(Map::new()),
+                _ => Ok(Reply::Fields(Map::new())),
             };
             let _ = tx.send(reply);
             return;

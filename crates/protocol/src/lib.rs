@@ -10,15 +10,19 @@
 //! - [`ServerFrame`]: every frame the server sends; [`Message`] is one stored message.
 //! - [`Conv`]: a parsed conversation id (`room:<name>` or `dm:<a>:<b>`).
 //! - [`ErrorCode`]: the stable error codes of `error` frames and HTTP error bodies.
+//! - [`reply`]: the body of each `ok` answer (and of the HTTP API's JSON answers).
 //! - [`validate_content`]: the rules for `send` and `edit` content.
 
 pub mod pb;
+pub mod reply;
+
+pub use reply::Reply;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// Subprotocol name of the JSON encoding (text frames).
 pub const SUBPROTOCOL_JSON: &str = "hubbub.v1.json";
@@ -200,6 +204,7 @@ impl<'a> Conv<'a> {
 
 /// Kinds of message content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ContentType {
     Text,
@@ -595,6 +600,7 @@ fn describe_decode_error(text: &str, err: &serde_json::Error) -> String {
 
 /// One stored message, as pushed in `message` frames and returned by `history`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Message {
     pub conv: String,
     pub seq: u64,
@@ -689,7 +695,7 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<ReqId>,
         #[serde(flatten)]
-        body: Map<String, Value>,
+        body: Reply,
     },
     Error {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -700,14 +706,12 @@ pub enum ServerFrame {
 }
 
 impl ServerFrame {
-    /// An `ok` answer with the given result fields (a JSON object; anything else adds no
-    /// fields).
-    pub fn ok(id: Option<ReqId>, body: Value) -> ServerFrame {
-        let body = match body {
-            Value::Object(map) => map,
-            _ => Map::new(),
-        };
-        ServerFrame::Ok { id, body }
+    /// An `ok` answer with the given body.
+    pub fn ok(id: Option<ReqId>, body: impl Into<Reply>) -> ServerFrame {
+        ServerFrame::Ok {
+            id,
+            body: body.into(),
+        }
     }
 
     /// An `error` answer.
@@ -877,7 +881,8 @@ mod tests {
         assert!(text.starts_with(r#"{"type":"message","#), "{text}");
         assert_eq!(serde_json::from_str::<ServerFrame>(&text).unwrap(), msg);
 
-        let ok = ServerFrame::ok(Some(json!("7")), json!({"seq": 1}));
+        let fields = json!({"seq": 1}).as_object().unwrap().clone();
+        let ok = ServerFrame::ok(Some(json!("7")), Reply::Fields(fields));
         let text = ok.to_json();
         assert_eq!(text, r#"{"type":"ok","id":"7","seq":1}"#);
         assert_eq!(serde_json::from_str::<ServerFrame>(&text).unwrap(), ok);

@@ -285,10 +285,10 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, String> {
         SF::Pong(p) => ServerFrame::Pong { id: id_in(p.id) },
         SF::Ok(o) => ServerFrame::Ok {
             id: id_in(o.id),
-            body: match json_value(&o.body_json, "body_json")? {
+            body: crate::Reply::Fields(match json_value(&o.body_json, "body_json")? {
                 Value::Object(m) => m,
                 _ => Map::new(),
-            },
+            }),
         },
         SF::Error(e) => ServerFrame::Error {
             id: id_in(e.id),
@@ -482,7 +482,15 @@ mod tests {
                 recalled: false,
                 edited_at: Some(6),
             }),
-            ServerFrame::ok(Some(json!("1")), json!({"seq": 1, "conv": "room:a"})),
+            ServerFrame::ok(
+                Some(json!("1")),
+                crate::Reply::Fields(
+                    json!({"seq": 1, "conv": "room:a"})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                ),
+            ),
             ServerFrame::error(
                 Some(json!("2")),
                 crate::ProtoError::new(crate::ErrorCode::NotMember, "no"),

@@ -1,28 +1,54 @@
-//! The fan-out seam between the store and the hub.
+//! The bus: how committed changes reach the nodes that deliver them.
 //!
-//! The store announces each committed change (in commit order) to [`Bus::publish`]. The
-//! in-process bus hashes the conversation to one of a few shard tasks, so everything of
-//! one conversation is delivered in `seq` order while different conversations fan out
-//! in parallel. The shard of a room is also the one owner of the room's cached member
-//! list: it applies joins and leaves between the room's deliveries, in commit order, so
-//! a message reaches exactly the users who were members when it was committed.
-//! [`Bus::flush`] waits until a conversation's shard has handled everything published
-//! so far (a join is answered only once its member list has it). A multi-node deployment replaces this with a bus that also forwards to
-//! other nodes; anything that must be exact lives in the store, never only on the bus.
+//! The store announces each committed change, in commit order, to [`Bus::publish`]; the
+//! bus hands it to a [`Subscriber`] (the node's fan-out, [`crate::node::Fanout`]) so that
+//! every change of one conversation arrives in publish order. [`Bus::flush`] waits until
+//! a conversation's changes published so far have been handled (a join is answered only
+//! once its room's member list has it).
+//!
+//! [`LocalBus`] is the in-process implementation: it hashes the conversation to one of a
+//! few shard tasks, so one conversation is delivered in `seq` order while different
+//! conversations fan out in parallel. A bus between nodes implements the same trait and
+//! also forwards to the other nodes; anything that must be exact lives in the store,
+//! never only on the bus.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use hubbub_protocol::{MemberEvent, ServerFrame};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
-use crate::hub::{Hub, OutFrame};
-use crate::store::{Committed, Store};
+use crate::store::Committed;
 
-/// In-process, conversation-sharded fan-out.
+/// Carries committed changes to whoever delivers them, per conversation in order.
+pub trait Bus: Send + Sync + 'static {
+    /// Hands a committed change to the bus. Never blocks; called on the store's writer
+    /// in commit order.
+    fn publish(&self, change: Committed);
+
+    /// Resolves once every change of `conv` published before this call has been handled
+    /// by the subscriber (at once if the bus has stopped).
+    fn flush(&self, conv: &str) -> BoxFuture<'static, ()>;
+}
+
+/// What the bus delivers to: called for each change, one conversation's changes one at a
+/// time and in publish order.
+pub trait Subscriber: Send + Sync + 'static {
+    /// Handles one change.
+    fn handle(&self, change: Committed) -> BoxFuture<'_, ()>;
+
+    /// Whether the subscriber asks the bus to let other tasks run before the next change
+    /// (recipients' queues are filling; their writers must get the thread).
+    fn wants_yield(&self) -> bool {
+        false
+    }
+}
+
+/// In-process, conversation-sharded bus.
 #[derive(Debug, Clone)]
-pub struct Bus {
+pub struct LocalBus {
     shards: Arc<Vec<mpsc::UnboundedSender<Item>>>,
 }
 
@@ -34,23 +60,23 @@ enum Item {
     Flush(oneshot::Sender<()>),
 }
 
-/// The receiving ends of a [`Bus`], to be started once the store exists.
+/// The receiving ends of a [`LocalBus`], to be started once the subscriber exists.
 #[derive(Debug)]
-pub struct BusWorkers {
+pub struct LocalBusWorkers {
     receivers: Vec<mpsc::UnboundedReceiver<Item>>,
 }
 
-impl Bus {
+impl LocalBus {
     /// A bus with `shards` delivery tasks (at least one).
-    pub fn new(shards: usize) -> (Bus, BusWorkers) {
+    pub fn new(shards: usize) -> (LocalBus, LocalBusWorkers) {
         let (txs, rxs) = (0..shards.max(1))
             .map(|_| mpsc::unbounded_channel())
             .unzip();
         (
-            Bus {
+            LocalBus {
                 shards: Arc::new(txs),
             },
-            BusWorkers { receivers: rxs },
+            LocalBusWorkers { receivers: rxs },
         )
     }
 
@@ -59,9 +85,10 @@ impl Bus {
         conv.hash(&mut h);
         &self.shards[(h.finish() % self.shards.len() as u64) as usize]
     }
+}
 
-    /// Hands a committed change to its conversation's shard. Never blocks.
-    pub fn publish(&self, change: Committed) {
+impl Bus for LocalBus {
+    fn publish(&self, change: Committed) {
         if self
             .shard(change.conv())
             .send(Item::Change(change))
@@ -71,29 +98,24 @@ impl Bus {
         }
     }
 
-    /// Resolves once the shard of `conv` has handled everything published before this
-    /// call (at once if the bus has stopped).
-    pub async fn flush(&self, conv: &str) {
+    fn flush(&self, conv: &str) -> BoxFuture<'static, ()> {
         let (tx, rx) = oneshot::channel();
-        if self.shard(conv).send(Item::Flush(tx)).is_ok() {
-            let _ = rx.await;
+        let sent = self.shard(conv).send(Item::Flush(tx)).is_ok();
+        async move {
+            if sent {
+                let _ = rx.await;
+            }
         }
+        .boxed()
     }
 }
 
-impl BusWorkers {
-    /// Starts one delivery task per shard. They stop when every [`Bus`] handle is gone.
-    /// Rooms with more than `large_room` members get no `member` frames.
-    pub fn start(
-        self,
-        hub: Arc<Hub>,
-        store: Arc<dyn Store>,
-        large_room: usize,
-        tracker: &TaskTracker,
-    ) {
+impl LocalBusWorkers {
+    /// Starts one delivery task per shard. They stop when every [`LocalBus`] handle is
+    /// gone.
+    pub fn start(self, subscriber: Arc<dyn Subscriber>, tracker: &TaskTracker) {
         for mut rx in self.receivers {
-            let hub = hub.clone();
-            let store = store.clone();
+            let subscriber = subscriber.clone();
             // Unconstrained: a shard drains everything committed before it yields, so that
             // under load, delivering what is stored comes before reading more sends (with
             // the cooperative budget it would run once per round of every session task).
@@ -101,11 +123,11 @@ impl BusWorkers {
                 while let Some(item) = rx.recv().await {
                     match item {
                         Item::Change(change) => {
-                            deliver(&hub, &*store, large_room, change).await;
+                            subscriber.handle(change).await;
                             // Some recipient's queue is half full: let its writer run
                             // before pushing more (the budget is off, so only an explicit
                             // yield gives other tasks this thread).
-                            if hub.take_filling() {
+                            if subscriber.wants_yield() {
                                 tokio::task::yield_now().await;
                             }
                         }
@@ -119,90 +141,6 @@ impl BusWorkers {
     }
 }
 
-async fn deliver(hub: &Hub, store: &dyn Store, large_room: usize, change: Committed) {
-    let conv = change.conv().to_string();
-    let (frame, origin) = match change {
-        Committed::Member { conv, user, joined } => {
-            member_changed(hub, store, large_room, conv, user, joined).await;
-            return;
-        }
-        Committed::Message { message, origin } => (ServerFrame::Message(message), origin),
-        Committed::Recalled {
-            conv,
-            seq,
-            by,
-            origin,
-        } => (ServerFrame::Recalled { conv, seq, by }, origin),
-        Committed::Edited {
-            conv,
-            seq,
-            content,
-            edited_at,
-            origin,
-        } => (
-            ServerFrame::Edited {
-                conv,
-                seq,
-                content,
-                edited_at,
-            },
-            origin,
-        ),
-        Committed::Receipt {
-            conv,
-            user,
-            seq,
-            origin,
-        } => (ServerFrame::Receipt { conv, user, seq }, origin),
-    };
-    let frame = OutFrame::new(frame);
-    if let Err(e) = hub.deliver(&conv, &frame, Some(origin), None, store).await {
-        tracing::warn!(%conv, error = %e, "fan-out failed; recipients will sync");
-    }
-}
-
-/// Applies a join or leave to the room's member list and tells the other members (rooms
-/// up to `large_room` members).
-async fn member_changed(
-    hub: &Hub,
-    store: &dyn Store,
-    large_room: usize,
-    conv: String,
-    user: String,
-    joined: bool,
-) {
-    let room = match hub.apply_member(&conv, &user, joined) {
-        Some(room) => room,
-        // Not cached: loading it reads the store, which has the change.
-        None => match hub.room(&conv, store).await {
-            Ok(room) => room,
-            Err(e) => {
-                tracing::warn!(%conv, error = %e, "member change not pushed; members will sync");
-                return;
-            }
-        },
-    };
-    let quiet = if joined {
-        room.len() > large_room
-    } else {
-        room.len() >= large_room
-    };
-    if quiet {
-        return;
-    }
-    let frame = OutFrame::new(ServerFrame::Member {
-        conv: conv.clone(),
-        online: hub.online_in(&room),
-        user: user.clone(),
-        event: if joined {
-            MemberEvent::Joined
-        } else {
-            MemberEvent::Left
-        },
-    });
-    let _ = hub.deliver(&conv, &frame, None, Some(&user), store).await;
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -210,9 +148,12 @@ mod tests {
     use hubbub_protocol::{ContentType, Message};
 
     use super::*;
-    use crate::hub::Session;
+    use crate::hub::{Hub, Session};
+    use crate::members::Members;
     use crate::metrics::Metrics;
-    use crate::store::SqliteStore;
+    use crate::node::Fanout;
+    use crate::presence::LocalPresence;
+    use crate::store::{SqliteStore, Store};
 
     /// Under load, what is committed is delivered before the other tasks run again: a
     /// shard that ran one cooperative budget (128 changes) per turn fell behind a busy
@@ -227,9 +168,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(dir.path(), Arc::new(|_| {})).unwrap());
-        let (bus, workers) = Bus::new(1);
+        let (bus, workers) = LocalBus::new(1);
         let tracker = TaskTracker::new();
-        workers.start(hub.clone(), store, 1000, &tracker);
+        let members = Arc::new(Members::new(store, metrics.clone()));
+        let presence = Arc::new(LocalPresence::new(hub.clone()));
+        let fanout = Fanout::new(hub.clone(), members, presence, 1000);
+        workers.start(Arc::new(fanout), &tracker);
 
         // Fifty busy tasks stand for the sessions of a loaded server.
         let turns = Arc::new(AtomicUsize::new(0));

@@ -1,26 +1,25 @@
-//! Who is online where, and fan-out of frames to their sessions.
+//! The sessions of this node: who is connected here, and pushing frames into their
+//! queues.
 //!
-//! The hub is two concurrent maps (sharded, never locked across `.await`):
-//! - user name -> that user's live sessions (one per device);
-//! - room id -> the room's member set, loaded from the store on first use and kept up to
-//!   date by joins and leaves on this node.
+//! The hub is one concurrent map (sharded, never locked across `.await`): user name ->
+//! that user's live sessions (one per device). It knows nothing of conversations or of
+//! the store: the [`crate::node::Node`] decides who gets a frame, the hub only pushes.
 //!
 //! Pushing a frame to a session never waits: it goes into the session's bounded queue,
 //! and a session whose queue is full is closed as a slow consumer (it catches up with
 //! `sync` after reconnecting; the store has everything).
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
-use hubbub_protocol::{Conv, ServerFrame};
-use parking_lot::{Mutex, RwLock};
+use hubbub_protocol::ServerFrame;
+use parking_lot::Mutex;
 
+use crate::members::Hasher;
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
 
 /// A frame to send, encoded at most once per codec however many sessions it goes to.
 #[derive(Debug)]
@@ -357,95 +356,19 @@ impl Session {
     }
 }
 
-/// The hash of the hub's maps: a fan-out looks up every member's sessions by name, and
-/// SipHash (the default) was a visible share of its CPU. foldhash is seeded per process.
-type Hasher = foldhash::fast::RandomState;
-
-/// A room's members, as cached by the hub.
-///
-/// The list changes only through [`Hub::apply_member`], called with the store's
-/// announcements in commit order (by the bus shard that also delivers the room's
-/// messages), so it agrees with the store at every message. Loading it from the store
-/// races with those announcements: changes announced while the load runs are kept in a
-/// log and replayed over the loaded list. Each change sets one user's membership, so
-/// replaying one that the loaded list already reflects changes nothing.
-#[derive(Debug, Default)]
-pub struct Room {
-    loaded: tokio::sync::OnceCell<()>,
-    state: RwLock<RoomState>,
-    /// When the room was last used (ms since the hub started), for eviction.
-    used: AtomicU64,
-}
-
-#[derive(Debug, Default)]
-struct RoomState {
-    members: HashSet<Arc<str>, Hasher>,
-    ready: bool,
-    /// Changes announced before the load finished, in commit order.
-    log: Vec<(Arc<str>, bool)>,
-}
-
-impl Room {
-    pub fn contains(&self, user: &str) -> bool {
-        self.state.read().members.contains(user)
-    }
-
-    pub fn len(&self) -> usize {
-        self.state.read().members.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// A copy of the member list.
-    pub fn members(&self) -> Vec<Arc<str>> {
-        self.state.read().members.iter().cloned().collect()
-    }
-
-    fn apply(&self, user: &str, joined: bool) {
-        let mut st = self.state.write();
-        if !st.ready {
-            st.log.push((Arc::from(user), joined));
-        } else if joined {
-            st.members.insert(Arc::from(user));
-        } else {
-            st.members.remove(user);
-        }
-    }
-
-    fn set_loaded(&self, members: Vec<String>) {
-        let mut st = self.state.write();
-        st.members = members.into_iter().map(Arc::from).collect();
-        for (user, joined) in std::mem::take(&mut st.log) {
-            if joined {
-                st.members.insert(user);
-            } else {
-                st.members.remove(&user);
-            }
-        }
-        st.ready = true;
-    }
-}
-
 /// Result of registering a session.
 #[derive(Debug)]
 pub struct Registered {
-    /// This is the user's only session now (it just came online).
+    /// This is the user's only session on this node now.
     pub first: bool,
-    /// The session for the same device that this one replaced.
-    pub replaced: Option<SessionHandle>,
 }
 
-/// Online sessions and room membership caches.
+/// The sessions of this node.
 #[derive(Debug)]
 pub struct Hub {
     users: DashMap<Arc<str>, Vec<SessionHandle>, Hasher>,
-    rooms: DashMap<String, Arc<Room>, Hasher>,
     next_session: AtomicU64,
     metrics: Metrics,
-    /// The hub's clock for room eviction.
-    started: std::time::Instant,
     /// A push found a queue half full since [`Hub::take_filling`] was last called.
     filling: AtomicBool,
 }
@@ -454,10 +377,8 @@ impl Hub {
     pub fn new(metrics: Metrics) -> Hub {
         Hub {
             users: DashMap::default(),
-            rooms: DashMap::default(),
             next_session: AtomicU64::new(1),
             metrics,
-            started: std::time::Instant::now(),
             filling: AtomicBool::new(false),
         }
     }
@@ -492,7 +413,7 @@ impl Hub {
                 reason: "replaced".into(),
             }));
         }
-        Registered { first, replaced }
+        Registered { first }
     }
 
     /// Removes a session (if it is still registered). Returns true when it was the
@@ -534,124 +455,6 @@ impl Hub {
         }
         self.metrics.deliveries.inc_by(n as u64);
         n
-    }
-
-    /// The cached room `conv`, loading its members from the store on first use. A room
-    /// without members (one that does not exist) is not kept: lookups of unknown rooms
-    /// leave nothing behind.
-    pub async fn room(&self, conv: &str, store: &dyn Store) -> Result<Arc<Room>, StoreError> {
-        let room = match self.rooms.get(conv) {
-            Some(r) => r.clone(),
-            None => {
-                let entry = self.rooms.entry(conv.to_string());
-                let room = entry.or_default().clone();
-                self.metrics.rooms_cached.set(self.rooms.len() as i64);
-                room
-            }
-        };
-        room.used.store(self.clock_ms(), Ordering::Relaxed);
-        let loaded = room
-            .loaded
-            .get_or_try_init(|| async {
-                let members = store.members(conv).await?;
-                room.set_loaded(members);
-                Ok::<(), StoreError>(())
-            })
-            .await;
-        if loaded.is_err() || room.is_empty() {
-            self.forget_room(conv, &room);
-        }
-        loaded?;
-        Ok(room)
-    }
-
-    /// Drops `room` from the cache if it is still the cached one and has no members (or
-    /// failed to load). Always safe: the next use loads it again from the store.
-    fn forget_room(&self, conv: &str, room: &Arc<Room>) {
-        let removed = self
-            .rooms
-            .remove_if(conv, |_, r| {
-                Arc::ptr_eq(r, room) && (r.loaded.get().is_none() || r.is_empty())
-            })
-            .is_some();
-        if removed {
-            self.metrics.rooms_cached.set(self.rooms.len() as i64);
-        }
-    }
-
-    /// Applies a membership change the store announced, in commit order (the bus shard
-    /// of the room calls this between the room's deliveries). A room that is not cached
-    /// is left alone: whoever loads it later reads the store, which has the change.
-    pub fn apply_member(&self, conv: &str, user: &str, joined: bool) -> Option<Arc<Room>> {
-        let room = self.rooms.get(conv)?.clone();
-        room.apply(user, joined);
-        Some(room)
-    }
-
-    /// Drops cached rooms not used for `idle_ms` that have no member online. Returns how
-    /// many were dropped.
-    pub fn evict_idle_rooms(&self, idle_ms: u64) -> usize {
-        let now = self.clock_ms();
-        let before = self.rooms.len();
-        self.rooms.retain(|_, room| {
-            let idle = now.saturating_sub(room.used.load(Ordering::Relaxed)) >= idle_ms;
-            !idle || self.online_in(room) > 0
-        });
-        let after = self.rooms.len();
-        self.metrics.rooms_cached.set(after as i64);
-        before - after
-    }
-
-    /// Number of rooms cached now.
-    pub fn rooms_cached(&self) -> usize {
-        self.rooms.len()
-    }
-
-    fn clock_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    /// Distinct online users among a room's members.
-    pub fn online_in(&self, room: &Room) -> u64 {
-        room.state
-            .read()
-            .members
-            .iter()
-            .filter(|u| self.users.contains_key(&***u))
-            .count() as u64
-    }
-
-    /// Pushes a frame to every member session of a conversation, except the session
-    /// `except`; with `skip_user`, none of that user's sessions get it.
-    pub async fn deliver(
-        &self,
-        conv: &str,
-        frame: &Arc<OutFrame>,
-        except: Option<u64>,
-        skip_user: Option<&str>,
-        store: &dyn Store,
-    ) -> Result<usize, StoreError> {
-        let mut n = 0;
-        match Conv::parse(conv) {
-            Ok(Conv::Dm(a, b)) => {
-                for u in [a, b] {
-                    if Some(u) != skip_user {
-                        n += self.send_to_user(u, frame, except);
-                    }
-                }
-            }
-            Ok(Conv::Room(_)) => {
-                let room = self.room(conv, store).await?;
-                let st = room.state.read();
-                for u in st.members.iter() {
-                    if Some(&**u) != skip_user {
-                        n += self.send_to_user(u, frame, except);
-                    }
-                }
-            }
-            Err(_) => {}
-        }
-        Ok(n)
     }
 
     /// Whether a push found a queue half full since the last call (and resets it). A
@@ -767,8 +570,7 @@ mod tests {
         hub.register(&old);
         assert!(old.push(&text(10)) && old.push(&text(10)));
         let (new, _rx2) = session(2, 2, 1024 * 1024);
-        let r = hub.register(&new);
-        assert_eq!(r.replaced.map(|s| s.id), Some(1));
+        hub.register(&new);
         assert_eq!(old.close_reason(), Some(CloseReason::REPLACED));
         assert_eq!(new.close_reason(), None);
     }

@@ -5,15 +5,18 @@
 //! # Layout
 //!
 //! - [`config`]: typed configuration (defaults < file < `HUBBUB_*` env < flags).
+//! - [`node`]: what each chat operation means (send, join, sync, recall, signal...) and
+//!   who may do it; the gateway and the HTTP API both call it.
 //! - [`gateway`]: `GET /ws` upgrade (credential, origin, subprotocol checks) and one
-//!   session per connection: reader (decode, authorize, act) and writer (queue, pings).
-//! - [`hub`]: who is online where; room member caches; pushing frames into session queues.
-//! - [`bus`]: fan-out of committed changes, sharded by conversation to keep `seq` order.
-//! - [`store`]: the [`store::Store`] trait, the SQLite implementation (group commit) and
-//!   the shared conformance suite.
+//!   session per connection: read, decode, call the node, answer in order, write.
 //! - [`api`]: HTTP routes and the JSON error body.
-//! - [`auth`]: the credential seam (tokens, guest names), password hashing and its
-//!   limits, the login throttle.
+//! - The seams the node plugs into: [`store`] (the [`store::Store`] trait, the SQLite
+//!   implementation with group commit), [`bus`] (the [`bus::Bus`] trait; the in-process
+//!   sharded bus), [`presence`] (the [`presence::Presence`] trait; this node's sessions).
+//! - [`hub`]: this node's sessions and their queues; [`members`]: cached room member
+//!   lists.
+//! - [`auth`]: credentials (tokens, guest names), password hashing and its limits, the
+//!   login throttle; [`access`]: admitting guests under names no account has.
 //! - `serve`: the accept loop (HTTP timeouts, connection caps); [`host`]: the `Host`
 //!   check against DNS rebinding.
 
@@ -33,7 +36,10 @@ pub mod config;
 pub mod gateway;
 pub mod host;
 pub mod hub;
+pub mod members;
 pub mod metrics;
+pub mod node;
+pub mod presence;
 mod serve;
 pub mod store;
 pub mod web;
@@ -41,9 +47,11 @@ pub mod web;
 pub use config::Config;
 
 use crate::auth::Authenticator;
-use crate::bus::Bus;
+use crate::bus::{Bus, LocalBus};
 use crate::hub::{CloseReason, Hub};
 use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::presence::LocalPresence;
 use crate::store::{CommitHook, SqliteStore, Store};
 
 /// How long shutdown waits for sessions to close before flushing the store anyway.
@@ -56,17 +64,15 @@ const ROOM_IDLE: Duration = Duration::from_secs(300);
 /// Shared state of a running server.
 pub struct AppState {
     pub config: Config,
+    /// What chat operations mean; the gateway and the HTTP API call it.
+    pub node: Arc<Node>,
+    /// The store, for what is not chat (accounts, files, health).
     pub store: Arc<dyn Store>,
-    pub hub: Arc<Hub>,
-    /// Fan-out of committed changes; [`Bus::flush`] waits for a conversation's shard.
-    pub bus: Bus,
     pub auth: Authenticator,
     /// Cancelled when shutdown begins.
     pub shutdown: CancellationToken,
     /// Tracks every session task.
     pub sessions: TaskTracker,
-    /// Accounts known to exist.
-    pub known_users: dashmap::DashSet<String>,
     /// Failed-login bookkeeping.
     pub logins: auth::LoginThrottle,
     /// Guest names known to be recorded in the store (a cache; cleared when it grows large).
@@ -82,10 +88,6 @@ pub struct AppState {
     pub file_passes: api::files::FilePasses,
     /// Upload rates per user and per address.
     pub uploads: api::files::UploadLimits,
-    /// Room creation, per address and in total.
-    pub room_creation: gateway::RoomCreation,
-    /// The byte budget of `signal`s per (sender, recipient).
-    pub signal_budget: gateway::SignalBudget,
 }
 
 /// Serves on `listener` until `shutdown` resolves; then stops accepting, closes every
@@ -97,7 +99,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-    let (bus, workers) = Bus::new(shards);
+    let (bus, workers) = LocalBus::new(shards);
     let hook: CommitHook = {
         let bus = bus.clone();
         Arc::new(move |change| bus.publish(change))
@@ -110,19 +112,27 @@ pub async fn run(
         std::time::Duration::from_millis(config.store_busy_timeout_ms),
     )?);
     let hub = Arc::new(Hub::new(metrics.clone()));
+    let node = Arc::new(Node::new(
+        &config,
+        store.clone(),
+        Arc::new(bus) as Arc<dyn Bus>,
+        Arc::new(LocalPresence::new(hub.clone())),
+        hub.clone(),
+        &metrics,
+    ));
     let background = TaskTracker::new();
     let background_stop = CancellationToken::new();
-    workers.start(hub.clone(), store.clone(), config.large_room, &background);
+    workers.start(node.fanout(), &background);
     {
         // Cached member lists of rooms nobody online uses go after a while.
-        let hub = hub.clone();
+        let node = node.clone();
         let stop = background_stop.clone();
         background.spawn(async move {
             let mut tick = tokio::time::interval(ROOM_SWEEP);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        hub.evict_idle_rooms(ROOM_IDLE.as_millis() as u64);
+                        node.evict_idle_rooms(ROOM_IDLE.as_millis() as u64);
                     }
                     _ = stop.cancelled() => break,
                 }
@@ -142,31 +152,21 @@ pub async fn run(
     let file_passes = api::files::FilePasses::from_config(&config)?;
     let uploads =
         api::files::UploadLimits::new(config.uploads_per_minute, config.uploads_per_minute_per_ip);
-    let room_creation = gateway::RoomCreation::new(
-        config.room_create_per_ip_per_min,
-        config.room_create_per_min,
-    );
-    let signal_budget =
-        gateway::SignalBudget::new(config.signal_bytes_per_sec, config.signal_burst_bytes);
     let state = Arc::new(AppState {
         config,
+        node,
         store: store.clone(),
-        hub: hub.clone(),
-        bus,
         auth,
         shutdown: CancellationToken::new(),
         sessions: TaskTracker::new(),
-        known_users: dashmap::DashSet::new(),
         logins: auth::LoginThrottle::default(),
         guest_names: dashmap::DashSet::new(),
         hashing,
         auth_rate,
         metrics,
-        room_creation,
         conn_limiter,
         file_passes,
         uploads,
-        signal_budget,
     });
     // Deletes old unshared uploads until shutdown begins.
     let collector = tokio::spawn(api::files::run_collector(state.clone()));

@@ -161,7 +161,11 @@ async fn serve_connection(
 /// Writes the refusal (the socket is fresh: its send buffer takes it without waiting)
 /// and closes the connection.
 fn refuse(stream: &TcpStream, refusal: &ApiError) {
-    let body = serde_json::json!({"code": refusal.code, "message": refusal.message}).to_string();
+    let body = serde_json::to_string(&crate::api::docs::ErrorBody {
+        code: refusal.code,
+        message: refusal.message.clone(),
+    })
+    .unwrap_or_default();
     let status = refusal.status;
     let response = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\

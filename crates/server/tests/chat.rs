@@ -686,7 +686,7 @@ async fn several_requests_in_one_frame_are_all_answered() {
             .await
             .unwrap()
         {
-            ServerFrame::Ok { body, .. } => seqs.push(body["seq"].as_u64().unwrap()),
+            ServerFrame::Ok { body, .. } => seqs.push(body.into_fields()["seq"].as_u64().unwrap()),
             _ => unreachable!(),
         }
     }
@@ -722,12 +722,54 @@ async fn more_sends_than_the_pipeline_holds_are_all_answered_promptly() {
             .await
             .unwrap()
         {
-            ServerFrame::Ok { body, .. } => assert_eq!(body["seq"], i, "answers in order"),
+            ServerFrame::Ok { body, .. } => {
+                assert_eq!(body.into_fields()["seq"], i, "answers in order")
+            }
             _ => unreachable!(),
         }
     }
     // Far below the heartbeat (25 s), the only other timer that would wake the session.
     assert!(started.elapsed() < WAIT, "took {:?}", started.elapsed());
+}
+
+/// Every answer leaves in request order, errors for undecodable frames included: the
+/// `error`s of two bad frames sent after twenty pipelined sends come after the twenty
+/// `ok`s (they used to overtake them).
+#[tokio::test]
+async fn errors_for_bad_frames_never_overtake_the_answers_before_them() {
+    let server = TestServer::with(|c| (c.send_burst, c.frame_burst) = (1000, 1000)).await;
+    let mut alice = server.connect("alice").await;
+    alice.join("order").await.unwrap();
+    for round in 0..5 {
+        let mut lines: Vec<String> = (1..=20)
+            .map(|i| format!(r#"{{"type":"send","id":"r{round}s{i}","conv":"room:order","client_msg_id":"o{round}-{i}","content_type":"text","content":"{i}"}}"#))
+            .collect();
+        lines.push("{not json".into());
+        lines.push(format!(
+            r#"{{"type":"no_such_request","id":"r{round}bad"}}"#
+        ));
+        alice.send_raw(lines.join("\n")).await.unwrap();
+        let mut answers = Vec::new();
+        for _ in 0..22 {
+            let f = alice
+                .wait_for(WAIT, |f| {
+                    matches!(f, ServerFrame::Ok { .. } | ServerFrame::Error { .. })
+                })
+                .await
+                .expect("an answer");
+            answers.push(match f {
+                ServerFrame::Ok { id, .. } => format!("ok {}", id.unwrap().as_str().unwrap()),
+                ServerFrame::Error { id, .. } => {
+                    format!("error {}", id.map_or("-".into(), |i| i.to_string()))
+                }
+                _ => unreachable!(),
+            });
+        }
+        let mut want: Vec<String> = (1..=20).map(|i| format!("ok r{round}s{i}")).collect();
+        want.push("error -".into());
+        want.push(format!("error \"r{round}bad\""));
+        assert_eq!(answers, want, "round {round}");
+    }
 }
 
 #[tokio::test]

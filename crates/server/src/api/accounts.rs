@@ -9,8 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hubbub_protocol::{is_valid_user_name, ErrorCode};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{ApiError, JsonBody};
@@ -47,7 +46,7 @@ fn busy(e: HashBusy) -> ApiError {
 
 /// Create an account.
 #[utoipa::path(post, path = "/api/register", request_body = Credentials, responses(
-    (status = 201, description = "created: {\"user\"}"),
+    (status = 201, description = "the account was created", body = Registered),
     (status = 400, description = "invalid name or password", body = super::docs::ErrorBody),
     (status = 409, description = "the name is taken, too similar to a taken name, or used by a guest", body = super::docs::ErrorBody),
     (status = 429, description = "too many requests from this address (Retry-After)", body = super::docs::ErrorBody),
@@ -73,14 +72,33 @@ pub async fn register(
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
     state.store.create_user(&body.username, &hash).await?;
-    state.known_users.insert(body.username.clone());
+    state.node.account_created(&body.username);
     tracing::info!(user = %body.username, "account created");
-    Ok((StatusCode::CREATED, Json(json!({"user": body.username}))).into_response())
+    let created = Registered {
+        user: body.username,
+    };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+/// The answer to `POST /api/register`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Registered {
+    /// The new account's name.
+    pub user: String,
+}
+
+/// The answer to `POST /api/login`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoggedIn {
+    /// A signed token: `Authorization: Bearer <token>` (or `?token=` on the WebSocket).
+    pub token: String,
+    /// When it expires (Unix ms).
+    pub expires_at: i64,
 }
 
 /// Log in: a signed token for the WebSocket and the HTTP API.
 #[utoipa::path(post, path = "/api/login", request_body = Credentials, responses(
-    (status = 200, description = "{\"token\",\"expires_at\"} (expires_at in Unix ms)"),
+    (status = 200, description = "a token", body = LoggedIn),
     (status = 401, description = "bad credentials", body = super::docs::ErrorBody),
     (status = 429, description = "too many requests or failed attempts for this account or address (Retry-After)", body = super::docs::ErrorBody),
     (status = 503, description = "too many passwords being checked (Retry-After)", body = super::docs::ErrorBody),
@@ -139,7 +157,7 @@ pub async fn login(
         .tokens()
         .issue(&body.username, None)
         .map_err(ApiError::internal)?;
-    Ok(Json(json!({"token": token, "expires_at": expires_at})).into_response())
+    Ok(Json(LoggedIn { token, expires_at }).into_response())
 }
 
 /// An argon2id hash of a random password, checked when the account does not exist.

@@ -5,13 +5,11 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use hubbub_protocol::{ErrorCode, ServerFrame};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use hubbub_protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{ApiError, Caller, JsonBody};
-use crate::hub::OutFrame;
 use crate::AppState;
 
 /// An announcement.
@@ -20,9 +18,16 @@ pub struct Broadcast {
     pub text: String,
 }
 
+/// The answer to a broadcast.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Broadcasted {
+    /// Sessions reached.
+    pub delivered: usize,
+}
+
 /// Send a server-wide announcement (admins only: users named in `--admins`, by token).
 #[utoipa::path(post, path = "/api/admin/broadcast", request_body = Broadcast, responses(
-    (status = 200, description = "{\"delivered\": sessions reached}"),
+    (status = 200, description = "sent", body = Broadcasted),
     (status = 400, description = "empty text", body = super::docs::ErrorBody),
     (status = 403, description = "not an admin", body = super::docs::ErrorBody),
     (status = 413, description = "text over the limit", body = super::docs::ErrorBody),
@@ -31,7 +36,7 @@ pub async fn broadcast(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
     JsonBody(body): JsonBody<Broadcast>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Broadcasted>, ApiError> {
     if !caller.admin || caller.guest {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -49,11 +54,7 @@ pub async fn broadcast(
             format!("text is over {} bytes", state.config.max_text_bytes),
         ));
     }
-    let frame = OutFrame::new(ServerFrame::Notice {
-        text: body.text,
-        from: caller.user.clone(),
-    });
-    let delivered = state.hub.broadcast(&frame);
+    let delivered = state.node.broadcast(&caller.user, body.text);
     tracing::info!(admin = %caller.user, delivered, "broadcast");
-    Ok(Json(json!({"delivered": delivered})))
+    Ok(Json(Broadcasted { delivered }))
 }

@@ -9,7 +9,8 @@ use utoipa::{Modify, OpenApi, ToSchema};
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// A stable code from PROTOCOL.md (`bad_request`, `unauthorized`, ...).
-    pub code: String,
+    #[schema(value_type = String)]
+    pub code: hubbub_protocol::ErrorCode,
     /// A human-readable explanation.
     pub message: String,
 }

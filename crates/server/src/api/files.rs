@@ -31,7 +31,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hubbub_protocol::ErrorCode;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+
 use tokio::io::AsyncWriteExt;
 
 use super::{ApiError, Caller};
@@ -260,7 +260,7 @@ fn too_large(limit: usize) -> ApiError {
 /// Upload an attachment (multipart field `file`); use the returned object as the
 /// content of an `image`/`file`/`audio`/`video` message.
 #[utoipa::path(post, path = "/api/files", request_body(content_type = "multipart/form-data", description = "field `file`"), responses(
-    (status = 201, description = "{\"url\",\"name\",\"size\",\"mime\"}"),
+    (status = 201, description = "stored: the content of an attachment message", body = Uploaded),
     (status = 400, description = "no `file` field or a malformed body", body = super::docs::ErrorBody),
     (status = 401, description = "no valid credential", body = super::docs::ErrorBody),
     (status = 413, description = "over the upload limit or the caller's storage quota", body = super::docs::ErrorBody),
@@ -359,7 +359,12 @@ pub async fn upload(
         let url = format!("/files/{id}/{name}");
         return Ok((
             StatusCode::CREATED,
-            Json(json!({"url": url, "name": name, "size": size, "mime": mime})),
+            Json(Uploaded {
+                url,
+                name,
+                size,
+                mime,
+            }),
         )
             .into_response());
     }
@@ -445,11 +450,29 @@ fn over_https(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
 }
 
+/// The answer to an upload: the content of an attachment message.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Uploaded {
+    /// `/files/<id>/<name>`.
+    pub url: String,
+    pub name: String,
+    /// Bytes.
+    pub size: usize,
+    pub mime: String,
+}
+
+/// The answer to `POST /api/files/pass`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PassIssued {
+    /// When the pass expires (Unix ms).
+    pub expires_at: i64,
+}
+
 /// Get a file pass: a cookie (`Path=/files/`, `HttpOnly`, `SameSite=Strict`) that lets
 /// this browser download the files the caller may read, for `file_pass_ttl_secs` (never
 /// past the caller's token). Browsers use it instead of putting a credential in file URLs.
 #[utoipa::path(post, path = "/api/files/pass", responses(
-    (status = 200, description = "{\"expires_at\"} (Unix ms); the pass is in `Set-Cookie`"),
+    (status = 200, description = "the pass is in `Set-Cookie`", body = PassIssued),
     (status = 401, description = "no valid credential", body = super::docs::ErrorBody),
 ), security(("bearer" = [])))]
 pub async fn pass(
@@ -466,7 +489,7 @@ pub async fn pass(
     let cookie = format!(
         "{PASS_COOKIE}={pass}; Path=/files/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"
     );
-    let mut resp = Json(json!({"expires_at": expires_at})).into_response();
+    let mut resp = Json(PassIssued { expires_at }).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::SET_COOKIE,

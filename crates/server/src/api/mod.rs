@@ -127,7 +127,10 @@ impl IntoResponse for ApiError {
         };
         let mut res = (
             self.status,
-            Json(json!({"code": self.code, "message": message})),
+            Json(docs::ErrorBody {
+                code: self.code,
+                message,
+            }),
         )
             .into_response();
         if let Some(secs) = self.retry_after {

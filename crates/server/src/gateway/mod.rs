@@ -21,7 +21,7 @@ mod handler;
 mod limits;
 pub mod session;
 
-pub use limits::{ConnLimiter, RoomCreation, SignalBudget};
+pub use limits::ConnLimiter;
 
 pub use session::Codec;
 

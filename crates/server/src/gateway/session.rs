@@ -28,10 +28,10 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use bytes::BytesMut;
 use futures_util::stream::StreamExt;
 use futures_util::{Sink, SinkExt, Stream};
-use hubbub_protocol::{ProtoError, ServerFrame};
+use hubbub_protocol::ServerFrame;
 use tokio::time::{Instant, Sleep};
 
-use super::handler::{Conn, Pending};
+use super::handler::{Answers, Conn};
 use super::limits::ConnPermit;
 use crate::auth::Identity;
 use crate::hub::{CloseReason, OutFrame, Session, SessionHandle};
@@ -83,13 +83,13 @@ pub(crate) fn run(conn: Upgraded, state: Arc<AppState>) -> impl Future<Output = 
     // channel allocates a block of them up front).
     let (tx, rx) = flume::bounded(cfg.queue_frames);
     let session = Session::with_queue(
-        state.hub.next_session_id(),
+        state.node.hub().next_session_id(),
         Arc::from(identity.user.as_str()),
         Arc::from(device.as_str()),
         tx,
         cfg.queue_bytes,
         codec == Codec::Protobuf,
-        state.hub.metrics(),
+        state.node.hub().metrics(),
     );
     let welcome = ServerFrame::Welcome {
         user: identity.user.clone(),
@@ -102,7 +102,7 @@ pub(crate) fn run(conn: Upgraded, state: Arc<AppState>) -> impl Future<Output = 
     // The welcome goes into the queue before the session is visible to anyone, so it is
     // always the first frame.
     session.push(&OutFrame::new(welcome));
-    let first = state.hub.register(&session).first;
+    let first = state.node.session_opened(&session);
     if state.shutdown.is_cancelled() {
         session.close(CloseReason::SHUTDOWN);
     }
@@ -117,7 +117,7 @@ pub(crate) fn run(conn: Upgraded, state: Arc<AppState>) -> impl Future<Output = 
     let parts = Box::new(Parts {
         io,
         conn: Conn::new(state, session.clone(), identity, peer),
-        pending: Pending::default(),
+        answers: Answers::default(),
         permit,
     });
     serve(parts, session, first)
@@ -128,7 +128,8 @@ pub(crate) fn run(conn: Upgraded, state: Arc<AppState>) -> impl Future<Output = 
 struct Parts {
     io: Io,
     conn: Conn,
-    pending: Pending,
+    /// Answers to the peer's requests, in request order.
+    answers: Answers,
     /// Its place in the connection limits, freed when the session ends.
     permit: ConnPermit,
 }
@@ -137,7 +138,7 @@ async fn serve(mut parts: Box<Parts>, session: SessionHandle, first: bool) {
     tracing::Span::current().record("session", session.public_id());
     tracing::debug!("session open");
     let Parts {
-        io, conn, pending, ..
+        io, conn, answers, ..
     } = &mut *parts;
     // Request handlers are boxed while they run: inlined, their largest state would be
     // part of every idle connection's future (kilobytes each).
@@ -146,13 +147,13 @@ async fn serve(mut parts: Box<Parts>, session: SessionHandle, first: bool) {
     }
     let max_inflight = conn.state().config.max_inflight_sends;
     let peer_open = loop {
-        let event = poll_fn(|cx| io.poll_event(cx, &session, pending, max_inflight)).await;
+        let event = poll_fn(|cx| io.poll_event(cx, &session, answers, max_inflight)).await;
         let stop = match event {
             Event::Closing => break true,
             Event::Stop(stop) => Some(stop),
             Event::Answer(answer) => io.drive(Box::pin(session.reply_frame(answer))).await.err(),
             // Boxed: a frame's handling holds more state than an idle session should.
-            Event::Frame(msg) => Box::pin(io.handle_frame(conn, msg, pending)).await.err(),
+            Event::Frame(msg) => Box::pin(io.handle_frame(conn, msg, answers)).await.err(),
             Event::PeerClosed => break false,
             Event::ReadError(e) => {
                 // tungstenite reports a broken frame without answering it: the close
@@ -181,9 +182,9 @@ async fn serve(mut parts: Box<Parts>, session: SessionHandle, first: bool) {
         }
     };
     // Runs once, at the end, so boxed: inlined it would widen every idle connection.
-    let pending = std::mem::take(pending);
-    Box::pin(io.finish(&session, pending, peer_open)).await;
-    if conn.state().hub.unregister(&session) {
+    let answers = std::mem::take(answers);
+    Box::pin(io.finish(&session, answers, peer_open)).await;
+    if conn.state().node.session_closed(&session) {
         Box::pin(conn.announce_presence(false)).await;
     }
     tracing::debug!(user = %session.user, session = session.id, reason = ?session.close_reason(), "session closed");
@@ -199,7 +200,7 @@ enum Event {
     Closing,
     /// The writing side gave up.
     Stop(Stop),
-    /// The answer to the oldest pipelined `send`, for which the queue has no room yet.
+    /// The oldest answer, for which the queue has no room yet.
     Answer(Arc<OutFrame>),
     /// A frame from the peer.
     Frame(WsMessage),
@@ -281,17 +282,18 @@ impl Io {
             unanswered: None,
             state: state.clone(),
             codec,
-            frames_out: state.hub.metrics().frames_out.clone(),
+            frames_out: state.node.hub().metrics().frames_out.clone(),
         }
     }
 
     /// Waits for the next thing the session must act on, writing meanwhile. Reads a
-    /// frame only while fewer than `max_inflight` sends await their commit.
+    /// frame only while fewer than `max_inflight` answers (mostly sends awaiting their
+    /// commit) are queued.
     fn poll_event(
         &mut self,
         cx: &mut Context<'_>,
         session: &Session,
-        pending: &mut Pending,
+        answers: &mut Answers,
         max_inflight: usize,
     ) -> Poll<Event> {
         if session.poll_closing(cx) {
@@ -299,8 +301,8 @@ impl Io {
         }
         // Answers first, so that the `ok`s of one commit go out in the same frame as the
         // messages that commit delivered to this session (one write instead of two).
-        while !pending.is_empty() {
-            let Poll::Ready(Some(answer)) = pending.poll_next_unpin(cx) else {
+        while !answers.is_empty() {
+            let Poll::Ready(Some(answer)) = answers.poll_next_unpin(cx) else {
                 break;
             };
             if let Err(answer) = session.try_reply(OutFrame::new(answer)) {
@@ -312,7 +314,7 @@ impl Io {
             return Poll::Ready(Event::Stop(stop));
         }
         // After the answers above: they made room in the pipeline.
-        if pending.len() < max_inflight {
+        if answers.len() < max_inflight {
             match Pin::new(&mut self.ws).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
                     self.last_seen = Instant::now();
@@ -358,20 +360,20 @@ impl Io {
         &mut self,
         conn: &mut Conn,
         msg: WsMessage,
-        pending: &mut Pending,
+        answers: &mut Answers,
     ) -> Result<(), Stop> {
         match msg {
             WsMessage::Text(text) if self.codec == Codec::Json => {
                 for line in hubbub_protocol::split_frames(text.as_str()) {
-                    conn.state().hub.metrics().frames_in.inc();
-                    self.drive(Box::pin(conn.handle_line(line, pending)))
+                    conn.state().node.hub().metrics().frames_in.inc();
+                    self.drive(Box::pin(conn.handle_line(line, answers)))
                         .await?;
                 }
             }
             WsMessage::Binary(bytes) if self.codec == Codec::Protobuf => {
-                conn.state().hub.metrics().frames_in.inc();
+                conn.state().node.hub().metrics().frames_in.inc();
                 let decoded = hubbub_protocol::pb::decode_client(&bytes);
-                self.drive(Box::pin(conn.handle(decoded, pending))).await?;
+                self.drive(Box::pin(conn.handle(decoded, answers))).await?;
             }
             WsMessage::Text(_) | WsMessage::Binary(_) => {
                 let message = match self.codec {
@@ -380,9 +382,7 @@ impl Io {
                         "text frames are not part of hubbub.v1.pb; send binary protobuf frames"
                     }
                 };
-                let error = ServerFrame::error(None, ProtoError::bad_request(message));
-                let session = conn.session().clone();
-                self.drive(Box::pin(session.reply(error))).await?;
+                conn.wrong_frame_kind(message, answers);
             }
             // Pings are answered by tungstenite, but they cost as much as any frame: they
             // count against the frame rate limit like the rest.
@@ -497,18 +497,18 @@ impl Io {
     /// The end of a session: answers the sends already handed to the store (when the
     /// peer closed), writes what is queued when the close reason allows, sends the close
     /// frame and lets the peer finish its side of the close.
-    async fn finish(&mut self, session: &Session, mut pending: Pending, peer_open: bool) {
+    async fn finish(&mut self, session: &Session, mut answers: Answers, peer_open: bool) {
         // The peer closed: the sends it made are stored; queue their answers (they are
         // written below if the peer still reads).
         if session.close_reason().is_none() {
-            while let Some(answer) = pending.next().await {
+            while let Some(answer) = answers.next().await {
                 let queued = session.try_reply(OutFrame::new(answer)).is_ok();
                 if session.close_reason().is_some() || !queued {
                     break;
                 }
             }
         }
-        drop(pending);
+        drop(answers);
         let reason = session.close_reason().unwrap_or(CloseReason::NORMAL);
         session.close(reason.clone());
         if reason == CloseReason::DEAD {

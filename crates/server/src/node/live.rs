@@ -1,0 +1,197 @@
+//! What is live and never stored: sessions coming and going (with presence), typing,
+//! presence queries, call signals, and server-wide announcements.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use hubbub_protocol::reply::PresenceOk;
+use hubbub_protocol::{is_valid_user_name, Conv, ErrorCode, ProtoError, ServerFrame, SignalKind};
+use serde_json::Value;
+
+use super::{Actor, Node};
+use crate::hub::{OutFrame, SessionHandle};
+
+/// Most user names in one `presence` query.
+const MAX_PRESENCE_QUERY: usize = 256;
+/// Longest `call_id`, in bytes.
+const MAX_CALL_ID: usize = 128;
+
+/// A `signal` request.
+#[derive(Debug, Clone)]
+pub struct SignalRequest {
+    pub to: String,
+    pub call_id: String,
+    pub kind: SignalKind,
+    pub data: Value,
+}
+
+impl Node {
+    /// Adds a session to this node. Another live session of the same user and device is
+    /// replaced: it gets `kicked` and is closed with 4001. Returns whether the user just
+    /// came online (then call [`Node::announce_presence`]).
+    pub fn session_opened(&self, session: &SessionHandle) -> bool {
+        let first_here = self.hub.register(session).first;
+        self.presence.opened(&session.user, first_here)
+    }
+
+    /// Removes a session. Returns whether the user just went offline (then call
+    /// [`Node::announce_presence`]).
+    pub fn session_closed(&self, session: &SessionHandle) -> bool {
+        let last_here = self.hub.unregister(session);
+        self.presence.closed(&session.user, last_here)
+    }
+
+    /// Tells users who share a conversation with `user` that it came online or went
+    /// offline. Members of large rooms are not told.
+    pub async fn announce_presence(&self, user: &str, online: bool) {
+        let convs = match self.store.memberships(user).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "presence: cannot list conversations");
+                return;
+            }
+        };
+        let mut notify: HashSet<Arc<str>> = HashSet::new();
+        for c in convs {
+            match Conv::parse(&c.conv) {
+                Ok(dm @ Conv::Dm(..)) => {
+                    if let Some(peer) = dm.dm_peer(user) {
+                        notify.insert(Arc::from(peer));
+                    }
+                }
+                Ok(Conv::Room(_)) => {
+                    if let Ok(room) = self.members.room(&c.conv).await {
+                        if room.len() <= self.limits.large_room {
+                            notify.extend(room.members());
+                        }
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        notify.remove(user);
+        let frame = OutFrame::new(ServerFrame::Presence {
+            user: user.to_string(),
+            online,
+        });
+        for u in notify {
+            self.hub.send_to_user(&u, &frame, None);
+        }
+    }
+
+    /// Who of `users` is online.
+    pub fn presence(&self, users: &[String]) -> Result<PresenceOk, ProtoError> {
+        if users.len() > MAX_PRESENCE_QUERY {
+            return Err(ProtoError::bad_request(format!(
+                "at most {MAX_PRESENCE_QUERY} users per presence query"
+            )));
+        }
+        let online: BTreeMap<String, bool> = users
+            .iter()
+            .map(|u| (u.clone(), self.presence.is_online(u)))
+            .collect();
+        Ok(PresenceOk { online })
+    }
+
+    /// Tells the others in `conv` that the user is typing (not in large rooms).
+    pub async fn typing(&self, actor: Actor<'_>, conv: &str) -> Result<(), ProtoError> {
+        self.authorize(actor.user, conv).await?;
+        if let Ok(Conv::Room(_)) = Conv::parse(conv) {
+            if self.room(conv).await?.len() > self.limits.large_room {
+                return Ok(());
+            }
+        }
+        let frame = OutFrame::new(ServerFrame::Typing {
+            conv: conv.to_string(),
+            user: actor.user.to_string(),
+        });
+        self.fanout
+            .deliver(conv, &frame, None, Some(actor.user))
+            .await?;
+        Ok(())
+    }
+
+    /// Relays a call signal to every session of an online user who shares a room or a
+    /// DM with the sender, within the pair's byte budget.
+    pub async fn signal(&self, actor: Actor<'_>, req: SignalRequest) -> Result<(), ProtoError> {
+        let SignalRequest {
+            to,
+            call_id,
+            kind,
+            data,
+        } = req;
+        if !is_valid_user_name(&to) {
+            return Err(ProtoError::bad_request("to must be a valid user name"));
+        }
+        if to == actor.user {
+            return Err(ProtoError::bad_request("cannot signal yourself"));
+        }
+        if call_id.is_empty() || call_id.len() > MAX_CALL_ID {
+            return Err(ProtoError::bad_request(format!(
+                "call_id must be 1 to {MAX_CALL_ID} bytes"
+            )));
+        }
+        let max = self.limits.max_signal_bytes;
+        let size = json_len(&data);
+        if size > max {
+            return Err(ProtoError::new(
+                ErrorCode::TooLarge,
+                format!("signal data must be at most {max} bytes (it is {size})"),
+            ));
+        }
+        let offline = || ProtoError::new(ErrorCode::NotFound, format!("{to} is not online"));
+        if !self.presence.is_online(&to) {
+            return Err(offline());
+        }
+        if !self.store.share_conversation(actor.user, &to).await? {
+            return Err(ProtoError::new(
+                ErrorCode::Forbidden,
+                format!("you share no room or dm with {to}"),
+            ));
+        }
+        // Last, so that only signals that are delivered spend the budget.
+        if !self.signal_budget.take(actor.user, &to, size) {
+            return Err(ProtoError::new(
+                ErrorCode::RateLimited,
+                format!("too much signal data to {to}; slow down"),
+            ));
+        }
+        let frame = OutFrame::new(ServerFrame::Signal {
+            from: actor.user.to_string(),
+            call_id,
+            kind,
+            data,
+        });
+        if self.hub.send_to_user(&to, &frame, None) == 0 {
+            return Err(offline());
+        }
+        Ok(())
+    }
+
+    /// Pushes a `notice` to every online session; returns how many got it.
+    pub fn broadcast(&self, from: &str, text: String) -> usize {
+        let frame = OutFrame::new(ServerFrame::Notice {
+            text,
+            from: from.to_string(),
+        });
+        self.hub.broadcast(&frame)
+    }
+}
+
+/// The length of `v` encoded as compact JSON.
+fn json_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Writing into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
