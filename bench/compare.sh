@@ -8,7 +8,8 @@
 #
 # Environment: SERVER_CPU (default 0), BENCH_CPU (default 1), IDLE_CONNS (19000),
 # SWEEP_RATES (per-sender messages/s for the 1,000-member sweep), FEATURES (cargo
-# features of the hubbub build, e.g. mimalloc).
+# features of the hubbub build, e.g. mimalloc), HUBBUB (a hubbub binary to run instead
+# of building target/release/hubbub, e.g. an older build kept for comparison).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,9 +23,11 @@ OUT=${OUT:-target/bench-results.jsonl}
 mkdir -p target/gohub
 : >"$OUT"
 
-cargo build --release -q -p hubbub ${FEATURES:+--features "$FEATURES"}
+if [ -z "${HUBBUB:-}" ]; then
+    cargo build --release -q -p hubbub ${FEATURES:+--features "$FEATURES"}
+    HUBBUB=target/release/hubbub
+fi
 (cd bench/gohub && GO111MODULE=off GOPATH=/usr/share/gocode go build -o ../../target/gohub/gohub .)
-HUBBUB=target/release/hubbub
 DATA=$(mktemp -d)
 PIDS=()
 cleanup() {

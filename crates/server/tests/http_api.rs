@@ -621,17 +621,21 @@ async fn metrics_move_with_traffic() {
     assert!(after.contains("hubbub_slow_consumer_closes_total 0"));
 }
 
-#[tokio::test]
-async fn openapi_document_lists_every_route() {
-    let server = TestServer::start().await;
-    let v: Value = http()
+async fn openapi_document(server: &TestServer) -> Value {
+    http()
         .get(server.http("/api/openapi.json"))
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn openapi_document_lists_every_route() {
+    let server = TestServer::start().await;
+    let v = openapi_document(&server).await;
     assert!(v["openapi"].as_str().unwrap().starts_with("3."));
     let paths = v["paths"].as_object().unwrap();
     for (path, method) in [
@@ -657,6 +661,46 @@ async fn openapi_document_lists_every_route() {
     let r = http().get(server.http("/api/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "not_found");
+}
+
+/// The answers are described as types, not prose: every 200/201 JSON answer names a
+/// schema, and the schemas say what each field is.
+#[tokio::test]
+async fn openapi_document_describes_each_answer_as_a_type() {
+    let server = TestServer::start().await;
+    let v = openapi_document(&server).await;
+    for (path, method, status, schema) in [
+        ("/api/register", "post", "201", "Registered"),
+        ("/api/login", "post", "200", "LoggedIn"),
+        ("/api/conversations", "get", "200", "ConversationList"),
+        (
+            "/api/conversations/{conv}/messages",
+            "get",
+            "200",
+            "HistoryOk",
+        ),
+        ("/api/rooms", "get", "200", "RoomPage"),
+        ("/api/files", "post", "201", "Uploaded"),
+        ("/api/admin/broadcast", "post", "200", "Broadcasted"),
+    ] {
+        let r = &v["paths"][path][method]["responses"][status]["content"]["application/json"]
+            ["schema"]["$ref"];
+        assert_eq!(
+            r,
+            &Value::String(format!("#/components/schemas/{schema}")),
+            "{method} {path}"
+        );
+    }
+    let schemas = &v["components"]["schemas"];
+    assert_eq!(
+        schemas["HistoryOk"]["properties"]["has_more"]["type"],
+        "boolean"
+    );
+    assert_eq!(schemas["Message"]["properties"]["seq"]["type"], "integer");
+    assert_eq!(
+        schemas["RoomPage"]["properties"]["rooms"]["items"]["$ref"],
+        "#/components/schemas/RoomInfo"
+    );
 }
 
 fn url_of(meta: &Value) -> String {
