@@ -53,6 +53,11 @@ struct ServeArgs {
     /// Directory for the database and attachments [default: ./hubbub-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Where messages are stored: `sqlite` (the embedded database in the data dir, the
+    /// default) or `postgres://USER@HOST:PORT/DB` (a database several nodes can share;
+    /// `?sslmode=require` for TLS).
+    #[arg(long)]
+    store: Option<String>,
     /// Users with admin rights, comma separated.
     #[arg(long, value_delimiter = ',')]
     admins: Option<Vec<String>>,
@@ -92,6 +97,9 @@ impl ServeArgs {
         }
         if let Some(d) = &self.data_dir {
             set("data_dir", Value::String(d.display().to_string()));
+        }
+        if let Some(s) = &self.store {
+            set("store", Value::String(s.clone()));
         }
         if let Some(a) = &self.admins {
             set(

@@ -16,6 +16,10 @@ pub struct Config {
     pub bind: SocketAddr,
     /// Directory for the database and attachments.
     pub data_dir: PathBuf,
+    /// Where messages are stored: `sqlite` (the embedded database in `data_dir`) or a
+    /// `postgres://` URL (a database several nodes can share). Uploaded files stay in
+    /// `data_dir` either way.
+    pub store: String,
     /// Users with admin rights (authenticated by token, never as guests).
     pub admins: Vec<String>,
     /// Guest mode (`?user=NAME`, no password): an explicit choice; `None` means off.
@@ -130,11 +134,35 @@ pub struct Config {
     pub queue_bytes: usize,
 }
 
+/// Which store a configuration names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind<'a> {
+    /// The embedded SQLite file in the data dir.
+    Sqlite,
+    /// A PostgreSQL database at this URL.
+    Postgres(&'a str),
+}
+
+/// `url` with its password, if any, replaced by `***` (for messages and logs).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("hubbub-data"),
+            store: "sqlite".into(),
             admins: Vec::new(),
             guest: None,
             heartbeat_ms: 25_000,
@@ -254,8 +282,24 @@ impl Config {
         self.guest.unwrap_or(false)
     }
 
+    /// The store this configuration names.
+    pub fn store_kind(&self) -> Result<StoreKind<'_>, String> {
+        let s = self.store.trim();
+        if s.eq_ignore_ascii_case("sqlite") {
+            return Ok(StoreKind::Sqlite);
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(StoreKind::Postgres(s));
+        }
+        Err(format!(
+            "store must be sqlite or a postgres:// URL, got {:?}",
+            redact_url(s)
+        ))
+    }
+
     /// Checks values that would make the server misbehave.
     pub fn validate(&self) -> Result<(), String> {
+        self.store_kind()?;
         if self.heartbeat_ms < 10 {
             return Err("heartbeat_ms must be at least 10".into());
         }

@@ -52,7 +52,7 @@ use crate::hub::{CloseReason, Hub};
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::presence::LocalPresence;
-use crate::store::{CommitHook, SqliteStore, Store};
+use crate::store::{CommitHook, PgStore, SqliteStore, Store};
 
 /// How long shutdown waits for sessions to close before flushing the store anyway.
 const SESSION_DRAIN: Duration = Duration::from_secs(6);
@@ -105,12 +105,18 @@ pub async fn run(
         Arc::new(move |change| bus.publish(change))
     };
     let metrics = Metrics::new();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(
-        &config.data_dir,
-        hook,
-        metrics.clone(),
-        std::time::Duration::from_millis(config.store_busy_timeout_ms),
-    )?);
+    let store: Arc<dyn Store> = match config.store_kind().map_err(anyhow::Error::msg)? {
+        config::StoreKind::Sqlite => Arc::new(SqliteStore::open_with(
+            &config.data_dir,
+            hook,
+            metrics.clone(),
+            std::time::Duration::from_millis(config.store_busy_timeout_ms),
+        )?),
+        config::StoreKind::Postgres(url) => {
+            tracing::info!(store = %config::redact_url(url), "opening the postgres store");
+            Arc::new(PgStore::open(url, hook, metrics.clone()).await?)
+        }
+    };
     let hub = Arc::new(Hub::new(metrics.clone()));
     let node = Arc::new(Node::new(
         &config,

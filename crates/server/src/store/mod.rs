@@ -23,8 +23,10 @@ use futures_util::future::BoxFuture;
 use hubbub_protocol::{ContentType, ErrorCode, Message, ProtoError};
 
 pub mod conformance;
+mod postgres;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Errors of the store.
