@@ -18,6 +18,8 @@ PACKAGES=(
     "tmux|command -v tmux"                               # terminal-client test
     "golang-go|command -v go"                            # bench smoke test: reference hub
     "golang-github-gorilla-websocket-dev|test -d /usr/share/gocode/src/github.com/gorilla/websocket"
+    "postgresql|ls /usr/lib/postgresql/*/bin/initdb"     # hubbub-testkit: PgServer
+    "redis-server|command -v redis-server"               # hubbub-testkit: RedisServer
 )
 
 # Steps that prepare the tests once the packages are there: one function each, below.
