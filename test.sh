@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: prepares what the tests need on this machine, then runs every test.
 #
-#   ./test.sh                                    # everything: cargo test --workspace --locked
+#   ./test.sh                                    # everything: cargo test --workspace --locked,
+#                                                # then the chat stories on PostgreSQL
 #   ./test.sh -p hubbub-server --test browser    # extra arguments go to cargo test
 #
 # As root on Debian/Ubuntu it installs the missing system packages with apt-get; as
@@ -78,4 +79,12 @@ scope=(--workspace)
 for arg in "$@"; do
     case "$arg" in -p | -p* | --package | --package=*) scope=() ;; esac
 done
-exec cargo test "${scope[@]}" --locked "$@"
+if [ $# -gt 0 ]; then
+    exec cargo test "${scope[@]}" --locked "$@"
+fi
+cargo test --workspace --locked
+# The chat stories once more, each server storing into a PostgreSQL database of its own
+# (the store conformance suite runs on both stores in the run above).
+echo "test.sh: the chat stories on PostgreSQL" >&2
+HUBBUB_TEST_STORE=postgres cargo test -p hubbub-server --locked \
+    --test chat --test lifecycle --test limits --test http_api --test membership

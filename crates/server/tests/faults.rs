@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{http, TestServer, WAIT};
+use common::{http, unlimited, TestServer, WAIT};
 use hubbub_client::ClientError;
 use hubbub_protocol::ErrorCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -125,4 +125,100 @@ async fn a_client_that_stalls_mid_frame_is_closed_on_time_and_others_are_served(
     // Meanwhile and after, others are served normally.
     alice.ping().await.unwrap();
     alice.join("fine").await.unwrap();
+}
+
+/// PostgreSQL crashes under load (an immediate stop: its kill -9) and comes back: while
+/// it is gone `/readyz` is 503 and sends get `unavailable`; nothing acknowledged is
+/// lost; service resumes by itself; seqs stay gapless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_crash_under_load_loses_no_acked_message_and_service_resumes() {
+    let mut server = TestServer::with_postgres(unlimited).await;
+    let alice = std::sync::Arc::new(server.connect("alice").await);
+    alice.join("ops").await.unwrap();
+    let acked = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<(String, u64)>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (alice, acked, stop) = (alice.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut failures = 0;
+            for i in 0..100_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let text = format!("m{i}");
+                match alice.send_text("room:ops", &text).await {
+                    Ok(s) => acked.lock().push((text, s.seq)),
+                    Err(_) => {
+                        failures += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            failures
+        })
+    };
+    let deadline = Instant::now() + WAIT;
+    while acked.lock().len() < 100 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(acked.lock().len() >= 100, "the load is real");
+    let mut pg = server.pg.take().expect("a postgres server");
+    let mut pg = tokio::task::spawn_blocking(move || {
+        pg.stop_immediate();
+        pg
+    })
+    .await
+    .unwrap();
+    assert_eq!(readyz(&server).await, 503, "not ready without the database");
+    let during = acked.lock().len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(acked.lock().len() <= during + 1, "nothing is acked without the database");
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.start_again();
+        pg
+    })
+    .await
+    .unwrap();
+    server.pg = Some(pg);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while readyz(&server).await != 200 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(readyz(&server).await, 200, "ready again by itself");
+    let before = acked.lock().len();
+    let deadline = Instant::now() + WAIT;
+    while acked.lock().len() < before + 50 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failures = sender.await.unwrap();
+    assert!(failures > 0, "some sends failed while the database was down");
+    assert!(acked.lock().len() >= before + 50, "sends are acked again");
+
+    let page = alice
+        .history("room:ops", None, Some(0), Some(200))
+        .await
+        .unwrap();
+    let mut stored = page.messages;
+    let mut after = stored.last().map_or(0, |m| m.seq);
+    for _ in 0..1000 {
+        let more = alice
+            .history("room:ops", None, Some(after), Some(200))
+            .await
+            .unwrap();
+        if more.messages.is_empty() {
+            break;
+        }
+        after = more.messages.last().unwrap().seq;
+        stored.extend(more.messages);
+    }
+    let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "gapless");
+    let by_text: std::collections::HashMap<String, u64> = stored
+        .iter()
+        .map(|m| (m.content.clone().unwrap().as_str().unwrap().to_string(), m.seq))
+        .collect();
+    for (text, seq) in acked.lock().iter() {
+        assert_eq!(by_text.get(text), Some(seq), "acked {text} is stored as seq {seq}");
+    }
 }

@@ -1,4 +1,8 @@
 //! Test harness: a real server on 127.0.0.1:0 with a temp data dir, and real clients.
+//!
+//! With `HUBBUB_TEST_STORE=postgres`, every server made by [`TestServer::with`] stores
+//! its messages in a PostgreSQL database of its own (a real PostgreSQL server started for
+//! it by the test kit); `./test.sh` runs the chat stories that way as well.
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::SocketAddr;
@@ -19,6 +23,8 @@ pub struct TestServer {
     pub dir: TempDir,
     /// The configuration it runs with (kept by `restart`).
     pub config: Config,
+    /// The PostgreSQL server of its store, when the stories run on PostgreSQL.
+    pub pg: Option<hubbub_testkit::PgServer>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -31,21 +37,47 @@ impl TestServer {
 
     /// A server whose configuration `f` may change.
     pub async fn with(f: impl FnOnce(&mut Config)) -> TestServer {
-        let dir = tempfile::tempdir().expect("temp dir");
-        Self::in_dir(dir, f).await
+        Self::with_store(on_postgres(), f).await
     }
 
-    /// A server on an existing data dir.
+    /// A server on PostgreSQL whatever `HUBBUB_TEST_STORE` says.
+    pub async fn with_postgres(f: impl FnOnce(&mut Config)) -> TestServer {
+        Self::with_store(true, f).await
+    }
+
+    async fn with_store(postgres: bool, f: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pg = if postgres {
+            let pg = tokio::task::spawn_blocking(hubbub_testkit::PgServer::start)
+                .await
+                .expect("start postgres");
+            Some(pg)
+        } else {
+            None
+        };
+        let store = pg.as_ref().map(|pg| pg.create_database());
+        Self::serve(listener, dir, pg, |c| {
+            if let Some(url) = store {
+                c.store = url;
+            }
+            f(c)
+        })
+        .await
+    }
+
+    /// A server on an existing data dir (its embedded store).
     pub async fn in_dir(dir: TempDir, f: impl FnOnce(&mut Config)) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        Self::serve(listener, dir, f).await
+        Self::serve(listener, dir, None, f).await
     }
 
     /// Stops this server gracefully and starts a new one on the same address and data
     /// dir (clients see a real disconnect and can reconnect to the same URL).
-    pub async fn restart(self) -> TestServer {
+    pub async fn restart(mut self) -> TestServer {
         let addr = self.addr;
         let config = self.config.clone();
+        let pg = self.pg.take();
         let dir = self.stop().await;
         let mut tries = 0;
         // The old socket may take a moment to go away.
@@ -59,10 +91,15 @@ impl TestServer {
                 Err(e) => panic!("cannot bind {addr} again: {e}"),
             }
         };
-        Self::serve(listener, dir, |c| *c = config).await
+        Self::serve(listener, dir, pg, |c| *c = config).await
     }
 
-    async fn serve(listener: TcpListener, dir: TempDir, f: impl FnOnce(&mut Config)) -> TestServer {
+    async fn serve(
+        listener: TcpListener,
+        dir: TempDir,
+        pg: Option<hubbub_testkit::PgServer>,
+        f: impl FnOnce(&mut Config),
+    ) -> TestServer {
         // HUBBUB_TEST_LOG=debug shows the server's logs of a failing test.
         if let Ok(filter) = std::env::var("HUBBUB_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -86,6 +123,7 @@ impl TestServer {
             addr,
             dir,
             config,
+            pg,
             stop: Some(stop),
             task: Some(task),
         }
@@ -154,6 +192,11 @@ impl Drop for TestServer {
             let _ = stop.send(());
         }
     }
+}
+
+/// Whether the stories run on PostgreSQL (`HUBBUB_TEST_STORE=postgres`).
+pub fn on_postgres() -> bool {
+    std::env::var("HUBBUB_TEST_STORE").is_ok_and(|v| v == "postgres")
 }
 
 /// Lifts the per-connection rate limits, for stories that send as fast as they can.

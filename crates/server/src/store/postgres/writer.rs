@@ -314,9 +314,28 @@ impl Batch<'_> {
         results: &mut Vec<StoreResult<Outcome>>,
     ) -> PgResult<()> {
         let now = self.now;
-        // New DMs get their conversation and member rows first.
+        // Retried sends: found before any seq is taken. (Another node storing the same
+        // id after this lookup makes the insert fail, and the batch is applied again.)
+        let (senders, ids): (Vec<&str>, Vec<&str>) = run
+            .iter()
+            .map(|m| (m.from.as_str(), m.client_msg_id.as_str()))
+            .unzip();
+        let st = self.st(select_stored_sql()).await?;
+        let mut stored: HashMap<(String, String), Message> = HashMap::new();
+        for r in self.tx.query(&st, &[&senders, &ids]).await? {
+            let m = row_to_message(&r).map_err(|e| {
+                tracing::error!(error = %e, "a stored message cannot be read");
+                e
+            });
+            if let Ok(m) = m {
+                stored.insert((m.from.clone(), m.client_msg_id.clone()), m);
+            }
+        }
+        // New DMs get their conversation and member rows first (not for a refused
+        // retry: a DM exists from its first stored message on).
         let new_dms: BTreeMap<&str, &(String, String)> = run
             .iter()
+            .filter(|m| !stored.contains_key(&(m.from.clone(), m.client_msg_id.clone())))
             .filter_map(|m| Some((m.conv.as_str(), m.dm_members.as_ref()?)))
             .filter(|(conv, _)| !self.dms.contains(*conv))
             .collect();
@@ -388,22 +407,6 @@ impl Batch<'_> {
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect();
-        }
-        // Retried sends: found before any seq is taken.
-        let (senders, ids): (Vec<&str>, Vec<&str>) = run
-            .iter()
-            .map(|m| (m.from.as_str(), m.client_msg_id.as_str()))
-            .unzip();
-        let st = self.st(select_stored_sql()).await?;
-        let mut stored: HashMap<(String, String), Message> = HashMap::new();
-        for r in self.tx.query(&st, &[&senders, &ids]).await? {
-            let m = row_to_message(&r).map_err(|e| {
-                tracing::error!(error = %e, "a stored message cannot be read");
-                e
-            });
-            if let Ok(m) = m {
-                stored.insert((m.from.clone(), m.client_msg_id.clone()), m);
-            }
         }
         // Seqs for the new messages, in request order.
         let mut rows = NewRows::default();
