@@ -425,6 +425,61 @@ async fn sigterm_under_load_acks_only_what_is_stored_and_exits_in_time() {
     assert!(acked > 20, "the load was real: {acked} acked");
 }
 
+/// Three hubbub processes share one PostgreSQL database, each with its own senders to
+/// one room. One is killed with -9 under load, then the other two: every acked message
+/// is stored with its seq, and the room's seqs are gapless (each process took turns on
+/// the room's counter row; the killed one's open transaction rolled back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_of_three_nodes_on_one_postgres_loses_no_acked_message() {
+    let pg = tokio::task::spawn_blocking(hubbub_testkit::PgServer::start)
+        .await
+        .unwrap();
+    let url = pg.create_database();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Server> = dirs
+        .iter()
+        .map(|d| Server::start_on_any_port(d.path(), &["--store", &url]))
+        .collect();
+    let tasks: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(n, node)| {
+            (0..2).map(move |i| {
+                tokio::spawn(send_until_failure(
+                    node.url(),
+                    format!("n{n}s{i}"),
+                    SenderLog::default(),
+                ))
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    nodes[0].signal("-KILL");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nodes[1].signal("-KILL");
+    nodes[2].signal("-KILL");
+    let mut logs = Vec::new();
+    for t in tasks {
+        logs.push(
+            tokio::time::timeout(WAIT, t)
+                .await
+                .expect("sender stops")
+                .unwrap(),
+        );
+    }
+    for node in &mut nodes {
+        let _ = node.child.wait();
+    }
+    let fresh = tempfile::tempdir().unwrap();
+    let auditor = Server::start_on_any_port(fresh.path(), &["--store", &url]);
+    let acked = check_store(&auditor, &logs).await;
+    let from_killed_first: usize = logs[..2].iter().map(|l| l.acked.len()).sum();
+    assert!(from_killed_first > 10, "the first node was under load");
+    assert!(acked > 100, "the load was real: {acked} acked");
+    drop(auditor);
+    drop(pg);
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status

@@ -172,7 +172,10 @@ async fn a_postgres_crash_under_load_loses_no_acked_message_and_service_resumes(
     assert_eq!(readyz(&server).await, 503, "not ready without the database");
     let during = acked.lock().len();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(acked.lock().len() <= during + 1, "nothing is acked without the database");
+    assert!(
+        acked.lock().len() <= during + 1,
+        "nothing is acked without the database"
+    );
     let pg = tokio::task::spawn_blocking(move || {
         pg.start_again();
         pg
@@ -192,7 +195,10 @@ async fn a_postgres_crash_under_load_loses_no_acked_message_and_service_resumes(
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let failures = sender.await.unwrap();
-    assert!(failures > 0, "some sends failed while the database was down");
+    assert!(
+        failures > 0,
+        "some sends failed while the database was down"
+    );
     assert!(acked.lock().len() >= before + 50, "sends are acked again");
 
     let page = alice
@@ -216,9 +222,18 @@ async fn a_postgres_crash_under_load_loses_no_acked_message_and_service_resumes(
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "gapless");
     let by_text: std::collections::HashMap<String, u64> = stored
         .iter()
-        .map(|m| (m.content.clone().unwrap().as_str().unwrap().to_string(), m.seq))
+        .map(|m| {
+            (
+                m.content.clone().unwrap().as_str().unwrap().to_string(),
+                m.seq,
+            )
+        })
         .collect();
     for (text, seq) in acked.lock().iter() {
-        assert_eq!(by_text.get(text), Some(seq), "acked {text} is stored as seq {seq}");
+        assert_eq!(
+            by_text.get(text),
+            Some(seq),
+            "acked {text} is stored as seq {seq}"
+        );
     }
 }

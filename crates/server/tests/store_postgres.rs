@@ -33,8 +33,9 @@ fn text(conv: &str, from: &str, cid: String) -> NewMessage {
     }
 }
 
-/// Three store instances (three pools and writers, as three nodes) append to one shared
-/// room and to rooms of their own at once: every room ends with seqs exactly 1..N.
+/// Three store instances (three pools and writers, as three nodes) append 10,000
+/// messages each, half to one shared room and half to 100 other rooms they all write
+/// to, at once: every room ends with seqs exactly 1..N.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_appending_to_one_database_keep_seqs_gapless() {
     let pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
@@ -48,12 +49,12 @@ async fn three_instances_appending_to_one_database_keep_seqs_gapless() {
                 .unwrap(),
         ));
     }
-    const PER_NODE: usize = 600;
-    const OWN_ROOMS: usize = 10;
+    const PER_NODE: usize = 10_000;
+    const ROOMS: usize = 100;
     for (n, s) in stores.iter().enumerate() {
         s.join_room("room:shared", &format!("n{n}")).await.unwrap();
-        for r in 0..OWN_ROOMS {
-            s.join_room(&format!("room:n{n}-{r}"), &format!("n{n}"))
+        for r in 0..ROOMS {
+            s.join_room(&format!("room:r{r}"), &format!("n{n}"))
                 .await
                 .unwrap();
         }
@@ -65,14 +66,18 @@ async fn three_instances_appending_to_one_database_keep_seqs_gapless() {
             let s = s.clone();
             tokio::spawn(async move {
                 let user = format!("n{n}");
-                let mut pending = Vec::new();
+                // At most 500 in flight per node, as many sessions' pipelined sends.
+                let mut pending = std::collections::VecDeque::new();
                 for i in 0..PER_NODE {
                     let conv = if i % 2 == 0 {
                         "room:shared".to_string()
                     } else {
-                        format!("room:n{n}-{}", i % OWN_ROOMS)
+                        format!("room:r{}", (i / 2 + n) % ROOMS)
                     };
-                    pending.push(s.append(text(&conv, &user, format!("{user}-{i}"))));
+                    pending.push_back(s.append(text(&conv, &user, format!("{user}-{i}"))));
+                    if pending.len() >= 500 {
+                        pending.pop_front().unwrap().await.expect("append");
+                    }
                 }
                 for p in pending {
                     p.await.expect("append");
@@ -85,16 +90,15 @@ async fn three_instances_appending_to_one_database_keep_seqs_gapless() {
     }
     let reader = &stores[0];
     let mut convs = vec!["room:shared".to_string()];
-    for n in 0..3 {
-        convs.extend((0..OWN_ROOMS).map(|r| format!("room:n{n}-{r}")));
-    }
+    convs.extend((0..ROOMS).map(|r| format!("room:r{r}")));
+    let mut total = 0;
     for conv in convs {
         let page = reader
             .history(
                 &conv,
                 HistoryQuery::After {
                     after: 0,
-                    limit: 10_000,
+                    limit: 100_000,
                 },
             )
             .await
@@ -103,7 +107,9 @@ async fn three_instances_appending_to_one_database_keep_seqs_gapless() {
         let want: Vec<u64> = (1..=seqs.len() as u64).collect();
         assert_eq!(seqs, want, "{conv}");
         assert_eq!(reader.last_seq(&conv).await.unwrap(), seqs.len() as u64);
+        total += seqs.len();
     }
+    assert_eq!(total, 3 * PER_NODE, "every append stored once");
     let shared = reader.last_seq("room:shared").await.unwrap();
     assert_eq!(shared, (3 * PER_NODE / 2) as u64);
     for s in &stores {
@@ -159,9 +165,19 @@ async fn a_database_crash_loses_no_acked_append_and_the_store_recovers() {
         .append(text("room:c", "u", "during".into()))
         .await
         .unwrap();
-    assert_eq!(again.message.seq, acked + 1, "the failed append took no seq");
+    assert_eq!(
+        again.message.seq,
+        acked + 1,
+        "the failed append took no seq"
+    );
     let page = store
-        .history("room:c", HistoryQuery::After { after: 0, limit: 1000 })
+        .history(
+            "room:c",
+            HistoryQuery::After {
+                after: 0,
+                limit: 1000,
+            },
+        )
         .await
         .unwrap();
     assert_eq!(page.messages.len() as u64, acked + 1);
