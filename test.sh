@@ -87,4 +87,4 @@ cargo test --workspace --locked
 # (the store conformance suite runs on both stores in the run above).
 echo "test.sh: the chat stories on PostgreSQL" >&2
 HUBBUB_TEST_STORE=postgres cargo test -p hubbub-server --locked \
-    --test chat --test lifecycle --test limits --test http_api --test membership
+    --test chat --test lifecycle --test limits --test http_api --test membership --test client_session

@@ -205,7 +205,12 @@ async fn a_paged_catch_up_under_live_traffic_delivers_every_seq_once_in_order() 
         let (mut seen, reconnects) = collect(&mut bob, &conv, BACKLOG + 100).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let total = BACKLOG + live.await.unwrap();
-        let (rest, more) = collect(&mut bob, &conv, total).await;
+        // The rest of the live messages, if the sender got further than bob had seen.
+        let (rest, more) = if seen.last().copied().unwrap_or(0) < total {
+            collect(&mut bob, &conv, total).await
+        } else {
+            (Vec::new(), Vec::new())
+        };
         seen.extend(rest);
         assert!(
             seen == (1..=total).collect::<Vec<_>>(),

@@ -41,6 +41,12 @@ type PooledClient = deadpool_postgres::Client;
 /// Read connections in the pool.
 const DEFAULT_POOL: usize = 16;
 
+/// The watermark stays this far behind the clock: another node's batch may be stamped
+/// before a sync here and commit after it, but never later than its deadline
+/// ([`writer::BATCH_DEADLINE`]) after its stamp. Clocks of the nodes must agree within
+/// the rest of the margin.
+const STAMP_MARGIN_MS: i64 = 10_000;
+
 const MESSAGE_COLUMNS: &str =
     "conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, recalled, edited_at";
 
@@ -697,7 +703,8 @@ impl Store for PgStore {
     }
 
     fn watermark(&self) -> i64 {
-        self.inner.stamping.load(Ordering::SeqCst)
+        let local = self.inner.stamping.load(Ordering::SeqCst);
+        local.min(super::now_ms() - STAMP_MARGIN_MS)
     }
 
     fn ping(&self) -> BoxFuture<'static, StoreResult<()>> {

@@ -34,6 +34,10 @@ use crate::store::{
 pub(super) const MAX_BATCH: usize = 2048;
 /// How often a batch that lost a race with another node is applied again.
 const RETRIES: usize = 5;
+/// Longest a batch may take before it is abandoned (rolled back, connection dropped):
+/// no change stays uncommitted longer than this, which [`super::STAMP_MARGIN_MS`] relies
+/// on.
+pub(super) const BATCH_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A write operation.
 pub(super) enum Op {
@@ -206,7 +210,17 @@ impl Writer {
             };
             // Published before the stamp is taken, so no stamp of this batch is earlier.
             self.stamping.store(now_ms(), Ordering::SeqCst);
-            let applied = apply(conn, ops, now_ms()).await;
+            let applied =
+                match tokio::time::timeout(BATCH_DEADLINE, apply(conn, ops, now_ms())).await {
+                    Ok(applied) => applied,
+                    Err(_) => {
+                        // Whatever it was doing, the connection goes: its transaction is
+                        // rolled back by the server when it closes.
+                        self.conn = None;
+                        last_error = "the batch took too long".into();
+                        break;
+                    }
+                };
             match applied {
                 Ok((results, changes, new_dms)) => {
                     conn.dms.extend(new_dms);
