@@ -11,6 +11,10 @@
 //!
 //! The second element of the factory's result keeps whatever the store needs alive for
 //! the test (a temp dir, a database server handle).
+//!
+//! Compiled only with the cargo feature `conformance`: a store's tests turn it on with a
+//! dev-dependency on `hubbub-server` with `features = ["conformance"]` (hubbub-server's
+//! own tests do it through a dev-dependency on itself).
 
 use std::any::Any;
 use std::collections::BTreeSet;

@@ -1,0 +1,320 @@
+//! Reads: a small pool of read-only connections, used from blocking threads (WAL lets
+//! them run beside the writer), and the read queries. The writer runs some of these
+//! queries too, inside its transaction.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use hubbub_protocol::{ContentType, Message};
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::schema::open_conn;
+use super::unavailable;
+use crate::store::{
+    Committed, ConvSummary, FileMeta, HistoryPage, HistoryQuery, Membership, RoomSummary,
+    StoreError, StoreResult,
+};
+
+/// Read-only connections in the pool.
+const READERS: usize = 4;
+
+/// The pool of read-only connections.
+pub(super) struct Readers {
+    conns: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
+}
+
+impl Readers {
+    /// Opens the pool's connections to the database at `path`.
+    pub(super) fn open(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Readers> {
+        let mut conns = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let conn = open_conn(path, busy_timeout)?;
+            conn.pragma_update(None, "query_only", true)?;
+            conns.push(Mutex::new(conn));
+        }
+        Ok(Readers {
+            conns,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Runs `f` on a blocking thread with the first free connection (trying them in
+    /// turn from a rotating start), or waits for one.
+    pub(super) fn read<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> BoxFuture<'static, StoreResult<T>> {
+        let pool = self.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let n = pool.conns.len();
+                let start = pool.next.fetch_add(1, Ordering::Relaxed);
+                for i in 0..n {
+                    if let Some(conn) = pool.conns[(start + i) % n].try_lock() {
+                        return f(&conn);
+                    }
+                }
+                let conn = pool.conns[start % n].lock();
+                f(&conn)
+            })
+            .await
+            .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
+            .map_err(unavailable)
+        })
+    }
+}
+
+pub(super) const MESSAGE_COLUMNS: &str =
+    "conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, recalled, edited_at";
+
+pub(super) fn row_to_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    let content_type: String = row.get(5)?;
+    let content: String = row.get(6)?;
+    let recalled: bool = row.get(8)?;
+    let content_type = ContentType::parse(&content_type).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            5,
+            rusqlite::types::Type::Text,
+            format!("unknown content_type {content_type:?}").into(),
+        )
+    })?;
+    let content = if recalled {
+        None
+    } else {
+        Some(serde_json::from_str(&content).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Text, e.into())
+        })?)
+    };
+    Ok(Message {
+        conv: row.get(0)?,
+        seq: row.get(1)?,
+        msg_id: row.get(2)?,
+        from: row.get(3)?,
+        client_msg_id: row.get(4)?,
+        content_type,
+        content,
+        ts: row.get(7)?,
+        recalled,
+        edited_at: row.get(9)?,
+    })
+}
+
+pub(super) fn row_to_file(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileMeta> {
+    Ok(FileMeta {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        mime: r.get(2)?,
+        size: r.get(3)?,
+        uploader: r.get(4)?,
+        created_at: r.get(5)?,
+    })
+}
+
+/// Whether `user` may read the file `id`: its uploader, or a member of a conversation a
+/// message (not recalled) shared it to.
+pub(super) fn may_read_file(conn: &Connection, id: &str, user: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT 1 FROM files WHERE id = ?1 AND uploader = ?2 \
+         UNION ALL SELECT 1 FROM message_files s JOIN members m ON m.conv = s.conv \
+         WHERE s.file_id = ?1 AND m.user = ?2 LIMIT 1",
+    )?
+    .exists(params![id, user])
+}
+
+pub(super) fn last_seq(conn: &Connection, conv: &str) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT coalesce(max(seq), 0) FROM messages WHERE conv = ?1")?
+        .query_row([conv], |r| r.get(0))
+}
+
+pub(super) fn members(c: &Connection, conv: &str) -> rusqlite::Result<Vec<String>> {
+    let mut s = c.prepare_cached("SELECT user FROM members WHERE conv = ?1 ORDER BY user")?;
+    let rows = s.query_map([conv], |r| r.get(0))?;
+    rows.collect()
+}
+
+pub(super) fn is_member(c: &Connection, conv: &str, user: &str) -> rusqlite::Result<bool> {
+    c.prepare_cached("SELECT 1 FROM members WHERE conv = ?1 AND user = ?2")?
+        .exists(params![conv, user])
+}
+
+pub(super) fn history(
+    c: &Connection,
+    conv: &str,
+    q: HistoryQuery,
+) -> rusqlite::Result<HistoryPage> {
+    let (sql, bound, limit, descending) = match q {
+        HistoryQuery::Latest { limit } => (
+            format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND seq > ?2 ORDER BY seq DESC LIMIT ?3"),
+            0,
+            limit,
+            true,
+        ),
+        HistoryQuery::Before { before, limit } => (
+            format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"),
+            before,
+            limit,
+            true,
+        ),
+        HistoryQuery::After { after, limit } => (
+            format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND seq > ?2 ORDER BY seq ASC LIMIT ?3"),
+            after,
+            limit,
+            false,
+        ),
+    };
+    let mut s = c.prepare_cached(&sql)?;
+    let rows = s.query_map(params![conv, bound, i64::from(limit) + 1], row_to_message)?;
+    let mut messages: Vec<Message> = rows.collect::<rusqlite::Result<_>>()?;
+    let has_more = messages.len() > limit as usize;
+    messages.truncate(limit as usize);
+    if descending {
+        messages.reverse();
+    }
+    Ok(HistoryPage { messages, has_more })
+}
+
+pub(super) fn conversations(c: &Connection, user: &str) -> rusqlite::Result<Vec<ConvSummary>> {
+    let mut s = c.prepare_cached(
+        "SELECT m.conv, \
+           (SELECT coalesce(max(seq), 0) FROM messages WHERE conv = m.conv), \
+           coalesce((SELECT seq FROM read_cursors WHERE conv = m.conv AND user = m.user), 0) \
+         FROM members m WHERE m.user = ?1 ORDER BY m.conv",
+    )?;
+    let rows: Vec<(String, u64, u64)> = s
+        .query_map([user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut unread = c.prepare_cached(
+        "SELECT count(*) FROM messages WHERE conv = ?1 AND seq > ?2 AND sender != ?3",
+    )?;
+    rows.into_iter()
+        .map(|(conv, last_seq, read_seq)| {
+            let n: u64 = if last_seq > read_seq {
+                unread.query_row(params![conv, read_seq, user], |r| r.get(0))?
+            } else {
+                0
+            };
+            Ok(ConvSummary {
+                conv,
+                last_seq,
+                read_seq,
+                unread: n,
+            })
+        })
+        .collect()
+}
+
+pub(super) fn memberships(c: &Connection, user: &str) -> rusqlite::Result<Vec<Membership>> {
+    c.prepare_cached(
+        "SELECT m.conv, (SELECT coalesce(max(seq), 0) FROM messages WHERE conv = m.conv) \
+         FROM members m WHERE m.user = ?1 ORDER BY m.conv",
+    )?
+    .query_map([user], |r| {
+        Ok(Membership {
+            conv: r.get(0)?,
+            last_seq: r.get(1)?,
+        })
+    })?
+    .collect()
+}
+
+pub(super) fn message(c: &Connection, conv: &str, seq: u64) -> rusqlite::Result<Option<Message>> {
+    c.prepare_cached(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND seq = ?2"
+    ))?
+    .query_row(params![conv, seq], row_to_message)
+    .optional()
+}
+
+pub(super) fn member_role(
+    c: &Connection,
+    conv: &str,
+    user: &str,
+) -> rusqlite::Result<Option<String>> {
+    c.prepare_cached("SELECT role FROM members WHERE conv = ?1 AND user = ?2")?
+        .query_row(params![conv, user], |r| r.get(0))
+        .optional()
+}
+
+pub(super) fn password_hash(c: &Connection, name: &str) -> rusqlite::Result<Option<String>> {
+    c.prepare_cached("SELECT password_hash FROM users WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()
+}
+
+/// At most `limit` rooms after `after` (`""`: from the first), in `conv` order.
+pub(super) fn rooms(c: &Connection, after: &str, limit: i64) -> rusqlite::Result<Vec<RoomSummary>> {
+    let mut s = c.prepare_cached(
+        "SELECT c.conv, (SELECT count(*) FROM members m WHERE m.conv = c.conv) \
+         FROM conversations c WHERE c.kind = 'room' AND c.conv > ?1 \
+         ORDER BY c.conv LIMIT ?2",
+    )?;
+    let rows = s.query_map(params![after, limit], |r| {
+        Ok(RoomSummary {
+            conv: r.get(0)?,
+            members: r.get(1)?,
+        })
+    })?;
+    rows.collect()
+}
+
+pub(super) fn file_usage(c: &Connection, user: &str) -> rusqlite::Result<u64> {
+    c.prepare_cached("SELECT coalesce(sum(size), 0) FROM files WHERE uploader = ?1")?
+        .query_row([user], |r| r.get(0))
+}
+
+pub(super) fn file(c: &Connection, id: &str) -> rusqlite::Result<Option<FileMeta>> {
+    c.prepare_cached("SELECT id, name, mime, size, uploader, created_at FROM files WHERE id = ?1")?
+        .query_row([id], row_to_file)
+        .optional()
+}
+
+pub(super) fn share_conversation(c: &Connection, a: &str, b: &str) -> rusqlite::Result<bool> {
+    c.prepare_cached(
+        "SELECT 1 FROM members x JOIN members y ON x.conv = y.conv WHERE x.user = ?1 AND y.user = ?2 LIMIT 1",
+    )?
+    .exists(params![a, b])
+}
+
+pub(super) fn changes_since(
+    c: &Connection,
+    conv: &str,
+    since: i64,
+    up_to: u64,
+) -> rusqlite::Result<Vec<Committed>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT seq, recalled, recalled_by, content, edited_at FROM messages \
+         WHERE conv = ?1 AND modified_at > ?2 AND seq <= ?3 ORDER BY seq",
+    )?;
+    let rows = stmt.query_map(params![conv, since, up_to], |r| {
+        let seq: u64 = r.get(0)?;
+        let recalled: bool = r.get(1)?;
+        if recalled {
+            Ok(Committed::Recalled {
+                conv: conv.to_string(),
+                seq,
+                by: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                origin: 0,
+            })
+        } else {
+            let content: String = r.get(3)?;
+            Ok(Committed::Edited {
+                conv: conv.to_string(),
+                seq,
+                content: serde_json::from_str(&content).unwrap_or(serde_json::Value::Null),
+                edited_at: r.get::<_, Option<i64>>(4)?.unwrap_or_default(),
+                origin: 0,
+            })
+        }
+    })?;
+    rows.collect()
+}
+
+/// Whether a read connection answers.
+pub(super) fn ping(c: &Connection) -> rusqlite::Result<()> {
+    c.query_row("SELECT 1", [], |_| Ok(()))
+}

@@ -1,0 +1,225 @@
+//! The database file: how a connection is opened (WAL, `synchronous = FULL`), the schema
+//! as a list of migrations, and `PRAGMA user_version`, which counts those that ran.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection};
+
+use crate::auth::name_skeleton;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE conversations (
+    conv        TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    created_by  TEXT,
+    created_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE members (
+    conv        TEXT NOT NULL,
+    user        TEXT NOT NULL,
+    role        TEXT NOT NULL DEFAULT 'member',
+    joined_at   INTEGER NOT NULL,
+    PRIMARY KEY (conv, user)
+) WITHOUT ROWID;
+CREATE INDEX members_by_user ON members (user, conv);
+CREATE TABLE messages (
+    conv          TEXT NOT NULL,
+    seq           INTEGER NOT NULL,
+    msg_id        TEXT NOT NULL,
+    sender        TEXT NOT NULL,
+    client_msg_id TEXT NOT NULL,
+    content_type  TEXT NOT NULL,
+    content       TEXT NOT NULL,
+    ts            INTEGER NOT NULL,
+    recalled      INTEGER NOT NULL DEFAULT 0,
+    edited_at     INTEGER,
+    PRIMARY KEY (conv, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX messages_by_client_id ON messages (sender, client_msg_id);
+"#,
+    r#"
+CREATE TABLE read_cursors (
+    conv        TEXT NOT NULL,
+    user        TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    PRIMARY KEY (conv, user)
+) WITHOUT ROWID;
+"#,
+    r#"
+CREATE TABLE users (
+    name          TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at    INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
+    r#"
+CREATE TABLE files (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    mime        TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    uploader    TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
+    // Which conversations an uploaded file was sent to: their members may download it.
+    r#"
+CREATE TABLE file_shares (
+    file_id     TEXT NOT NULL,
+    conv        TEXT NOT NULL,
+    PRIMARY KEY (file_id, conv)
+) WITHOUT ROWID;
+"#,
+    // When a message was last recalled or edited (and by whom it was recalled), so that a
+    // reconnecting client can be told about changes to messages it already has.
+    r#"
+ALTER TABLE messages ADD COLUMN modified_at INTEGER;
+ALTER TABLE messages ADD COLUMN recalled_by TEXT;
+CREATE INDEX messages_modified ON messages (conv, modified_at) WHERE modified_at IS NOT NULL;
+"#,
+    // Shares per message, so that recalling or editing a message ends the share it made;
+    // the shares recorded before are kept for the messages that still point to the file.
+    // Per-uploader sums (quota) and the collection of old unshared uploads get indexes.
+    r#"
+CREATE TABLE message_files (
+    file_id     TEXT NOT NULL,
+    conv        TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    PRIMARY KEY (file_id, conv, seq)
+) WITHOUT ROWID;
+CREATE INDEX message_files_by_message ON message_files (conv, seq);
+INSERT OR IGNORE INTO message_files (file_id, conv, seq)
+    SELECT s.file_id, s.conv, m.seq FROM file_shares s JOIN messages m ON m.conv = s.conv
+    WHERE m.recalled = 0
+      AND json_valid(m.content)
+      AND json_type(m.content) = 'object'
+      AND substr(json_extract(m.content, '$.url'), 1, 8 + length(s.file_id))
+          = '/files/' || s.file_id || '/';
+DROP TABLE file_shares;
+CREATE INDEX files_by_uploader ON files (uploader, size);
+CREATE INDEX files_by_age ON files (created_at);
+"#,
+    // Guest names and account names never meet: each name has a skeleton (case-folded,
+    // look-alikes mapped, see `auth::name_skeleton`), filled in by `fill_skeletons` for
+    // rows written before this migration. Names that already took part in conversations
+    // without an account were used by guests: they are recorded as such.
+    r#"
+ALTER TABLE users ADD COLUMN skeleton TEXT;
+CREATE INDEX users_by_skeleton ON users (skeleton);
+CREATE TABLE guest_names (
+    name        TEXT PRIMARY KEY,
+    skeleton    TEXT,
+    first_seen  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX guest_names_by_skeleton ON guest_names (skeleton);
+INSERT OR IGNORE INTO guest_names (name, first_seen)
+    SELECT name, CAST(strftime('%s', 'now') AS INTEGER) * 1000 FROM (
+        SELECT user AS name FROM members
+        UNION SELECT user FROM read_cursors
+        UNION SELECT sender FROM messages
+    ) WHERE name NOT IN (SELECT name FROM users);
+"#,
+];
+
+/// Opens a connection to the database file with the store's settings.
+pub(super) fn open_conn(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(busy_timeout)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    // Every statement is prepared once per connection and kept (rusqlite keeps 16).
+    conn.set_prepared_statement_cache_capacity(128);
+    // Plans stay fixed once prepared: otherwise SQLite (built with STAT4) may recompile
+    // a cached statement whenever a bound value changes, which dominated reads here.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
+    Ok(conn)
+}
+
+/// Brings the schema up to date: the migrations not yet run, then the name skeletons of
+/// rows written before they were stored.
+pub(super) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied schema migration");
+    }
+    fill_skeletons(conn)
+}
+
+/// Computes the missing name skeletons (rows from before skeletons were stored).
+fn fill_skeletons(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for table in ["users", "guest_names"] {
+        let names: Vec<String> = tx
+            .prepare(&format!("SELECT name FROM {table} WHERE skeleton IS NULL"))?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut update =
+            tx.prepare(&format!("UPDATE {table} SET skeleton = ?2 WHERE name = ?1"))?;
+        for name in names {
+            update.execute(params![name, name_skeleton(&name)])?;
+        }
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::{SqliteStore, Store};
+
+    /// A database made before shares were kept per message keeps the shares of the
+    /// messages that still point to their file, and no others.
+    #[tokio::test]
+    async fn shares_recorded_before_per_message_shares_are_carried_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hubbub.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..6] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 6).unwrap();
+            conn.execute_batch(
+                r#"
+INSERT INTO conversations VALUES ('room:a', 'room', 'alice', 0), ('room:b', 'room', 'alice', 0);
+INSERT INTO members (conv, user, role, joined_at) VALUES
+    ('room:a', 'alice', 'admin', 0), ('room:a', 'bob', 'member', 0),
+    ('room:b', 'alice', 'admin', 0), ('room:b', 'carol', 'member', 0);
+INSERT INTO files VALUES ('01ARZ3NDEKTSV4RRFFQ69G5FAV', 'a.png', 'image/png', 1, 'alice', 0);
+INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts) VALUES
+    ('room:a', 1, 'm1', 'alice', 'c1', 'image', '{"url":"/files/01ARZ3NDEKTSV4RRFFQ69G5FAV/a.png"}', 0),
+    ('room:a', 2, 'm2', 'alice', 'c2', 'text', '"hello"', 0),
+    ('room:b', 1, 'm3', 'alice', 'c3', 'image', 'null', 0);
+UPDATE messages SET recalled = 1 WHERE conv = 'room:b';
+INSERT INTO file_shares VALUES ('01ARZ3NDEKTSV4RRFFQ69G5FAV', 'room:a'), ('01ARZ3NDEKTSV4RRFFQ69G5FAV', 'room:b');
+"#,
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(dir.path(), Arc::new(|_| {})).unwrap();
+        let id = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
+        assert!(
+            store.may_read_file(id, "bob").await.unwrap(),
+            "still shared"
+        );
+        assert!(
+            !store.may_read_file(id, "carol").await.unwrap(),
+            "its message was recalled"
+        );
+        store.recall("room:a", 1, "alice", 0).await.unwrap();
+        assert!(!store.may_read_file(id, "bob").await.unwrap());
+        store.close().await.unwrap();
+    }
+}
