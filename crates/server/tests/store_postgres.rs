@@ -184,3 +184,32 @@ async fn a_database_crash_loses_no_acked_append_and_the_store_recovers() {
     store.close().await.unwrap();
     drop(pg);
 }
+
+/// Nodes starting together on an empty database: the migrations run once (under the
+/// advisory lock) and every node opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_together_migrate_once_and_all_open() {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let url = pg.create_database();
+    let noop: CommitHook = Arc::new(|_| {});
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, hook) = (url.clone(), noop.clone());
+            tokio::spawn(async move { PgStore::open(&url, hook, Metrics::new()).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for o in opens {
+        stores.push(o.await.unwrap().expect("every node opens"));
+    }
+    stores[0].join_room("room:x", "u").await.unwrap();
+    assert!(stores[3].is_member("room:x", "u").await.unwrap());
+    let version = pg.psql(
+        url.rsplit('/').next().unwrap(),
+        "SELECT count(*), max(version) FROM hubbub_schema",
+    );
+    assert_eq!(version.trim(), "1|1", "one row, the latest version");
+    for s in &stores {
+        s.close().await.unwrap();
+    }
+}

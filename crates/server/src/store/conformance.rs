@@ -334,10 +334,12 @@ pub async fn the_watermark_is_never_after_a_pending_stamp(f: Fixture) {
     let s = f.store.clone();
     s.join_room("room:w", "u").await.unwrap();
     append(&*s, text("room:w", "u", "w1", "v0")).await;
+    // An idle store's watermark is recent: now, or a fixed margin behind it for a store
+    // that other nodes write to as well (their batches' stamps are not seen here).
     let idle = s.watermark();
     assert!(
-        idle >= now_ms() - 1,
-        "an idle store's watermark is not in the past"
+        idle >= now_ms() - 60_000,
+        "an idle store's watermark is at most a minute in the past"
     );
     let edits = {
         let s = s.clone();
