@@ -354,9 +354,8 @@ pub trait Store: Send + Sync + 'static {
     /// A time (Unix ms) before which every change stamp (`ts`, `edited_at`, recall time)
     /// belongs to a committed change: a change being written now is stamped at or after
     /// it. `sync` reports it as `server_time`, so a later `sync` with `since` misses
-    /// nothing that was committed after the first one read. A store that other nodes
-    /// write to as well keeps it a fixed margin behind the clock (their stamps are not
-    /// seen here); an idle store's watermark is never more than a minute old.
+    /// nothing that was committed after the first one read. An idle store's watermark is
+    /// recent (never more than a minute old).
     fn watermark(&self) -> i64;
 
     /// Checks that the store answers reads and writes.

@@ -34,9 +34,8 @@ use crate::store::{
 pub(super) const MAX_BATCH: usize = 2048;
 /// How often a batch that lost a race with another node is applied again.
 const RETRIES: usize = 5;
-/// Longest a batch may take before it is abandoned (rolled back, connection dropped):
-/// no change stays uncommitted longer than this, which [`super::STAMP_MARGIN_MS`] relies
-/// on.
+/// Longest a batch may take before it is abandoned (rolled back, connection dropped): a
+/// stalled database fails the batch's callers with `unavailable` instead of holding them.
 pub(super) const BATCH_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A write operation.
