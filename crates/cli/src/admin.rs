@@ -1,4 +1,5 @@
-//! Admin verbs that work on a server's data dir: `hubbub user add` and `hubbub token`.
+//! Admin verbs that work on a server's data dir: `hubbub user add`, `hubbub token` and
+//! `hubbub migrate`.
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use hubbub_protocol::is_valid_user_name;
 use hubbub_server::auth::{check_password_rules, hash_password};
+use hubbub_server::store::transfer::{self, DEFAULT_CHUNK_ROWS};
 use hubbub_server::store::{SqliteStore, Store, StoreError};
 use hubbub_server::Config;
 use serde_json::{Map, Value};
@@ -58,6 +60,20 @@ pub(crate) struct TokenArgs {
     ttl: Option<u64>,
     #[command(flatten)]
     target: Target,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct MigrateArgs {
+    /// The data dir of the SQLite deployment (its `hubbub.db` is read, never changed).
+    #[arg(long, value_name = "DATA_DIR")]
+    from: PathBuf,
+    /// The PostgreSQL database to copy into: `postgres://USER@HOST:PORT/DB` (empty, or
+    /// holding what an interrupted `hubbub migrate` from the same data dir copied).
+    #[arg(long, value_name = "URL")]
+    to: String,
+    /// Rows per chunk (one transaction each).
+    #[arg(long, hide = true, default_value_t = DEFAULT_CHUNK_ROWS)]
+    chunk_rows: usize,
 }
 
 pub(crate) fn user(cmd: UserCommand) -> anyhow::Result<()> {
@@ -123,5 +139,34 @@ pub(crate) fn token(args: TokenArgs) -> anyhow::Result<()> {
         .issue(&args.name, args.ttl.map(Duration::from_secs))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{token}");
+    Ok(())
+}
+
+/// `hubbub migrate`: copies the data dir's SQLite database into PostgreSQL, prints the
+/// verification's summary on stdout, and fails when the copy does not match.
+pub(crate) fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let opts = transfer::Options {
+        chunk_rows: args.chunk_rows,
+        ..transfer::Options::default()
+    };
+    let report = rt.block_on(transfer::sqlite_to_postgres_with(
+        &args.from, &args.to, &opts,
+    ))?;
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{report}");
+        let _ = out.flush();
+    }
+    if !report.verified() {
+        bail!(
+            "the copy does not match the source ({} difference(s), listed above)",
+            report.mismatch_count
+        );
+    }
     Ok(())
 }

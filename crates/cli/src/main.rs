@@ -40,6 +40,9 @@ enum Command {
     User(admin::UserCommand),
     /// Print a token signed with a server's secret (for scripts and tests).
     Token(admin::TokenArgs),
+    /// Copy a SQLite data dir's database into an empty PostgreSQL database (stop the
+    /// server first); resumable, verified at the end.
+    Migrate(admin::MigrateArgs),
 }
 
 #[derive(Debug, Default, Args)]
@@ -141,6 +144,7 @@ fn main() -> std::process::ExitCode {
         Command::Chat(args) => chat::run(args),
         Command::User(cmd) => admin::user(cmd),
         Command::Token(args) => admin::token(args),
+        Command::Migrate(args) => admin::migrate(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

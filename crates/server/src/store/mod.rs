@@ -27,6 +27,7 @@ use hubbub_protocol::{ContentType, ErrorCode, Message, ProtoError};
 pub mod conformance;
 mod postgres;
 mod sqlite;
+pub mod transfer;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

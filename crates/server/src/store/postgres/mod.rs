@@ -52,13 +52,13 @@ const MAY_READ_FILE: &str = "SELECT 1 FROM files WHERE id = $1 AND uploader = $2
 
 /// Opens connections to the database, with TLS when the URL asks for it.
 #[derive(Clone)]
-struct Connector {
+pub(in crate::store) struct Connector {
     config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
 impl Connector {
-    fn new(url: &str) -> StoreResult<Connector> {
+    pub(in crate::store) fn new(url: &str) -> StoreResult<Connector> {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Unavailable(format!("bad postgres URL: {e}")))?;
@@ -85,7 +85,7 @@ impl Connector {
     }
 
     /// A new connection (its driver runs on its own task until the client is dropped).
-    async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
+    pub(in crate::store) async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
         match &self.tls {
             None => {
                 let (client, conn) = self.config.connect(tokio_postgres::NoTls).await?;
