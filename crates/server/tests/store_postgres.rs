@@ -213,3 +213,44 @@ async fn nodes_starting_together_migrate_once_and_all_open() {
         s.close().await.unwrap();
     }
 }
+
+/// TLS: a server that accepts only TLS on TCP, with a certificate from a private CA. The
+/// store verifies it against `sslrootcert`; without it (the web PKI roots) the server is
+/// not trusted, and without TLS it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_required_and_verified_against_sslrootcert() {
+    let (pg, ca) = tokio::task::spawn_blocking(|| {
+        let mut pg = PgServer::start();
+        let ca = pg.require_tls();
+        (pg, ca)
+    })
+    .await
+    .unwrap();
+    let url = pg.create_database();
+    let noop: CommitHook = Arc::new(|_| {});
+    let ca = ca.display().to_string();
+    let verified = format!("{url}?sslmode=require&sslrootcert={ca}");
+    let store = PgStore::open(&verified, noop.clone(), Metrics::new())
+        .await
+        .expect("TLS verified against the test CA");
+    store.join_room("room:tls", "u").await.unwrap();
+    store
+        .append(text("room:tls", "u", "over tls".into()))
+        .await
+        .unwrap();
+    store.ping().await.unwrap();
+    store.close().await.unwrap();
+
+    let untrusted = PgStore::open(
+        &format!("{url}?sslmode=require"),
+        noop.clone(),
+        Metrics::new(),
+    )
+    .await;
+    assert!(
+        untrusted.is_err(),
+        "a private CA is not in the web PKI roots"
+    );
+    let plain = PgStore::open(&format!("{url}?sslmode=disable"), noop, Metrics::new()).await;
+    assert!(plain.is_err(), "the server refuses connections without TLS");
+}

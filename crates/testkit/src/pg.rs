@@ -44,6 +44,8 @@ pub struct PgServer {
     bin: &'static Binaries,
     port: u16,
     running: bool,
+    /// Started with TLS on (see [`PgServer::require_tls`]).
+    tls: bool,
     next_db: AtomicU32,
     // Last, so that the server is stopped before the dir goes.
     dir: TempDir,
@@ -104,6 +106,7 @@ impl PgServer {
             bin,
             port: 0,
             running: false,
+            tls: false,
             next_db: AtomicU32::new(0),
             dir,
         }
@@ -177,6 +180,92 @@ impl PgServer {
         self.stop_mode("fast");
     }
 
+    /// Restarts the server with TLS required on its TCP port: a certificate for
+    /// `127.0.0.1` signed by a fresh test CA (made with `openssl`), and `hostssl` as the
+    /// only TCP entry of `pg_hba.conf`, so a connection without TLS is refused. Returns
+    /// the CA certificate's path (PEM), for the client to verify the server with.
+    pub fn require_tls(&mut self) -> PathBuf {
+        let data = self.data();
+        let ca_key = self.dir.path().join("ca.key");
+        let ca = self.dir.path().join("ca.crt");
+        let csr = self.dir.path().join("server.csr");
+        let ext = self.dir.path().join("server.ext");
+        let key = data.join("server.key");
+        let crt = data.join("server.crt");
+        fs::write(&ext, "subjectAltName = IP:127.0.0.1\n").expect("write server.ext");
+        let openssl = |args: &[&str]| {
+            let mut cmd = Command::new("openssl");
+            cmd.args(args);
+            let out = run(&mut cmd, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(out.status.success(), "openssl {args:?}: {}", out.describe());
+        };
+        let p = |path: &Path| path.display().to_string();
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=hubbub-testkit CA",
+            "-keyout",
+            &p(&ca_key),
+            "-out",
+            &p(&ca),
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &p(&key),
+            "-out",
+            &p(&csr),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &p(&csr),
+            "-CA",
+            &p(&ca),
+            "-CAkey",
+            &p(&ca_key),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &p(&ext),
+            "-out",
+            &p(&crt),
+        ]);
+        for f in [&key, &crt] {
+            self.bin.give(f);
+        }
+        let mut perms = fs::metadata(&key).expect("server.key").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+        fs::set_permissions(&key, perms).expect("chmod server.key");
+        let hba = data.join("pg_hba.conf");
+        fs::write(
+            &hba,
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .expect("write pg_hba.conf");
+        self.bin.give(&hba);
+        self.tls = true;
+        if self.running {
+            self.stop();
+        }
+        self.write_config();
+        self.start_again();
+        ca
+    }
+
     /// Starts the stopped server again: same data dir, same port. Panics when it does
     /// not start, or when the port stays taken for a few seconds.
     pub fn start_again(&mut self) {
@@ -221,9 +310,15 @@ impl PgServer {
              unix_socket_directories = '{}'\n\
              max_connections = 300\n\
              synchronous_commit = on\n\
-             fsync = off\n",
+             fsync = off\n\
+             {}",
             self.port,
-            sock.display().to_string().replace('\'', "''")
+            sock.display().to_string().replace('\'', "''"),
+            if self.tls {
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+            } else {
+                ""
+            }
         );
         let path = self.data().join("postgresql.auto.conf");
         fs::write(&path, config).expect("write postgresql.auto.conf");

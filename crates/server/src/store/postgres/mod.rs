@@ -59,6 +59,7 @@ pub(in crate::store) struct Connector {
 
 impl Connector {
     pub(in crate::store) fn new(url: &str) -> StoreResult<Connector> {
+        let (url, root_cert) = take_sslrootcert(url);
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Unavailable(format!("bad postgres URL: {e}")))?;
@@ -68,9 +69,12 @@ impl Connector {
         let tls = match config.get_ssl_mode() {
             SslMode::Disable => None,
             _ => {
-                let roots = rustls::RootCertStore::from_iter(
-                    webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
-                );
+                let roots = match &root_cert {
+                    None => rustls::RootCertStore::from_iter(
+                        webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
+                    ),
+                    Some(path) => ca_file_roots(path)?,
+                };
                 let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
                     rustls::crypto::ring::default_provider(),
                 ))
@@ -124,6 +128,51 @@ impl Connector {
             .build()
             .map_err(|e| StoreError::Unavailable(format!("postgres pool: {e}")))
     }
+}
+
+/// Splits the `sslrootcert=FILE` parameter (as libpq names it) off a URL: the CA
+/// certificates (PEM) to verify the server with, instead of the web PKI roots.
+fn take_sslrootcert(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_string(), None);
+    };
+    let mut root = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.strip_prefix("sslrootcert=") {
+            Some(v) => {
+                root = Some(
+                    percent_encoding::percent_decode_str(v)
+                        .decode_utf8_lossy()
+                        .into_owned(),
+                );
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    (url, root)
+}
+
+/// The CA certificates of a PEM file, as the roots to verify the server with.
+fn ca_file_roots(path: &str) -> StoreResult<rustls::RootCertStore> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let bad = |e: String| StoreError::Unavailable(format!("sslrootcert {path}: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in it".into()));
+    }
+    Ok(roots)
 }
 
 /// The PostgreSQL store. Cheap to clone.
