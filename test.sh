@@ -86,5 +86,5 @@ cargo test --workspace --locked
 # The chat stories once more, each server storing into a PostgreSQL database of its own
 # (the store conformance suite runs on both stores in the run above).
 echo "test.sh: the chat stories on PostgreSQL" >&2
-HUBBUB_TEST_STORE=postgres cargo test -p hubbub-server --locked \
+HUBBUB_TEST_STORE=postgres cargo test --workspace --locked \
     --test chat --test lifecycle --test limits --test http_api --test membership --test client_session
