@@ -269,6 +269,20 @@ async fn send_until_failure(url: String, user: String, mut log: SenderLog) -> Se
     }
 }
 
+/// Waits for senders whose server is gone (each stops at its first failure).
+async fn sender_logs(tasks: Vec<tokio::task::JoinHandle<SenderLog>>) -> Vec<SenderLog> {
+    let mut logs = Vec::new();
+    for t in tasks {
+        logs.push(
+            tokio::time::timeout(WAIT, t)
+                .await
+                .expect("sender stops")
+                .unwrap(),
+        );
+    }
+    logs
+}
+
 /// Every acked message is stored with its seq; seqs are 1..=N; each text appears once.
 async fn check_store(server: &Server, logs: &[SenderLog]) -> usize {
     let reader = server
@@ -411,15 +425,7 @@ async fn sigterm_under_load_acks_only_what_is_stored_and_exits_in_time() {
     let status = server.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit status {status:?}");
     assert!(start.elapsed() < Duration::from_secs(10));
-    let mut logs = Vec::new();
-    for t in tasks {
-        logs.push(
-            tokio::time::timeout(WAIT, t)
-                .await
-                .expect("sender stops")
-                .unwrap(),
-        );
-    }
+    let logs = sender_logs(tasks).await;
     let server = Server::start_on_any_port(dir.path(), &[]);
     let acked = check_store(&server, &logs).await;
     assert!(acked > 20, "the load was real: {acked} acked");
@@ -458,15 +464,7 @@ async fn kill_9_of_one_of_three_nodes_on_one_postgres_loses_no_acked_message() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     nodes[1].signal("-KILL");
     nodes[2].signal("-KILL");
-    let mut logs = Vec::new();
-    for t in tasks {
-        logs.push(
-            tokio::time::timeout(WAIT, t)
-                .await
-                .expect("sender stops")
-                .unwrap(),
-        );
-    }
+    let logs = sender_logs(tasks).await;
     for node in &mut nodes {
         let _ = node.child.wait();
     }

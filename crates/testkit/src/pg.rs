@@ -11,7 +11,9 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use crate::port::free_port;
-use crate::process::{self, alive, effective_uid, kill_9, log_tail, poll_until, run};
+use crate::process::{
+    self, alive, effective_uid, kill_9, launch_retrying, log_tail, poll_until, run, Failed,
+};
 
 /// How long `pg_ctl` may wait for the server to start or stop (its `-t`).
 const PG_CTL_WAIT_SECS: u64 = 30;
@@ -55,18 +57,17 @@ impl PgServer {
     /// Starts a fresh server; panics (with the tail of its log) when it does not start.
     pub fn start() -> PgServer {
         let mut server = PgServer::prepare();
-        for attempt in 1.. {
-            server.port = free_port();
-            server.write_config();
-            match server.launch() {
-                Ok(()) => return server,
-                Err(Failed::PortInUse(_)) if attempt < PORT_ATTEMPTS => continue,
-                Err(Failed::PortInUse(why) | Failed::Other(why)) => {
-                    panic!("PostgreSQL did not start: {why}")
-                }
-            }
-        }
-        unreachable!()
+        launch_retrying(
+            "PostgreSQL did not start",
+            PORT_ATTEMPTS,
+            || {},
+            || {
+                server.port = free_port();
+                server.write_config();
+                server.launch()
+            },
+        );
+        server
     }
 
     /// A stopped server: its temp dir with a copy of the template, no port yet.
@@ -270,17 +271,12 @@ impl PgServer {
     /// not start, or when the port stays taken for a few seconds.
     pub fn start_again(&mut self) {
         assert!(!self.running, "the PostgreSQL server is already running");
-        for attempt in 1.. {
-            match self.launch() {
-                Ok(()) => return,
-                Err(Failed::PortInUse(_)) if attempt < 20 => {
-                    std::thread::sleep(Duration::from_millis(250))
-                }
-                Err(Failed::PortInUse(why) | Failed::Other(why)) => {
-                    panic!("PostgreSQL did not start again: {why}")
-                }
-            }
-        }
+        launch_retrying(
+            "PostgreSQL did not start again",
+            20,
+            || std::thread::sleep(Duration::from_millis(250)),
+            || self.launch(),
+        );
     }
 
     fn data(&self) -> PathBuf {
@@ -423,11 +419,6 @@ impl Drop for PgServer {
             self.kill_postmaster();
         }
     }
-}
-
-enum Failed {
-    PortInUse(String),
-    Other(String),
 }
 
 /// Where the PostgreSQL binaries are, and who runs them.

@@ -174,3 +174,28 @@ pub(crate) fn log_tail(path: &Path) -> String {
         Err(e) => format!("--- no log at {}: {e}", path.display()),
     }
 }
+
+/// Why a server did not start.
+pub(crate) enum Failed {
+    /// Its port was taken: worth another try (on another port, or after a wait).
+    PortInUse(String),
+    Other(String),
+}
+
+/// Runs `launch` until it starts the server: at most `attempts` times while the port is
+/// taken, calling `between` before each retry. Panics with `what` and the reason
+/// otherwise.
+pub(crate) fn launch_retrying(
+    what: &str,
+    attempts: usize,
+    mut between: impl FnMut(),
+    mut launch: impl FnMut() -> Result<(), Failed>,
+) {
+    for attempt in 1.. {
+        match launch() {
+            Ok(()) => return,
+            Err(Failed::PortInUse(_)) if attempt < attempts => between(),
+            Err(Failed::PortInUse(why) | Failed::Other(why)) => panic!("{what}: {why}"),
+        }
+    }
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use crate::port::free_port;
-use crate::process::{log_tail, wait_for};
+use crate::process::{launch_retrying, log_tail, wait_for, Failed};
 
 /// How long a started server may take to answer PING.
 const READY_WITHIN: Duration = Duration::from_secs(15);
@@ -42,17 +42,16 @@ impl RedisServer {
             child: None,
             dir,
         };
-        for attempt in 1.. {
-            server.port = free_port();
-            match server.launch() {
-                Ok(()) => return server,
-                Err(Failed::PortInUse(_)) if attempt < PORT_ATTEMPTS => continue,
-                Err(Failed::PortInUse(why) | Failed::Other(why)) => {
-                    panic!("redis-server did not start: {why}")
-                }
-            }
-        }
-        unreachable!()
+        launch_retrying(
+            "redis-server did not start",
+            PORT_ATTEMPTS,
+            || {},
+            || {
+                server.port = free_port();
+                server.launch()
+            },
+        );
+        server
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -100,17 +99,12 @@ impl RedisServer {
     /// start, or when the port stays taken for a few seconds.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "the Redis server is already running");
-        for attempt in 1.. {
-            match self.launch() {
-                Ok(()) => return,
-                Err(Failed::PortInUse(_)) if attempt < 20 => {
-                    std::thread::sleep(Duration::from_millis(250))
-                }
-                Err(Failed::PortInUse(why) | Failed::Other(why)) => {
-                    panic!("redis-server did not start again: {why}")
-                }
-            }
-        }
+        launch_retrying(
+            "redis-server did not start again",
+            20,
+            || std::thread::sleep(Duration::from_millis(250)),
+            || self.launch(),
+        );
     }
 
     fn addr(&self) -> SocketAddr {
@@ -192,11 +186,6 @@ impl Drop for RedisServer {
             }
         }
     }
-}
-
-enum Failed {
-    PortInUse(String),
-    Other(String),
 }
 
 /// PING in RESP; true on `+PONG`.
