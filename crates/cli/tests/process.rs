@@ -446,6 +446,13 @@ async fn kill_9_of_one_of_three_nodes_on_one_postgres_loses_no_acked_message() {
         .iter()
         .map(|d| Server::start_on_any_port(d.path(), &["--store", &url]))
         .collect();
+    // A watcher on the first node hears what that node commits (nodes do not forward to
+    // each other yet): it tells when the first node is under load, however slow the
+    // machine.
+    let mut watcher = nodes[0]
+        .connect(ConnectOptions::guest(nodes[0].url(), "watcher"))
+        .await;
+    watcher.join("load").await.unwrap();
     let tasks: Vec<_> = nodes
         .iter()
         .enumerate()
@@ -459,7 +466,14 @@ async fn kill_9_of_one_of_three_nodes_on_one_postgres_loses_no_acked_message() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    for _ in 0..40 {
+        watcher
+            .wait_for(Duration::from_secs(30), |f| {
+                matches!(f, ServerFrame::Message(_))
+            })
+            .await
+            .expect("the first node's senders get going");
+    }
     nodes[0].signal("-KILL");
     tokio::time::sleep(Duration::from_millis(500)).await;
     nodes[1].signal("-KILL");
