@@ -30,9 +30,19 @@ trap stop EXIT
 "${as_pg[@]}" "$BIN/initdb" -D "$DIR/data" -A trust -U postgres >/dev/null
 # Durable commits (fsync, synchronous_commit) as in production; room for the pools.
 "${as_pg[@]}" taskset -c "$SERVER_CPU" "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/log" -w \
-    -o "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=200 -c shared_buffers=256MB" \
+    -o "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=200 -c shared_buffers=256MB -c min_wal_size=2GB -c max_wal_size=4GB ${PG_EXTRA:-}" \
     start >/dev/null
 "${as_pg[@]}" "$BIN/psql" -h 127.0.0.1 -p "$PORT" -U postgres -qc 'CREATE DATABASE bench' postgres
+# A database that has been running reuses its old WAL files; a fresh cluster creates and
+# zero-fills a new 16 MB file each time one fills up (every few seconds under these
+# loads), and the commit that needs it waits. Write and recycle 1.5 GB of WAL first.
+"${as_pg[@]}" "$BIN/psql" -h 127.0.0.1 -p "$PORT" -U postgres -q postgres <<'SQL' >/dev/null
+CREATE TABLE warm AS SELECT repeat('x', 1000) AS x FROM generate_series(1, 1200000);
+DROP TABLE warm;
+CHECKPOINT;
+SELECT pg_switch_wal();
+CHECKPOINT;
+SQL
 export PG_URL="postgres://postgres@127.0.0.1:$PORT/bench?sslmode=disable"
 echo "with-postgres.sh: PostgreSQL on $PG_URL (core $SERVER_CPU)" >&2
 "$@"

@@ -117,6 +117,80 @@ async fn three_instances_appending_to_one_database_keep_seqs_gapless() {
     }
 }
 
+/// The writer's batched lookups (retried `client_msg_id`s, room membership) probe the
+/// indexes key by key: a batch never scans a whole table. With `IN (SELECT * FROM
+/// unnest(...))`, the plan cached while `messages` was small was a hash join over a full
+/// scan of it, run again for every batch as the table grew (half the database's CPU in
+/// the dm benchmark, and more with every message stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_lookups_never_scan_whole_tables() {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let url = pg.create_database();
+    let noop: CommitHook = Arc::new(|_| {});
+    let store = Arc::new(PgStore::open(&url, noop, Metrics::new()).await.unwrap());
+    const USERS: usize = 100;
+    for u in 0..USERS {
+        store.join_room("room:r", &format!("u{u}")).await.unwrap();
+    }
+    // 40 waves of one send from each user at once: batches of many keys, while the
+    // table grows from empty to 4,000 messages.
+    for wave in 0..40 {
+        let sends: Vec<_> = (0..USERS)
+            .map(|u| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let user = format!("u{u}");
+                    store
+                        .append(text("room:r", &user, format!("{user}-{wave}")))
+                        .await
+                        .expect("append")
+                })
+            })
+            .collect();
+        for s in sends {
+            s.await.unwrap();
+        }
+    }
+    assert_eq!(store.last_seq("room:r").await.unwrap(), 40 * USERS as u64);
+    // Closing ends the writer's connection, which hands its statistics over.
+    store.close().await.unwrap();
+    drop(store);
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let scans = |table: &str| -> u64 {
+        let sql = format!("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = '{table}'");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            // The statistics arrive once the closed connection's backend has exited.
+            let out = pg.psql(&db, &format!("SELECT pg_stat_clear_snapshot(); {sql}"));
+            let n: u64 = out
+                .lines()
+                .last()
+                .unwrap_or("0")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            let idx: u64 = pg
+                .psql(&db, &format!("SELECT coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = '{table}'"))
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            if idx > 0 || std::time::Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let (messages, members) = (scans("messages"), scans("members"));
+    assert!(
+        messages <= 5,
+        "{messages} full scans of messages in about 40+ batches"
+    );
+    assert!(
+        members <= 5,
+        "{members} full scans of members in about 40+ batches"
+    );
+}
+
 /// An immediate stop of PostgreSQL (its kill -9) fails what is in flight with
 /// `unavailable` and loses nothing that was acknowledged; once it is back, the store
 /// serves again by itself.

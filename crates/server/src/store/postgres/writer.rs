@@ -11,6 +11,12 @@
 //! meanwhile, the insert fails, the batch is rolled back and applied again (then it
 //! finds the stored message). After the commit, the changes go to the commit hook in
 //! commit order, then the callers are answered.
+//!
+//! Lookups of many keys at once are written as `unnest(...) CROSS JOIN LATERAL (... WHERE
+//! key = k LIMIT 1)`: one index probe per key, whatever plan is cached (the `LIMIT` keeps
+//! the planner from flattening the subquery into a join). An `IN (SELECT * FROM
+//! unnest(...))` lets a generic plan made while a table was small hash-join a full scan
+//! of it, which then runs for every batch as the table grows.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -20,7 +26,7 @@ use std::time::Duration;
 use hubbub_protocol::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Statement, Transaction};
+use tokio_postgres::{Client, Statement};
 
 use super::{row_to_file, row_to_message, Connector, MESSAGE_COLUMNS};
 use crate::auth::name_skeleton;
@@ -134,9 +140,10 @@ impl Conn {
     }
 }
 
-/// One open batch: its transaction, what it produced, what it will announce.
+/// One open batch: the connection its transaction is open on, what it produced, what it
+/// will announce.
 struct Batch<'a> {
-    tx: Transaction<'a>,
+    tx: &'a Client,
     statements: &'a mut HashMap<&'static str, Statement>,
     dms: &'a HashSet<String>,
     /// DM rows this batch created (known once it commits).
@@ -266,51 +273,67 @@ impl Writer {
 
 type Applied = (Vec<StoreResult<Outcome>>, Vec<Committed>, Vec<String>);
 
+/// Applies `ops` in one transaction. `BEGIN`, `COMMIT` and the queries of a run of
+/// appends are pipelined (sent without waiting for the answers before them): on a busy
+/// machine each round trip to the database costs a scheduling delay, so a batch takes
+/// three round trips instead of one per statement.
 async fn apply(conn: &mut Conn, ops: &[Op], now: i64) -> PgResult<Applied> {
     let Conn {
         client,
         statements,
         dms,
     } = conn;
-    let tx = client.transaction().await?;
+    let client: &Client = client;
     let mut b = Batch {
-        tx,
+        tx: client,
         statements,
         dms,
         new_dms: Vec::new(),
         changes: Vec::new(),
         now,
     };
-    let mut results = Vec::with_capacity(ops.len());
-    let mut i = 0;
-    while i < ops.len() {
-        if let Op::Append(_) = &ops[i] {
-            let run: Vec<&NewMessage> = ops[i..]
-                .iter()
-                .map_while(|op| match op {
-                    Op::Append(m) => Some(m),
-                    _ => None,
-                })
-                .collect();
-            i += run.len();
-            b.append(&run, &mut results).await?;
-            continue;
+    // Polled first, so `BEGIN` goes out before the batch's first statement.
+    let (begun, results) = tokio::join!(client.batch_execute("BEGIN"), b.apply_all(ops));
+    let outcome = match begun.and(results) {
+        Ok(results) => client.batch_execute("COMMIT").await.map(|()| results),
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(results) => Ok((results, b.changes, b.new_dms)),
+        Err(e) => {
+            // Whatever failed, no transaction stays open on the connection.
+            if !client.is_closed() {
+                let _ = client.batch_execute("ROLLBACK").await;
+            }
+            Err(e)
         }
-        let result = b.one(&ops[i]).await?;
-        results.push(result);
-        i += 1;
     }
-    let Batch {
-        tx,
-        changes,
-        new_dms,
-        ..
-    } = b;
-    tx.commit().await?;
-    Ok((results, changes, new_dms))
 }
 
 impl Batch<'_> {
+    async fn apply_all(&mut self, ops: &[Op]) -> PgResult<Vec<StoreResult<Outcome>>> {
+        let mut results = Vec::with_capacity(ops.len());
+        let mut i = 0;
+        while i < ops.len() {
+            if let Op::Append(_) = &ops[i] {
+                let run: Vec<&NewMessage> = ops[i..]
+                    .iter()
+                    .map_while(|op| match op {
+                        Op::Append(m) => Some(m),
+                        _ => None,
+                    })
+                    .collect();
+                i += run.len();
+                self.append(&run, &mut results).await?;
+                continue;
+            }
+            let result = self.one(&ops[i]).await?;
+            results.push(result);
+            i += 1;
+        }
+        Ok(results)
+    }
+
     async fn st(&mut self, sql: &'static str) -> PgResult<Statement> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
@@ -333,94 +356,63 @@ impl Batch<'_> {
             .iter()
             .map(|m| (m.from.as_str(), m.client_msg_id.as_str()))
             .unzip();
-        let st = self.st(select_stored_sql()).await?;
-        let mut stored: HashMap<(String, String), Message> = HashMap::new();
-        for r in self.tx.query(&st, &[&senders, &ids]).await? {
-            let m = row_to_message(&r).map_err(|e| {
-                tracing::error!(error = %e, "a stored message cannot be read");
-                e
-            });
-            if let Ok(m) = m {
-                stored.insert((m.from.clone(), m.client_msg_id.clone()), m);
-            }
-        }
-        // New DMs get their conversation and member rows first (not for a refused
-        // retry: a DM exists from its first stored message on).
-        let new_dms: BTreeMap<&str, &(String, String)> = run
-            .iter()
-            .filter(|m| !stored.contains_key(&(m.from.clone(), m.client_msg_id.clone())))
-            .filter_map(|m| Some((m.conv.as_str(), m.dm_members.as_ref()?)))
-            .filter(|(conv, _)| !self.dms.contains(*conv))
-            .collect();
-        if !new_dms.is_empty() {
-            let convs: Vec<&str> = new_dms.keys().copied().collect();
-            let creators: Vec<&str> = convs
-                .iter()
-                .map(|c| {
-                    run.iter()
-                        .find(|m| m.conv == *c)
-                        .map_or("", |m| m.from.as_str())
-                })
-                .collect();
-            let st = self
-                .st(
-                    "INSERT INTO conversations (conv, kind, created_by, created_at) \
-                     SELECT c, 'dm', b, $3 FROM unnest($1::text[], $2::text[]) AS u(c, b) \
-                     ON CONFLICT (conv) DO NOTHING",
-                )
-                .await?;
-            self.tx.execute(&st, &[&convs, &creators, &now]).await?;
-            let mut mconvs = Vec::new();
-            let mut musers = Vec::new();
-            for (conv, (a, b)) in &new_dms {
-                mconvs.extend([*conv, *conv]);
-                musers.extend([a.as_str(), b.as_str()]);
-            }
-            let st = self
-                .st("INSERT INTO members (conv, user_name, role, joined_at) \
-                     SELECT c, u, 'member', $3 FROM unnest($1::text[], $2::text[]) AS x(c, u) \
-                     ON CONFLICT (conv, user_name) DO NOTHING")
-                .await?;
-            self.tx.execute(&st, &[&mconvs, &musers, &now]).await?;
-            self.new_dms.extend(convs.iter().map(|c| c.to_string()));
-        }
-        // Lock the conversations' rows, in id order.
+        // The conversations' rows are locked in id order.
         let convs: Vec<&str> = run
             .iter()
             .map(|m| m.conv.as_str())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        let st = self
-            .st("SELECT conv, last_seq FROM conversations WHERE conv = ANY($1) ORDER BY conv FOR UPDATE")
-            .await?;
-        let mut last: HashMap<String, i64> = self
-            .tx
-            .query(&st, &[&convs])
-            .await?
-            .iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-            .collect();
-        // Room membership, under those locks (a leave takes the same lock).
+        // Room membership is read under those locks (a leave takes the same lock).
         let (rconvs, rusers): (Vec<&str>, Vec<&str>) = run
             .iter()
             .filter(|m| m.dm_members.is_none())
             .map(|m| (m.conv.as_str(), m.from.as_str()))
             .unzip();
-        let mut members: HashSet<(String, String)> = HashSet::new();
-        if !rconvs.is_empty() {
-            let st = self
-                .st("SELECT conv, user_name FROM members \
-                     WHERE (conv, user_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))")
-                .await?;
-            members = self
-                .tx
-                .query(&st, &[&rconvs, &rusers])
-                .await?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-        }
+        let st_stored = self.st(select_stored_sql()).await?;
+        let st_lock = self
+            .st("SELECT conv, last_seq FROM conversations WHERE conv = ANY($1) ORDER BY conv FOR UPDATE")
+            .await?;
+        let st_members = self
+            .st(
+                "SELECT m.conv, m.user_name FROM unnest($1::text[], $2::text[]) AS k(c, u) \
+                 CROSS JOIN LATERAL (SELECT conv, user_name FROM members \
+                                     WHERE conv = k.c AND user_name = k.u LIMIT 1) AS m",
+            )
+            .await?;
+        let tx = self.tx;
+        let lock = async { tx.query(&st_lock, &[&convs]).await };
+        let members = async {
+            if rconvs.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&st_members, &[&rconvs, &rusers]).await
+        };
+        // The three reads go out together, unless a DM's rows must be created between
+        // the lookup of retried sends and the locks.
+        let creates_dm = run
+            .iter()
+            .any(|m| m.dm_members.is_some() && !self.dms.contains(&m.conv));
+        let (stored, locked, member_rows) = if creates_dm {
+            let stored = stored_by_id(tx.query(&st_stored, &[&senders, &ids]).await?);
+            self.create_dms(run, &stored).await?;
+            let (locked, member_rows) = tokio::try_join!(lock, members)?;
+            (stored, locked, member_rows)
+        } else {
+            let (stored, locked, member_rows) = tokio::try_join!(
+                async { tx.query(&st_stored, &[&senders, &ids]).await },
+                lock,
+                members
+            )?;
+            (stored_by_id(stored), locked, member_rows)
+        };
+        let mut stored = stored;
+        let mut last: HashMap<String, i64> = locked
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+            .collect();
+        let members: HashSet<(String, String)> =
+            member_rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         // Seqs for the new messages, in request order.
         let mut rows = NewRows::default();
         let first_result = results.len();
@@ -477,11 +469,19 @@ impl Batch<'_> {
                  SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[])",
             )
             .await?;
+        let st_update = self
+            .st("UPDATE conversations c SET last_seq = u.s \
+                 FROM unnest($1::text[], $2::int8[]) AS u(conv, s) \
+                 WHERE c.conv = u.conv AND c.conv = ANY($1)")
+            .await?;
         let ts = vec![now; rows.conv.len()];
-        self.tx
-            .execute(
-                &st,
-                &[
+        let (uconvs, useqs): (Vec<&str>, Vec<i64>) = convs
+            .iter()
+            .filter_map(|c| Some((*c, *last.get(*c)?)))
+            .unzip();
+        tokio::try_join!(
+            async {
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
                     &rows.conv,
                     &rows.seq,
                     &rows.msg_id,
@@ -490,18 +490,11 @@ impl Batch<'_> {
                     &rows.content_type,
                     &rows.content,
                     &ts,
-                ],
-            )
-            .await?;
-        let (uconvs, useqs): (Vec<&str>, Vec<i64>) = convs
-            .iter()
-            .filter_map(|c| Some((*c, *last.get(*c)?)))
-            .unzip();
-        let st = self
-            .st("UPDATE conversations c SET last_seq = u.s \
-                 FROM unnest($1::text[], $2::int8[]) AS u(conv, s) WHERE c.conv = u.conv")
-            .await?;
-        self.tx.execute(&st, &[&uconvs, &useqs]).await?;
+                ];
+                tx.execute(&st, &params).await
+            },
+            async { tx.execute(&st_update, &[&uconvs, &useqs]).await }
+        )?;
         for (_, message, origin) in fresh {
             if let Some(content) = &message.content {
                 if attachment_file_id(content).is_some() {
@@ -510,6 +503,55 @@ impl Batch<'_> {
                 }
             }
             self.changes.push(Committed::Message { message, origin });
+        }
+        Ok(())
+    }
+
+    /// Creates the conversation and member rows of the run's new DMs (not for a refused
+    /// retry: a DM exists from its first stored message on).
+    async fn create_dms(
+        &mut self,
+        run: &[&NewMessage],
+        stored: &HashMap<(String, String), Message>,
+    ) -> PgResult<()> {
+        let now = self.now;
+        let new_dms: BTreeMap<&str, &(String, String)> = run
+            .iter()
+            .filter(|m| !stored.contains_key(&(m.from.clone(), m.client_msg_id.clone())))
+            .filter_map(|m| Some((m.conv.as_str(), m.dm_members.as_ref()?)))
+            .filter(|(conv, _)| !self.dms.contains(*conv))
+            .collect();
+        if !new_dms.is_empty() {
+            let convs: Vec<&str> = new_dms.keys().copied().collect();
+            let creators: Vec<&str> = convs
+                .iter()
+                .map(|c| {
+                    run.iter()
+                        .find(|m| m.conv == *c)
+                        .map_or("", |m| m.from.as_str())
+                })
+                .collect();
+            let st = self
+                .st(
+                    "INSERT INTO conversations (conv, kind, created_by, created_at) \
+                     SELECT c, 'dm', b, $3 FROM unnest($1::text[], $2::text[]) AS u(c, b) \
+                     ON CONFLICT (conv) DO NOTHING",
+                )
+                .await?;
+            self.tx.execute(&st, &[&convs, &creators, &now]).await?;
+            let mut mconvs = Vec::new();
+            let mut musers = Vec::new();
+            for (conv, (a, b)) in &new_dms {
+                mconvs.extend([*conv, *conv]);
+                musers.extend([a.as_str(), b.as_str()]);
+            }
+            let st = self
+                .st("INSERT INTO members (conv, user_name, role, joined_at) \
+                     SELECT c, u, 'member', $3 FROM unnest($1::text[], $2::text[]) AS x(c, u) \
+                     ON CONFLICT (conv, user_name) DO NOTHING")
+                .await?;
+            self.tx.execute(&st, &[&mconvs, &musers, &now]).await?;
+            self.new_dms.extend(convs.iter().map(|c| c.to_string()));
         }
         Ok(())
     }
@@ -866,12 +908,27 @@ impl Batch<'_> {
     }
 }
 
+/// Stored messages by `(sender, client_msg_id)`.
+fn stored_by_id(rows: Vec<tokio_postgres::Row>) -> HashMap<(String, String), Message> {
+    let mut stored = HashMap::new();
+    for r in rows {
+        match row_to_message(&r) {
+            Ok(m) => {
+                stored.insert((m.from.clone(), m.client_msg_id.clone()), m);
+            }
+            Err(e) => tracing::error!(error = %e, "a stored message cannot be read"),
+        }
+    }
+    stored
+}
+
 fn select_stored_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
         format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE (sender, client_msg_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+            "SELECT m.* FROM unnest($1::text[], $2::text[]) AS k(s, c) \
+             CROSS JOIN LATERAL (SELECT {MESSAGE_COLUMNS} FROM messages \
+                                 WHERE sender = k.s AND client_msg_id = k.c LIMIT 1) AS m"
         )
     })
 }
