@@ -61,6 +61,10 @@ struct ServeArgs {
     /// `?sslmode=require` for TLS).
     #[arg(long)]
     store: Option<String>,
+    /// `local` (the default) or `redis://HOST:PORT`: the bus between the nodes of a
+    /// cluster (needs a postgres:// store and a jwt_secret shared by every node).
+    #[arg(long)]
+    bus: Option<String>,
     /// Users with admin rights, comma separated.
     #[arg(long, value_delimiter = ',')]
     admins: Option<Vec<String>>,
@@ -103,6 +107,9 @@ impl ServeArgs {
         }
         if let Some(s) = &self.store {
             set("store", Value::String(s.clone()));
+        }
+        if let Some(b) = &self.bus {
+            set("bus", Value::String(b.clone()));
         }
         if let Some(a) = &self.admins {
             set(

@@ -8,9 +8,10 @@
 //!
 //! [`LocalBus`] is the in-process implementation: it hashes the conversation to one of a
 //! few shard tasks, so one conversation is delivered in `seq` order while different
-//! conversations fan out in parallel. A bus between nodes implements the same trait and
-//! also forwards to the other nodes; anything that must be exact lives in the store,
-//! never only on the bus.
+//! conversations fan out in parallel. The cluster's bus ([`crate::cluster::ClusterBus`])
+//! implements the same trait on top of a `LocalBus`: it also forwards every change and
+//! every [`Live`] event to the other nodes. Anything that must be exact lives in the
+//! store, never only on the bus.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -20,7 +21,34 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
+use hubbub_protocol::SignalKind;
+use serde::{Deserialize, Serialize};
+
 use crate::store::Committed;
+
+/// What is live and never stored, for the sessions of other nodes (a one-node bus has
+/// no other nodes and drops them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "live", rename_all = "snake_case")]
+pub enum Live {
+    /// `user` is typing in `conv`.
+    Typing { conv: String, user: String },
+    /// A call signal for `to`'s sessions.
+    Signal {
+        to: String,
+        from: String,
+        call_id: String,
+        kind: SignalKind,
+        data: serde_json::Value,
+    },
+    /// An announcement for every session.
+    Notice { from: String, text: String },
+    /// A session of `user` on `device` opened: the same device's sessions elsewhere are
+    /// replaced (closed with 4001).
+    Kick { user: String, device: String },
+    /// `user` has a session on the sending node now (`online`), or none left there.
+    Presence { user: String, online: bool },
+}
 
 /// Carries committed changes to whoever delivers them, per conversation in order.
 pub trait Bus: Send + Sync + 'static {
@@ -31,6 +59,9 @@ pub trait Bus: Send + Sync + 'static {
     /// Resolves once every change of `conv` published before this call has been handled
     /// by the subscriber (at once if the bus has stopped).
     fn flush(&self, conv: &str) -> BoxFuture<'static, ()>;
+
+    /// Sends a live event to the other nodes (none on a one-node bus). Never blocks.
+    fn relay(&self, _event: Live) {}
 }
 
 /// What the bus delivers to: called for each change, one conversation's changes one at a
@@ -38,6 +69,13 @@ pub trait Bus: Send + Sync + 'static {
 pub trait Subscriber: Send + Sync + 'static {
     /// Handles one change.
     fn handle(&self, change: Committed) -> BoxFuture<'_, ()>;
+
+    /// Delivers what was committed in `conv` since the subscriber last delivered it (a
+    /// change from another node may have been lost on the way). Called between the
+    /// conversation's changes.
+    fn catch_up(&self, _conv: String) -> BoxFuture<'_, ()> {
+        futures_util::future::ready(()).boxed()
+    }
 
     /// Whether the subscriber asks the bus to let other tasks run before the next change
     /// (recipients' queues are filling; their writers must get the thread).
@@ -56,6 +94,8 @@ pub struct LocalBus {
 #[derive(Debug)]
 enum Item {
     Change(Committed),
+    /// Deliver what the store has beyond what was delivered.
+    CatchUp(String),
     /// Answered once everything queued before it is handled.
     Flush(oneshot::Sender<()>),
 }
@@ -78,6 +118,12 @@ impl LocalBus {
             },
             LocalBusWorkers { receivers: rxs },
         )
+    }
+
+    /// Queues a catch-up of `conv` behind the changes queued for it so far (see
+    /// [`Subscriber::catch_up`]).
+    pub fn catch_up(&self, conv: &str) {
+        let _ = self.shard(conv).send(Item::CatchUp(conv.to_string()));
     }
 
     fn shard(&self, conv: &str) -> &mpsc::UnboundedSender<Item> {
@@ -131,6 +177,7 @@ impl LocalBusWorkers {
                                 tokio::task::yield_now().await;
                             }
                         }
+                        Item::CatchUp(conv) => subscriber.catch_up(conv).await,
                         Item::Flush(done) => {
                             let _ = done.send(());
                         }

@@ -20,6 +20,10 @@ pub struct Config {
     /// `postgres://` URL (a database several nodes can share). Uploaded files stay in
     /// `data_dir` either way.
     pub store: String,
+    /// How committed changes and live events reach the sessions: `local` (this process
+    /// only) or a `redis://HOST:PORT` URL, which makes this process a node of a cluster
+    /// (needs a `postgres://` store and a `jwt_secret` shared by every node).
+    pub bus: String,
     /// Users with admin rights (authenticated by token, never as guests).
     pub admins: Vec<String>,
     /// Guest mode (`?user=NAME`, no password): an explicit choice; `None` means off.
@@ -143,6 +147,15 @@ pub enum StoreKind<'a> {
     Postgres(&'a str),
 }
 
+/// What carries changes between sessions (see [`Config::bus`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusKind<'a> {
+    /// This process only.
+    Local,
+    /// A cluster's Redis at this URL.
+    Redis(&'a str),
+}
+
 /// `url` with its password, if any, replaced by `***` (for messages and logs).
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -163,6 +176,7 @@ impl Default for Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("hubbub-data"),
             store: "sqlite".into(),
+            bus: "local".into(),
             admins: Vec::new(),
             guest: None,
             heartbeat_ms: 25_000,
@@ -297,9 +311,46 @@ impl Config {
         ))
     }
 
+    /// Which bus [`Config::bus`] names.
+    pub fn bus_kind(&self) -> Result<BusKind<'_>, String> {
+        let s = self.bus.trim();
+        if s.eq_ignore_ascii_case("local") {
+            return Ok(BusKind::Local);
+        }
+        if s.starts_with("redis://") || s.starts_with("rediss://") {
+            return Ok(BusKind::Redis(s));
+        }
+        Err(format!(
+            "bus must be local or a redis:// URL, got {:?}",
+            redact_url(s)
+        ))
+    }
+
+    /// Whether this process is a node of a cluster (a Redis bus).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.bus_kind(), Ok(BusKind::Redis(_)))
+    }
+
     /// Checks values that would make the server misbehave.
     pub fn validate(&self) -> Result<(), String> {
-        self.store_kind()?;
+        let store = self.store_kind()?;
+        if let BusKind::Redis(_) = self.bus_kind()? {
+            if store == StoreKind::Sqlite {
+                return Err(
+                    "a cluster node (bus = redis://...) needs a postgres:// store: \
+                     the SQLite file belongs to one process"
+                        .into(),
+                );
+            }
+            if self.jwt_secret.as_deref().is_none_or(|s| s.len() < 32) {
+                return Err(
+                    "a cluster node (bus = redis://...) needs jwt_secret (at least 32 \
+                     bytes, the same on every node): tokens signed by one node must be \
+                     accepted by all"
+                        .into(),
+                );
+            }
+        }
         if self.heartbeat_ms < 10 {
             return Err("heartbeat_ms must be at least 10".into());
         }

@@ -435,6 +435,33 @@ impl Hub {
         last
     }
 
+    /// Replaces the sessions of `user` on `device` (a login of that device on another
+    /// node): each gets `kicked` and is closed with 4001, and leaves the hub as it closes.
+    /// Returns how many there were.
+    pub fn kick_device(&self, user: &str, device: &str) -> usize {
+        let Some(sessions) = self.users.get(user) else {
+            return 0;
+        };
+        let kicked: Vec<SessionHandle> = sessions
+            .iter()
+            .filter(|s| &*s.device == device)
+            .cloned()
+            .collect();
+        drop(sessions);
+        let frame = OutFrame::new(ServerFrame::Kicked {
+            reason: "replaced".into(),
+        });
+        for s in &kicked {
+            s.kick(&frame);
+        }
+        kicked.len()
+    }
+
+    /// The users with a session on this node.
+    pub fn online_users(&self) -> Vec<Arc<str>> {
+        self.users.iter().map(|e| e.key().clone()).collect()
+    }
+
     pub fn is_online(&self, user: &str) -> bool {
         self.users.contains_key(user)
     }

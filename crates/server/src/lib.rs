@@ -32,6 +32,7 @@ pub mod access;
 pub mod api;
 pub mod auth;
 pub mod bus;
+pub mod cluster;
 pub mod config;
 pub mod gateway;
 pub mod host;
@@ -48,10 +49,11 @@ pub use config::Config;
 
 use crate::auth::Authenticator;
 use crate::bus::{Bus, LocalBus};
+use crate::cluster::Cluster;
 use crate::hub::{CloseReason, Hub};
 use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::presence::LocalPresence;
+use crate::presence::{LocalPresence, Presence};
 use crate::store::{CommitHook, PgStore, SqliteStore, Store};
 
 /// How long shutdown waits for sessions to close before flushing the store anyway.
@@ -99,12 +101,24 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-    let (bus, workers) = LocalBus::new(shards);
+    let (local, workers) = LocalBus::new(shards);
+    let metrics = Metrics::new();
+    let hub = Arc::new(Hub::new(metrics.clone()));
+    let cluster = match config.bus_kind().map_err(anyhow::Error::msg)? {
+        config::BusKind::Local => None,
+        config::BusKind::Redis(url) => {
+            tracing::info!(bus = %config::redact_url(url), "joining the cluster");
+            Some(Cluster::new(url, hub.clone(), metrics.clone())?)
+        }
+    };
+    let bus: Arc<dyn Bus> = match &cluster {
+        Some(c) => Arc::new(c.bus(local.clone())),
+        None => Arc::new(local.clone()),
+    };
     let hook: CommitHook = {
         let bus = bus.clone();
         Arc::new(move |change| bus.publish(change))
     };
-    let metrics = Metrics::new();
     let store: Arc<dyn Store> = match config.store_kind().map_err(anyhow::Error::msg)? {
         config::StoreKind::Sqlite => Arc::new(SqliteStore::open_with(
             &config.data_dir,
@@ -117,18 +131,24 @@ pub async fn run(
             Arc::new(PgStore::open(url, hook, metrics.clone()).await?)
         }
     };
-    let hub = Arc::new(Hub::new(metrics.clone()));
+    let presence: Arc<dyn Presence> = match &cluster {
+        Some(c) => c.presence(),
+        None => Arc::new(LocalPresence::new(hub.clone())),
+    };
     let node = Arc::new(Node::new(
         &config,
         store.clone(),
-        Arc::new(bus) as Arc<dyn Bus>,
-        Arc::new(LocalPresence::new(hub.clone())),
+        bus,
+        presence,
         hub.clone(),
         &metrics,
     ));
     let background = TaskTracker::new();
     let background_stop = CancellationToken::new();
     workers.start(node.fanout(), &background);
+    if let Some(c) = &cluster {
+        c.start(node.clone(), local, &background, background_stop.clone());
+    }
     {
         // Cached member lists of rooms nobody online uses go after a while.
         let node = node.clone();

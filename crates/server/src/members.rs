@@ -182,6 +182,13 @@ impl Members {
         before - after
     }
 
+    /// Forgets every cached room (each is loaded again from the store on next use): after
+    /// a cluster node may have missed membership changes of other nodes.
+    pub fn clear(&self) {
+        self.rooms.clear();
+        self.metrics.rooms_cached.set(0);
+    }
+
     /// Number of rooms cached now.
     pub fn cached(&self) -> usize {
         self.rooms.len()

@@ -12,6 +12,10 @@ pub struct Metrics {
     pub frames_in: IntCounter,
     pub frames_out: IntCounter,
     pub messages_stored: IntCounter,
+    /// Cluster events dropped because Redis was away too long (messages are caught up).
+    pub cluster_dropped: IntCounter,
+    /// Conversations a cluster node found behind the store and caught up.
+    pub cluster_catch_ups: IntCounter,
     pub deliveries: IntCounter,
     pub slow_consumer_closes: IntCounter,
     pub auth_failures: IntCounter,
@@ -75,6 +79,14 @@ impl Metrics {
                 "WebSocket frames written to clients (each may carry several messages)",
             ),
             messages_stored: counter("messages_stored_total", "messages appended to the store"),
+            cluster_dropped: counter(
+                "cluster_events_dropped_total",
+                "events for other nodes dropped while redis was unreachable",
+            ),
+            cluster_catch_ups: counter(
+                "cluster_catch_ups_total",
+                "conversations caught up from the store after a missed event",
+            ),
             deliveries: counter("deliveries_total", "pushes queued to sessions"),
             slow_consumer_closes: counter(
                 "slow_consumer_closes_total",

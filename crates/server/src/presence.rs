@@ -2,9 +2,9 @@
 //!
 //! The node tells its [`Presence`] when a user's sessions come and go on this node, and
 //! asks it whether a user is online anywhere. [`LocalPresence`] is the one-node
-//! implementation: online means a session on this node's hub. A cluster implementation
-//! keeps the same answers across nodes (and says when a node's users went offline with
-//! it).
+//! implementation: online means a session on this node's hub. The cluster's
+//! implementation ([`crate::cluster::ClusterPresence`]) gives the same answers across
+//! nodes (and notices when a node's users went offline with it).
 
 use std::sync::Arc;
 
@@ -22,6 +22,11 @@ pub trait Presence: Send + Sync + 'static {
 
     /// Whether `user` has a session anywhere.
     fn is_online(&self, user: &str) -> bool;
+
+    /// Whether `user` has a session on another node.
+    fn elsewhere(&self, _user: &str) -> bool {
+        false
+    }
 }
 
 /// Presence of a single node: its hub's sessions.

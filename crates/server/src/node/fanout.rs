@@ -5,18 +5,36 @@
 //! member of its conversation, except the session it came from. Joins and leaves are
 //! applied to the room's member list here, between the room's deliveries and in commit
 //! order, so a message reaches exactly the users who were members when it was committed.
+//!
+//! In a cluster, changes come from every node, and the bus between nodes may lose one
+//! (it is a doorbell, not a log). So the fan-out of a cluster node keeps, per
+//! conversation, the last seq it delivered ([`CatchUp`]): a repeat is dropped, a jump is
+//! first filled from the store, and [`Subscriber::catch_up`] delivers whatever the store
+//! has beyond it. Every message reaches this node's sessions once and in seq order.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
-use hubbub_protocol::{Conv, MemberEvent, ServerFrame};
+use hubbub_protocol::{Conv, MemberEvent, Message, ServerFrame};
 
 use crate::bus::Subscriber;
 use crate::hub::{Hub, OutFrame};
 use crate::members::Members;
 use crate::presence::Presence;
-use crate::store::{Committed, StoreError};
+use crate::store::{Committed, HistoryQuery, Store, StoreError};
+
+/// Most messages read from the store in one step of filling a gap.
+const FILL_PAGE: u32 = 500;
+
+/// The seqs a cluster node delivered (see the module docs).
+struct CatchUp {
+    store: Arc<dyn Store>,
+    /// Per conversation: the last seq delivered here, and when.
+    delivered: DashMap<String, (u64, Instant)>,
+}
 
 /// Delivers frames of conversations to this node's sessions.
 pub struct Fanout {
@@ -25,6 +43,8 @@ pub struct Fanout {
     presence: Arc<dyn Presence>,
     /// Rooms with more members than this get no `member` frames.
     large_room: usize,
+    /// In a cluster: what was delivered, per conversation.
+    catch_up: Option<CatchUp>,
 }
 
 impl Fanout {
@@ -39,6 +59,106 @@ impl Fanout {
             members,
             presence,
             large_room,
+            catch_up: None,
+        }
+    }
+
+    /// A fan-out for a node of a cluster: it drops repeated messages and fills gaps from
+    /// `store` (see the module docs).
+    pub fn with_catch_up(mut self, store: Arc<dyn Store>) -> Fanout {
+        self.catch_up = Some(CatchUp {
+            store,
+            delivered: DashMap::new(),
+        });
+        self
+    }
+
+    /// The conversations whose last delivered seq is tracked, with that seq; entries
+    /// not used for `idle` are dropped first.
+    pub fn delivered(&self, idle: Duration) -> Vec<(String, u64)> {
+        let Some(c) = &self.catch_up else {
+            return Vec::new();
+        };
+        c.delivered.retain(|_, (_, at)| at.elapsed() < idle);
+        c.delivered
+            .iter()
+            .map(|e| (e.key().clone(), e.value().0))
+            .collect()
+    }
+
+    /// Delivers a message once and in seq order (see the module docs).
+    async fn message(&self, message: Message, origin: u64) {
+        let conv = message.conv.clone();
+        if let Some(c) = &self.catch_up {
+            let last = c.delivered.get(&conv).map(|e| e.0);
+            match last {
+                Some(last) if message.seq <= last => return,
+                Some(last) if message.seq > last + 1 => {
+                    self.fill(&conv, last, message.seq - 1).await;
+                }
+                _ => {}
+            }
+            c.delivered
+                .insert(conv.clone(), (message.seq, Instant::now()));
+        }
+        let frame = OutFrame::new(ServerFrame::Message(message));
+        if let Err(e) = self.deliver(&conv, &frame, Some(origin), None).await {
+            tracing::warn!(%conv, error = %e, "fan-out failed; recipients will sync");
+        }
+    }
+
+    /// Delivers the stored messages of `conv` after seq `after` up to `upto`; returns
+    /// the last seq delivered.
+    async fn fill(&self, conv: &str, mut after: u64, upto: u64) -> u64 {
+        let Some(c) = &self.catch_up else {
+            return after;
+        };
+        while after < upto {
+            let limit = (upto - after).min(FILL_PAGE as u64) as u32;
+            let page = match c
+                .store
+                .history(conv, HistoryQuery::After { after, limit })
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(%conv, error = %e, "cannot fill a gap; recipients will sync");
+                    break;
+                }
+            };
+            if page.messages.is_empty() {
+                break;
+            }
+            for m in page.messages {
+                if m.seq > upto {
+                    break;
+                }
+                after = m.seq;
+                let frame = OutFrame::new(ServerFrame::Message(m));
+                let _ = self.deliver(conv, &frame, None, None).await;
+            }
+        }
+        after
+    }
+
+    /// Delivers what the store has of `conv` beyond the last seq delivered here.
+    async fn catch_up_conv(&self, conv: String) {
+        let Some(c) = &self.catch_up else {
+            return;
+        };
+        let Some(last) = c.delivered.get(&conv).map(|e| e.0) else {
+            return;
+        };
+        let stored = match c.store.last_seq(&conv).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%conv, error = %e, "catch-up: cannot read the last seq");
+                return;
+            }
+        };
+        if stored > last {
+            let reached = self.fill(&conv, last, stored).await;
+            c.delivered.insert(conv, (reached, Instant::now()));
         }
     }
 
@@ -79,6 +199,10 @@ impl Fanout {
         let (frame, origin) = match change {
             Committed::Member { conv, user, joined } => {
                 self.member_changed(conv, user, joined).await;
+                return;
+            }
+            Committed::Message { message, origin } => {
+                self.message(message, origin).await;
                 return;
             }
             other => match frame_of(other) {
@@ -131,6 +255,10 @@ impl Fanout {
 impl Subscriber for Fanout {
     fn handle(&self, change: Committed) -> BoxFuture<'_, ()> {
         self.change(change).boxed()
+    }
+
+    fn catch_up(&self, conv: String) -> BoxFuture<'_, ()> {
+        self.catch_up_conv(conv).boxed()
     }
 
     fn wants_yield(&self) -> bool {

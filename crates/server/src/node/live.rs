@@ -9,6 +9,7 @@ use hubbub_protocol::{is_valid_user_name, Conv, ErrorCode, ProtoError, ServerFra
 use serde_json::Value;
 
 use super::{Actor, Node};
+use crate::bus::Live;
 use crate::hub::{OutFrame, SessionHandle};
 
 /// Most user names in one `presence` query.
@@ -31,6 +32,11 @@ impl Node {
     /// came online (then call [`Node::announce_presence`]).
     pub fn session_opened(&self, session: &SessionHandle) -> bool {
         let first_here = self.hub.register(session).first;
+        // The same device's sessions on other nodes are replaced as well.
+        self.bus.relay(Live::Kick {
+            user: session.user.to_string(),
+            device: session.device.to_string(),
+        });
         self.presence.opened(&session.user, first_here)
     }
 
@@ -39,6 +45,43 @@ impl Node {
     pub fn session_closed(&self, session: &SessionHandle) -> bool {
         let last_here = self.hub.unregister(session);
         self.presence.closed(&session.user, last_here)
+    }
+
+    /// Applies a live event from another node to this node's sessions.
+    pub async fn remote_live(&self, event: Live) {
+        match event {
+            Live::Typing { conv, user } => {
+                let frame = OutFrame::new(ServerFrame::Typing {
+                    conv: conv.clone(),
+                    user: user.clone(),
+                });
+                let _ = self.fanout.deliver(&conv, &frame, None, Some(&user)).await;
+            }
+            Live::Signal {
+                to,
+                from,
+                call_id,
+                kind,
+                data,
+            } => {
+                let frame = OutFrame::new(ServerFrame::Signal {
+                    from,
+                    call_id,
+                    kind,
+                    data,
+                });
+                self.hub.send_to_user(&to, &frame, None);
+            }
+            Live::Notice { from, text } => {
+                self.hub
+                    .broadcast(&OutFrame::new(ServerFrame::Notice { text, from }));
+            }
+            Live::Kick { user, device } => {
+                self.hub.kick_device(&user, &device);
+            }
+            // Presence is the cluster's presence's to apply; it announces changes.
+            Live::Presence { .. } => {}
+        }
     }
 
     /// Tells users who share a conversation with `user` that it came online or went
@@ -108,6 +151,10 @@ impl Node {
         self.fanout
             .deliver(conv, &frame, None, Some(actor.user))
             .await?;
+        self.bus.relay(Live::Typing {
+            conv: conv.to_string(),
+            user: actor.user.to_string(),
+        });
         Ok(())
     }
 
@@ -156,20 +203,35 @@ impl Node {
                 format!("too much signal data to {to}; slow down"),
             ));
         }
+        let elsewhere = self.presence.elsewhere(&to);
+        if elsewhere {
+            self.bus.relay(Live::Signal {
+                to: to.clone(),
+                from: actor.user.to_string(),
+                call_id: call_id.clone(),
+                kind,
+                data: data.clone(),
+            });
+        }
         let frame = OutFrame::new(ServerFrame::Signal {
             from: actor.user.to_string(),
             call_id,
             kind,
             data,
         });
-        if self.hub.send_to_user(&to, &frame, None) == 0 {
+        if self.hub.send_to_user(&to, &frame, None) == 0 && !elsewhere {
             return Err(offline());
         }
         Ok(())
     }
 
-    /// Pushes a `notice` to every online session; returns how many got it.
+    /// Pushes a `notice` to every online session, on every node; returns how many got it
+    /// on this node.
     pub fn broadcast(&self, from: &str, text: String) -> usize {
+        self.bus.relay(Live::Notice {
+            from: from.to_string(),
+            text: text.clone(),
+        });
         let frame = OutFrame::new(ServerFrame::Notice {
             text,
             from: from.to_string(),

@@ -93,12 +93,16 @@ impl Node {
         metrics: &Metrics,
     ) -> Node {
         let members = Arc::new(Members::new(store.clone(), metrics.clone()));
-        let fanout = Arc::new(Fanout::new(
+        let mut fanout = Fanout::new(
             hub.clone(),
             members.clone(),
             presence.clone(),
             config.large_room,
-        ));
+        );
+        if config.is_cluster() {
+            fanout = fanout.with_catch_up(store.clone());
+        }
+        let fanout = Arc::new(fanout);
         Node {
             store,
             bus,
@@ -138,6 +142,12 @@ impl Node {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Forgets every cached member list (a cluster node that may have missed other
+    /// nodes' membership changes reads them again from the store).
+    pub fn forget_members(&self) {
+        self.members.clear();
     }
 
     /// Drops cached member lists unused for `idle_ms` with no member online.

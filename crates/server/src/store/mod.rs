@@ -21,6 +21,7 @@
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use hubbub_protocol::{ContentType, ErrorCode, Message, ProtoError};
 
 #[cfg(feature = "conformance")]
@@ -169,8 +170,10 @@ pub struct FileMeta {
     pub created_at: i64,
 }
 
-/// What the store announces after each commit, in commit order.
-#[derive(Debug, Clone)]
+/// What the store announces after each commit, in commit order. (Serialized as it
+/// travels between the nodes of a cluster.)
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
 pub enum Committed {
     /// A new message (never a duplicate).
     Message { message: Message, origin: u64 },
@@ -244,6 +247,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Highest `seq` of a conversation (0 when empty or unknown).
     fn last_seq(&self, conv: &str) -> BoxFuture<'static, StoreResult<u64>>;
+
+    /// [`Store::last_seq`] of each of `convs`, in the same order.
+    fn last_seqs(&self, convs: Vec<String>) -> BoxFuture<'static, StoreResult<Vec<u64>>> {
+        let reads: Vec<_> = convs.iter().map(|c| self.last_seq(c)).collect();
+        async move {
+            let mut out = Vec::with_capacity(reads.len());
+            for r in reads {
+                out.push(r.await?);
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
 
     /// A page of history.
     fn history(&self, conv: &str, q: HistoryQuery) -> BoxFuture<'static, StoreResult<HistoryPage>>;

@@ -66,6 +66,21 @@ impl TestServer {
         .await
     }
 
+    /// A node of a cluster: the PostgreSQL store at `store`, the Redis bus at `bus`, the
+    /// secret every node of the tests' clusters shares.
+    pub async fn node(store: &str, bus: &str, f: impl FnOnce(&mut Config)) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (store, bus) = (store.to_string(), bus.to_string());
+        Self::serve(listener, dir, None, |c| {
+            c.store = store;
+            c.bus = bus;
+            c.jwt_secret = Some("the secret of the test cluster, 32+ bytes".into());
+            f(c)
+        })
+        .await
+    }
+
     /// A server on an existing data dir (its embedded store).
     pub async fn in_dir(dir: TempDir, f: impl FnOnce(&mut Config)) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

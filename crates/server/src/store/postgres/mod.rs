@@ -394,6 +394,26 @@ impl Store for PgStore {
         })
     }
 
+    fn last_seqs(&self, convs: Vec<String>) -> BoxFuture<'static, StoreResult<Vec<u64>>> {
+        self.read(move |c| {
+            async move {
+                let r = rows(
+                    c,
+                    "SELECT conv, last_seq FROM conversations WHERE conv = ANY($1)",
+                    &[&convs],
+                )
+                .await?;
+                let found: std::collections::HashMap<String, i64> =
+                    r.iter().map(|r| (r.get(0), r.get(1))).collect();
+                Ok(convs
+                    .iter()
+                    .map(|c| found.get(c).map_or(0, |s| *s as u64))
+                    .collect())
+            }
+            .boxed()
+        })
+    }
+
     fn history(&self, conv: &str, q: HistoryQuery) -> BoxFuture<'static, StoreResult<HistoryPage>> {
         let conv = conv.to_string();
         self.read(move |c| {

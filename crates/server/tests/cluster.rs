@@ -1,0 +1,295 @@
+//! Three nodes on one PostgreSQL and one Redis act as one server: everything a client
+//! sees crosses nodes (messages, DMs, edits, typing, presence, call signals, the
+//! one-session-per-device rule), and nothing is lost while Redis is away.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{unlimited, TestServer, WAIT};
+use hubbub_client::Client;
+use hubbub_protocol::{ClientFrame, ServerFrame, SignalKind};
+use hubbub_testkit::{PgServer, RedisServer};
+use serde_json::json;
+
+/// Longest wait for something to cross nodes (presence of a dead node takes 13 s).
+const CROSS: Duration = Duration::from_secs(10);
+
+struct Cluster {
+    nodes: Vec<TestServer>,
+    redis: RedisServer,
+    _pg: PgServer,
+}
+
+async fn cluster(n: usize) -> Cluster {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let store = pg.create_database();
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        nodes.push(TestServer::node(&store, &redis.url(), unlimited).await);
+    }
+    Cluster {
+        nodes,
+        redis,
+        _pg: pg,
+    }
+}
+
+/// Waits until `who` sees `user` online (`true`) or offline, polling.
+async fn until_presence(who: &Client, user: &str, online: bool, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let now = who.presence(&[user]).await.expect("presence");
+        if now.get(user) == Some(&online) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{user} still not {}",
+            if online { "online" } else { "offline" }
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn message_text(client: &mut Client, conv: &str) -> (u64, String) {
+    let conv = conv.to_string();
+    match client
+        .wait_for(
+            CROSS,
+            |f| matches!(f, ServerFrame::Message(m) if m.conv == conv),
+        )
+        .await
+        .expect("a pushed message")
+    {
+        ServerFrame::Message(m) => (m.seq, m.content.unwrap_or_default().to_string()),
+        _ => unreachable!(),
+    }
+}
+
+/// alice on node 1, bob on node 2 and carol on node 3 chat in a room and a DM, see each
+/// other's typing, edits and presence, and call; a second login of alice's device on
+/// node 3 replaces the one on node 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_act_as_one() {
+    let c = cluster(3).await;
+    let mut alice = c.nodes[0].connect_device("alice", "phone").await;
+    let mut bob = c.nodes[1].connect("bob").await;
+    let mut carol = c.nodes[2].connect("carol").await;
+    until_presence(&alice, "bob", true, CROSS).await;
+    until_presence(&bob, "carol", true, CROSS).await;
+    until_presence(&carol, "alice", true, CROSS).await;
+
+    for client in [&alice, &bob, &carol] {
+        client.join("lobby").await.expect("join");
+    }
+    let sent = alice.send_text("room:lobby", "hello all").await.unwrap();
+    for client in [&mut bob, &mut carol] {
+        let (seq, text) = message_text(client, "room:lobby").await;
+        assert_eq!((seq, text.as_str()), (sent.seq, "\"hello all\""));
+    }
+    // Seqs stay one sequence whichever node stores the message.
+    let from_bob = bob.send_text("room:lobby", "hi alice").await.unwrap();
+    assert_eq!(from_bob.seq, sent.seq + 1);
+    assert_eq!(message_text(&mut alice, "room:lobby").await.0, from_bob.seq);
+
+    // A DM between nodes 1 and 2.
+    let dm = "dm:alice:bob";
+    let d = alice.send_text(dm, "psst").await.unwrap();
+    assert_eq!(message_text(&mut bob, dm).await, (d.seq, "\"psst\"".into()));
+
+    // Typing and an edit cross nodes.
+    bob.send_no_reply(ClientFrame::Typing {
+        id: None,
+        conv: "room:lobby".into(),
+    })
+    .await
+    .unwrap();
+    carol
+        .wait_for(
+            CROSS,
+            |f| matches!(f, ServerFrame::Typing { user, .. } if user == "bob"),
+        )
+        .await
+        .expect("carol sees bob typing");
+    alice
+        .request(ClientFrame::Edit {
+            id: None,
+            conv: "room:lobby".into(),
+            seq: sent.seq,
+            content: json!("hello everyone"),
+        })
+        .await
+        .expect("edit");
+    carol
+        .wait_for(
+            CROSS,
+            |f| matches!(f, ServerFrame::Edited { seq, .. } if *seq == sent.seq),
+        )
+        .await
+        .expect("carol sees the edit");
+
+    // A call's signals cross nodes.
+    // (A relayed signal is answered only when refused.)
+    alice
+        .send_no_reply(ClientFrame::Signal {
+            id: None,
+            to: "carol".into(),
+            call_id: "call-1".into(),
+            kind: SignalKind::Offer,
+            data: json!({"sdp": "v=0"}),
+        })
+        .await
+        .unwrap();
+    carol
+        .wait_for(
+            CROSS,
+            |f| matches!(f, ServerFrame::Signal { from, .. } if from == "alice"),
+        )
+        .await
+        .expect("carol gets the offer");
+
+    // The same device logging in on node 3 replaces the session on node 1.
+    let alice_again = c.nodes[2].connect_device("alice", "phone").await;
+    let closed = alice.wait_closed(CROSS).await.expect("closed");
+    assert_eq!(closed.map(|c| c.code), Some(4001));
+    alice_again.ping().await.unwrap();
+
+    // carol leaves: the others are told, and a signal to her is refused.
+    carol.close().await.unwrap();
+    bob.wait_for(
+        CROSS,
+        |f| matches!(f, ServerFrame::Presence { user, online } if user == "carol" && !online),
+    )
+    .await
+    .expect("bob is told carol went offline");
+    until_presence(&alice_again, "carol", false, CROSS).await;
+    let refused = alice_again
+        .request(ClientFrame::Signal {
+            id: Some(json!(2)),
+            to: "carol".into(),
+            call_id: "call-2".into(),
+            kind: SignalKind::Offer,
+            data: json!({}),
+        })
+        .await
+        .expect_err("carol is offline everywhere");
+    assert_eq!(
+        common::error_code(refused),
+        hubbub_protocol::ErrorCode::NotFound
+    );
+    drop(c.redis);
+}
+
+/// Redis is killed while alice (node 1) sends to a room bob (node 2) is in, then
+/// started again: every acked message reaches bob once and in order (the ones sent
+/// while Redis was away arrive by the catch-up from the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_redis_loses_no_message() {
+    let mut c = cluster(2).await;
+    let alice = c.nodes[0].connect("alice").await;
+    let mut bob = c.nodes[1].connect("bob").await;
+    until_presence(&alice, "bob", true, CROSS).await;
+    alice.join("r").await.unwrap();
+    bob.join("r").await.unwrap();
+    let mut last = 0;
+    for i in 0..20 {
+        last = alice
+            .send_text("room:r", &format!("m{i}"))
+            .await
+            .unwrap()
+            .seq;
+    }
+    c.redis.kill();
+    for i in 20..60 {
+        last = alice
+            .send_text("room:r", &format!("m{i}"))
+            .await
+            .unwrap()
+            .seq;
+    }
+    c.redis.start_again();
+    for i in 60..80 {
+        last = alice
+            .send_text("room:r", &format!("m{i}"))
+            .await
+            .unwrap()
+            .seq;
+    }
+    let mut seqs = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seqs.last() != Some(&last) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob got {seqs:?}, not up to {last}"
+        );
+        if let Ok(ServerFrame::Message(m)) = bob
+            .wait_for(WAIT, |f| matches!(f, ServerFrame::Message(_)))
+            .await
+        {
+            seqs.push(m.seq);
+        }
+    }
+    let first = seqs[0];
+    assert_eq!(
+        seqs,
+        (first..=last).collect::<Vec<_>>(),
+        "once and in order"
+    );
+    assert_eq!(seqs.len(), 80);
+}
+
+/// A publish that never comes only delays messages: carol writes through a server on
+/// the same database that is not on the bus at all. bob's node fills the gap from the
+/// store when the next published message jumps ahead, and its periodic catch-up
+/// delivers what came after that, once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_publish_only_delays_a_message() {
+    let c = cluster(1).await;
+    let store = c.nodes[0].config.store.clone();
+    let outside = TestServer::node(&store, "local", unlimited).await;
+    let alice = c.nodes[0].connect("alice").await;
+    let mut bob = c.nodes[0].connect("bob").await;
+    let carol = outside.connect("carol").await;
+    for client in [&alice, &bob, &carol] {
+        client.join("r").await.unwrap();
+    }
+    let first = alice.send_text("room:r", "a1").await.unwrap().seq;
+    let mut unseen = Vec::new();
+    for i in 0..3 {
+        unseen.push(
+            carol
+                .send_text("room:r", &format!("c{i}"))
+                .await
+                .unwrap()
+                .seq,
+        );
+    }
+    // The next message through the bus jumps ahead: the gap is filled first.
+    let next = alice.send_text("room:r", "a2").await.unwrap().seq;
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&next) {
+        match bob
+            .wait_for(CROSS, |f| matches!(f, ServerFrame::Message(_)))
+            .await
+        {
+            Ok(ServerFrame::Message(m)) => seqs.push(m.seq),
+            other => panic!("bob got {seqs:?}, then {other:?}"),
+        }
+    }
+    assert_eq!(seqs, (first..=next).collect::<Vec<_>>());
+    // Nothing follows through the bus: the periodic catch-up brings it.
+    let late = carol.send_text("room:r", "c-late").await.unwrap().seq;
+    match bob
+        .wait_for(Duration::from_secs(15), |f| {
+            matches!(f, ServerFrame::Message(_))
+        })
+        .await
+    {
+        Ok(ServerFrame::Message(m)) => assert_eq!(m.seq, late),
+        other => panic!("the late message did not arrive: {other:?}"),
+    }
+}
