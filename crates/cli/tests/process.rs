@@ -887,3 +887,117 @@ async fn clients_that_ask_for_more_than_they_read_hold_bounded_memory_that_retur
     );
     alice.ping().await.unwrap();
 }
+
+/// Three cluster nodes (one PostgreSQL, one Redis); senders on the first two, a watcher
+/// on the third. The first node is killed with -9 under load: its users go offline for
+/// the others within 15 s, and the watcher, which heard the room through its own node,
+/// got every stored message once and in order (the last ones after a `sync`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_cluster_node_loses_nothing_and_its_users_go_offline() {
+    let pg = tokio::task::spawn_blocking(hubbub_testkit::PgServer::start)
+        .await
+        .unwrap();
+    let redis = tokio::task::spawn_blocking(hubbub_testkit::RedisServer::start)
+        .await
+        .unwrap();
+    let (store, bus) = (pg.create_database(), redis.url());
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Server> = dirs
+        .iter()
+        .map(|d| {
+            Server::start_with(
+                d.path(),
+                "127.0.0.1:0",
+                &["--store", &store, "--bus", &bus],
+                &[
+                    ("HUBBUB_SEND_RATE_PER_SEC", "100000"),
+                    ("HUBBUB_SEND_BURST", "100000"),
+                    (
+                        "HUBBUB_JWT_SECRET",
+                        "the secret of the test cluster, 32+ bytes",
+                    ),
+                ],
+            )
+        })
+        .collect();
+    let mut watcher = nodes[2]
+        .connect(ConnectOptions::guest(nodes[2].url(), "watcher"))
+        .await;
+    watcher.join("load").await.unwrap();
+    let tasks: Vec<_> = nodes[..2]
+        .iter()
+        .enumerate()
+        .flat_map(|(n, node)| {
+            (0..2).map(move |i| {
+                tokio::spawn(send_until_failure(
+                    node.url(),
+                    format!("n{n}s{i}"),
+                    SenderLog::default(),
+                ))
+            })
+        })
+        .collect();
+    let mut pushed: Vec<u64> = Vec::new();
+    while pushed.len() < 60 {
+        match watcher
+            .wait_for(Duration::from_secs(30), |f| {
+                matches!(f, ServerFrame::Message(_))
+            })
+            .await
+        {
+            Ok(ServerFrame::Message(m)) => pushed.push(m.seq),
+            other => panic!("the watcher heard {other:?}"),
+        }
+    }
+    nodes[0].signal("-KILL");
+    let _ = nodes[0].child.wait();
+    // The dead node's senders go offline for the watcher, by expiry of its key.
+    let killed_at = Instant::now();
+    for user in ["n0s0", "n0s1"] {
+        let left = Duration::from_secs(15).saturating_sub(killed_at.elapsed());
+        let deadline = Instant::now() + left;
+        loop {
+            let online = watcher.presence(&[user]).await.unwrap();
+            if online.get(user) == Some(&false) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{user} still online 15 s after its node died"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    nodes[1].signal("-KILL");
+    let _ = nodes[1].child.wait();
+    let logs = sender_logs(tasks).await;
+    // What was pushed, then what a sync from the last pushed seq adds.
+    while let Ok(ServerFrame::Message(m)) = watcher
+        .wait_for(Duration::from_millis(500), |f| {
+            matches!(f, ServerFrame::Message(_))
+        })
+        .await
+    {
+        pushed.push(m.seq);
+    }
+    let last_pushed = *pushed.last().unwrap();
+    let rest = watcher
+        .sync(
+            std::collections::BTreeMap::from([("room:load".to_string(), last_pushed)]),
+            Some(1000),
+        )
+        .await
+        .unwrap();
+    pushed.extend(rest.messages.iter().map(|m| m.seq));
+    let acked = check_store(&nodes[2], &logs).await;
+    assert!(acked > 60, "the load was real: {acked} acked");
+    let stored = rest.cursors["room:load"];
+    assert_eq!(
+        pushed,
+        (1..=stored).collect::<Vec<_>>(),
+        "the watcher holds every stored message once, in order"
+    );
+    drop(nodes);
+    drop(redis);
+    drop(pg);
+}

@@ -437,6 +437,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cluster_node_needs_postgres_and_a_shared_secret() {
+        let mut c = Config {
+            bus: "redis://127.0.0.1:6379".into(),
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("postgres://"), "{err}");
+        c.store = "postgres://hubbub@127.0.0.1:5432/hubbub".into();
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("jwt_secret"), "{err}");
+        c.jwt_secret = Some("short".into());
+        assert!(c.validate().is_err(), "a short secret is refused");
+        c.jwt_secret = Some("x".repeat(32));
+        c.validate().expect("a valid cluster node");
+        assert!(c.is_cluster());
+        c.bus = "nats://127.0.0.1".into();
+        assert!(c.validate().unwrap_err().contains("bus must be"));
+    }
+
+    #[test]
     fn guest_mode_is_off_unless_chosen() {
         let mut c = Config::default();
         assert!(c.bind.ip().is_loopback());
