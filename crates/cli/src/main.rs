@@ -15,6 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod admin;
 mod bench;
 mod chat;
+mod workers;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -90,6 +91,13 @@ struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Run N node processes sharing the port (SO_REUSEPORT), each a node of the cluster
+    /// (needs --bus redis:// and a postgres:// store).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: u16,
+    /// Bind with SO_REUSEPORT (how the processes of --workers share the port).
+    #[arg(long, hide = true)]
+    reuse_port: bool,
 }
 
 impl ServeArgs {
@@ -206,14 +214,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         tracing::warn!("demo mode: guest mode is on");
     }
+    if args.workers > 1 {
+        config.validate().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            config.is_cluster(),
+            "--workers needs --bus redis://... and a postgres:// store: each worker is a \
+             node of a cluster"
+        );
+        return workers::run(args.workers as usize, config.bind);
+    }
+    if args.reuse_port {
+        workers::follow_parent()?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.bind)
-            .await
-            .with_context(|| format!("binding {}", config.bind))?;
+        let listener = if args.reuse_port {
+            workers::reuse_port_listener(config.bind)
+        } else {
+            tokio::net::TcpListener::bind(config.bind).await
+        }
+        .with_context(|| format!("binding {}", config.bind))?;
         let addr = listener.local_addr()?;
         let shutdown = shutdown_signal();
         // Scripts and tests read this line to find the port. Not `println!`: it panics
@@ -235,7 +258,7 @@ fn figment_json(map: Map<String, Value>) -> hubbub_server::config::Overrides {
 /// Resolves on SIGTERM or Ctrl-C. The handlers are installed here, before the server
 /// announces itself, so a signal sent right after the listening line still stops it
 /// cleanly.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

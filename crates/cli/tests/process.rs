@@ -1001,3 +1001,158 @@ async fn kill_9_of_a_cluster_node_loses_nothing_and_its_users_go_offline() {
     drop(redis);
     drop(pg);
 }
+
+/// `--workers 3`: three node processes share one port. Clients connecting to it land on
+/// different workers and still chat as on one server; SIGTERM to the parent stops every
+/// worker and exits 0, and no worker outlives a parent killed with -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_share_one_port_and_act_as_one() {
+    let pg = tokio::task::spawn_blocking(hubbub_testkit::PgServer::start)
+        .await
+        .unwrap();
+    let redis = tokio::task::spawn_blocking(hubbub_testkit::RedisServer::start)
+        .await
+        .unwrap();
+    let (store, bus) = (pg.create_database(), redis.url());
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        Server::start_with(
+            dir.path(),
+            "127.0.0.1:0",
+            &["--store", &store, "--bus", &bus, "--workers", "3"],
+            &[(
+                "HUBBUB_JWT_SECRET",
+                "the secret of the test cluster, 32+ bytes",
+            )],
+        )
+    };
+    let mut server = start();
+    let workers = children_of(server.child.id());
+    assert_eq!(workers.len(), 3, "three workers: {workers:?}");
+    // Twelve members, connected one after another: the kernel spreads them over the
+    // workers by their ports. Each sends one message; each gets all twelve.
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        let c = server
+            .connect(ConnectOptions::guest(server.url(), format!("u{i}")))
+            .await;
+        c.join("all").await.unwrap();
+        clients.push(c);
+    }
+    let mut own = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        own.push(
+            c.send_text("room:all", &format!("from u{i}"))
+                .await
+                .unwrap()
+                .seq,
+        );
+    }
+    // Each gets the other eleven pushed (its own came as the `ok`).
+    for (c, own) in clients.iter_mut().zip(own) {
+        let mut seqs = Vec::new();
+        while seqs.len() < 11 {
+            match c
+                .wait_for(WAIT, |f| matches!(f, ServerFrame::Message(_)))
+                .await
+            {
+                Ok(ServerFrame::Message(m)) => seqs.push(m.seq),
+                other => panic!("got {seqs:?}, then {other:?}"),
+            }
+        }
+        let others: Vec<u64> = (1..=12).filter(|s| *s != own).collect();
+        assert_eq!(seqs, others);
+    }
+    // Connections were spread: more than one worker holds some.
+    let port: u16 = server.url().rsplit(':').next().unwrap().parse().unwrap();
+    let held: Vec<usize> = workers.iter().map(|p| connections_on(*p, port)).collect();
+    assert_eq!(
+        held.iter().sum::<usize>(),
+        12,
+        "every client on a worker: {held:?}"
+    );
+    let holding = held.iter().filter(|n| **n > 0).count();
+    assert!(holding > 1, "all connections on one worker: {held:?}");
+    drop(clients);
+    server.signal("-TERM");
+    assert!(server.wait_exit(Duration::from_secs(30)).success());
+    for pid in &workers {
+        assert!(!is_running(*pid), "worker {pid} still runs");
+    }
+    // A parent killed with -9 takes its workers with it.
+    let server = start();
+    let workers = children_of(server.child.id());
+    server.signal("-KILL");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while workers.iter().any(|p| is_running(*p)) {
+        assert!(Instant::now() < deadline, "workers outlived their parent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(server);
+    drop(redis);
+    drop(pg);
+}
+
+/// The PIDs of the processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // "PID (comm) STATE PPID ...": the fields after the last ')'.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start())
+                .unwrap_or("");
+            !state.starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+/// How many connections to local `port` process `pid` holds (from /proc/net/tcp and the
+/// process's descriptors).
+fn connections_on(pid: u32, port: u16) -> usize {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    // Columns: sl local_address rem_address st ... inode (the tenth).
+    let inodes: std::collections::HashSet<String> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = f.get(1)?.rsplit_once(':')?.1;
+            let established = *f.get(3)? == "01";
+            (established && u16::from_str_radix(local_port, 16).ok()? == port)
+                .then(|| f.get(9).map(|i| i.to_string()))?
+        })
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path()).is_ok_and(|l| {
+                        let l = l.to_string_lossy();
+                        l.strip_prefix("socket:[")
+                            .and_then(|r| r.strip_suffix(']'))
+                            .is_some_and(|i| inodes.contains(i))
+                    })
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}

@@ -69,6 +69,7 @@ pub(crate) fn listening_addr(child: &mut Child) -> String {
         .expect("read the listening line");
     line.trim()
         .strip_prefix("hubbub listening on http://")
+        .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string()
 }
