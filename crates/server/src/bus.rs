@@ -48,6 +48,14 @@ pub enum Live {
     Kick { user: String, device: String },
     /// `user` has a session on the sending node now (`online`), or none left there.
     Presence { user: String, online: bool },
+    /// `user` came online or went offline for the whole cluster: tell the sessions of
+    /// `to` (the users who share a conversation with it), or, with `None` (too many to
+    /// list), whoever shares one.
+    Announce {
+        user: String,
+        online: bool,
+        to: Option<Vec<String>>,
+    },
 }
 
 /// Carries committed changes to whoever delivers them, per conversation in order.

@@ -374,10 +374,9 @@ impl Cluster {
         for event in envelope.events {
             match event {
                 Event::Change(change) => local.publish(without_origin(change)),
+                // The node where it happened announces it (`Live::Announce`).
                 Event::Live(Live::Presence { user, online }) => {
-                    if let Some(now) = self.presence.remote(&envelope.node, &user, online) {
-                        node.announce_presence(&user, now).await;
-                    }
+                    self.presence.remote(&envelope.node, &user, online);
                 }
                 Event::Live(live) => node.remote_live(live).await,
             }
@@ -416,8 +415,9 @@ impl Cluster {
             if let Some(c) = conn.as_mut() {
                 match self.live_nodes(c, full == Some(true)).await {
                     Ok(changes) => {
+                        // Every node sees these by itself and tells its own sessions.
                         for (user, online) in changes {
-                            node.announce_presence(&user, online).await;
+                            node.announce_presence_here(&user, online).await;
                         }
                     }
                     Err(e) => {

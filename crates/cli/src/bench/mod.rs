@@ -31,7 +31,8 @@ pub(crate) struct BenchArgs {
     /// Server base URL (loopback only), e.g. ws://127.0.0.1:8080
     #[arg(long, default_value = "ws://127.0.0.1:8080", global = true)]
     url: String,
-    /// PID of the server process, to read its memory and CPU time from /proc.
+    /// PID of the server process, to read its memory and CPU time from /proc (with its
+    /// children: the workers of `serve --workers N`).
     #[arg(long, global = true)]
     server_pid: Option<u32>,
     /// What the server speaks: hubbub's protocol, or a plain broadcast hub's text frames.

@@ -16,23 +16,51 @@ pub(super) fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// Resident memory of a process in bytes, from /proc.
+/// Resident memory in bytes of a process and its children (the workers of `hubbub serve
+/// --workers N`), from /proc.
 pub(super) fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let one = |pid: u32| -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    let own = one(pid)?;
+    Some(own + children(pid).into_iter().filter_map(one).sum::<u64>())
 }
 
-/// User + system CPU seconds of a process, from /proc.
-pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
+/// The fields of /proc/PID/stat after the command name.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5), counted after the command name.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
+    Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// The running children of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|c| {
+            // Field 4 of stat(5), the parent: the second after the command name.
+            stat_fields(*c).is_some_and(|f| f.get(1).and_then(|p| p.parse().ok()) == Some(pid))
+        })
+        .collect()
+}
+
+/// User + system CPU seconds of a process and its running children, from /proc.
+pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let one = |pid: u32| -> Option<f64> {
+        let fields = stat_fields(pid)?;
+        // Fields 14 and 15 of stat(5), counted after the command name.
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        Some((utime + stime) / 100.0)
+    };
+    let own = one(pid)?;
+    Some(own + children(pid).into_iter().filter_map(one).sum::<f64>())
 }
 
 /// A latency histogram in microseconds, 1 µs to 10 minutes, 3 significant digits.

@@ -14,6 +14,9 @@ use crate::hub::{OutFrame, SessionHandle};
 
 /// Most user names in one `presence` query.
 const MAX_PRESENCE_QUERY: usize = 256;
+/// Most users named in a presence announcement to the other nodes (more: each node
+/// finds them itself).
+const MAX_ANNOUNCE_LIST: usize = 2000;
 /// Longest `call_id`, in bytes.
 const MAX_CALL_ID: usize = 128;
 
@@ -79,22 +82,62 @@ impl Node {
             Live::Kick { user, device } => {
                 self.hub.kick_device(&user, &device);
             }
-            // Presence is the cluster's presence's to apply; it announces changes.
+            Live::Announce {
+                user,
+                online,
+                to: Some(to),
+            } => self.tell_presence(&user, online, to.iter().map(String::as_str)),
+            Live::Announce {
+                user,
+                online,
+                to: None,
+            } => self.announce_presence_here(&user, online).await,
+            // Presence is the cluster's presence's to apply.
             Live::Presence { .. } => {}
         }
     }
 
     /// Tells users who share a conversation with `user` that it came online or went
-    /// offline. Members of large rooms are not told.
+    /// offline, on every node (members of large rooms are not told). For a change this
+    /// node saw first: a user's first session opened or last closed here.
     pub async fn announce_presence(&self, user: &str, online: bool) {
+        let notify = self.presence_audience(user).await;
+        self.bus.relay(Live::Announce {
+            user: user.to_string(),
+            online,
+            to: (notify.len() <= MAX_ANNOUNCE_LIST)
+                .then(|| notify.iter().map(|u| u.to_string()).collect()),
+        });
+        self.tell_presence(user, online, notify.iter().map(|u| &**u));
+    }
+
+    /// [`Node::announce_presence`] to this node's sessions only: for a change every node
+    /// sees by itself (the users of a node that died).
+    pub async fn announce_presence_here(&self, user: &str, online: bool) {
+        let notify = self.presence_audience(user).await;
+        self.tell_presence(user, online, notify.iter().map(|u| &**u));
+    }
+
+    fn tell_presence<'a>(&self, user: &str, online: bool, to: impl Iterator<Item = &'a str>) {
+        let frame = OutFrame::new(ServerFrame::Presence {
+            user: user.to_string(),
+            online,
+        });
+        for u in to {
+            self.hub.send_to_user(u, &frame, None);
+        }
+    }
+
+    /// The users who share a conversation with `user` (not through a large room).
+    async fn presence_audience(&self, user: &str) -> HashSet<Arc<str>> {
+        let mut notify: HashSet<Arc<str>> = HashSet::new();
         let convs = match self.store.memberships(user).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "presence: cannot list conversations");
-                return;
+                return notify;
             }
         };
-        let mut notify: HashSet<Arc<str>> = HashSet::new();
         for c in convs {
             match Conv::parse(&c.conv) {
                 Ok(dm @ Conv::Dm(..)) => {
@@ -113,13 +156,7 @@ impl Node {
             }
         }
         notify.remove(user);
-        let frame = OutFrame::new(ServerFrame::Presence {
-            user: user.to_string(),
-            online,
-        });
-        for u in notify {
-            self.hub.send_to_user(&u, &frame, None);
-        }
+        notify
     }
 
     /// Who of `users` is online.
