@@ -334,18 +334,31 @@ impl Cluster {
                 }
             };
             backoff.reset();
+            self.metrics.cluster_subscriptions.inc();
             tracing::info!(node = %self.id, "cluster: listening");
             let _ = resync.send(());
-            let (mut sink, mut stream) = pubsub.split();
+            let (sink, mut stream) = pubsub.split();
             let mut ping = tokio::time::interval(HEARTBEAT);
             ping.tick().await;
+            // A connection that died silently shows as a ping without answer. The ping
+            // runs beside the stream: its answer queues behind the messages before it.
+            let mut pinging: Option<BoxFuture<'static, bool>> = None;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = ping.tick() => {
-                        // A connection that died silently shows here.
-                        let alive = tokio::time::timeout(REDIS_TIMEOUT, sink.ping::<String>()).await;
-                        if !matches!(alive, Ok(Ok(_))) {
+                    _ = ping.tick(), if pinging.is_none() => {
+                        let mut sink = sink.clone();
+                        pinging = Some(Box::pin(async move {
+                            // Subscribed, Redis answers PING with ["pong", ""].
+                            let answer =
+                                tokio::time::timeout(REDIS_TIMEOUT, sink.ping::<redis::Value>())
+                                    .await;
+                            matches!(answer, Ok(Ok(_)))
+                        }));
+                    }
+                    alive = async { pinging.as_mut().expect("guarded").await }, if pinging.is_some() => {
+                        pinging = None;
+                        if !alive {
                             tracing::warn!("cluster: redis stopped answering; subscribing again");
                             break;
                         }

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub cluster_dropped: IntCounter,
     /// Conversations a cluster node found behind the store and caught up.
     pub cluster_catch_ups: IntCounter,
+    /// Subscriptions of this cluster node to the other nodes' events (one more after each
+    /// loss of Redis).
+    pub cluster_subscriptions: IntCounter,
     pub deliveries: IntCounter,
     pub slow_consumer_closes: IntCounter,
     pub auth_failures: IntCounter,
@@ -86,6 +89,10 @@ impl Metrics {
             cluster_catch_ups: counter(
                 "cluster_catch_ups_total",
                 "conversations caught up from the store after a missed event",
+            ),
+            cluster_subscriptions: counter(
+                "cluster_subscriptions_total",
+                "subscriptions to the cluster's events (one more after each loss of redis)",
             ),
             deliveries: counter("deliveries_total", "pushes queued to sessions"),
             slow_consumer_closes: counter(

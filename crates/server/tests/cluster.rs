@@ -293,3 +293,32 @@ async fn a_lost_publish_only_delays_a_message() {
         other => panic!("the late message did not arrive: {other:?}"),
     }
 }
+
+/// A node subscribes once and stays subscribed while Redis is healthy (its liveness ping
+/// used to expect a plain `PONG`, which a subscribed connection never sends, so every
+/// node resubscribed and resynchronized everything every 3 s); after Redis is killed and
+/// started again it subscribes once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stays_subscribed_while_redis_is_healthy() {
+    let mut c = cluster(1).await;
+    let node = &c.nodes[0];
+    let subscriptions = "hubbub_cluster_subscriptions_total";
+    let deadline = tokio::time::Instant::now() + CROSS;
+    while node.metric(subscriptions).await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Three liveness pings.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(node.metric(subscriptions).await, 1.0);
+    c.redis.kill();
+    c.redis.start_again();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while node.metric(subscriptions).await < 2.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "did not subscribe again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
