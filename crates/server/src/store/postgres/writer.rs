@@ -327,11 +327,66 @@ impl Batch<'_> {
                 self.append(&run, &mut results).await?;
                 continue;
             }
+            if let Op::ClaimGuest { .. } = &ops[i] {
+                let run: Vec<&str> = ops[i..]
+                    .iter()
+                    .map_while(|op| match op {
+                        Op::ClaimGuest { name } => Some(name.as_str()),
+                        _ => None,
+                    })
+                    .collect();
+                i += run.len();
+                self.claim_guests(&run, &mut results).await?;
+                continue;
+            }
             let result = self.one(&ops[i]).await?;
             results.push(result);
             i += 1;
         }
         Ok(results)
+    }
+
+    /// Records a run of guest names, each unless an account has its skeleton: the
+    /// skeletons are locked (in lock order, as account creation locks its one), the
+    /// accounts looked up and the names inserted in one round trip.
+    async fn claim_guests(
+        &mut self,
+        names: &[&str],
+        results: &mut Vec<StoreResult<Outcome>>,
+    ) -> PgResult<()> {
+        let skeletons: Vec<String> = names.iter().map(|n| name_skeleton(n)).collect();
+        let st_lock = self
+            .st("SELECT pg_advisory_xact_lock(h) FROM \
+                 (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS l")
+            .await?;
+        let st_accounts = self
+            .st("SELECT skeleton FROM users WHERE skeleton = ANY($1)")
+            .await?;
+        let st_insert = self
+            .st("INSERT INTO guest_names (name, skeleton, first_seen) \
+                 SELECT n, s, $3 FROM unnest($1::text[], $2::text[]) AS u(n, s) \
+                 WHERE NOT EXISTS (SELECT 1 FROM users WHERE users.skeleton = u.s) \
+                 ON CONFLICT (name) DO NOTHING")
+            .await?;
+        let tx = self.tx;
+        let now = self.now;
+        let (_, accounts, _) = tokio::try_join!(
+            async { tx.query(&st_lock, &[&skeletons]).await },
+            async { tx.query(&st_accounts, &[&skeletons]).await },
+            async { tx.execute(&st_insert, &[&names, &skeletons, &now]).await }
+        )?;
+        let taken: HashSet<String> = accounts.iter().map(|r| r.get(0)).collect();
+        for (name, skeleton) in names.iter().zip(&skeletons) {
+            results.push(if taken.contains(skeleton) {
+                Err(StoreError::Conflict(format!(
+                    "the name {name:?} belongs to an account (or is too similar to one): \
+                     log in, or choose another guest name"
+                )))
+            } else {
+                Ok(Outcome::Done)
+            });
+        }
+        Ok(())
     }
 
     async fn st(&mut self, sql: &'static str) -> PgResult<Statement> {
@@ -757,23 +812,9 @@ impl Batch<'_> {
                 }
             }
             Op::ClaimGuest { name } => {
-                let skeleton = name_skeleton(name);
-                self.lock_name(&skeleton).await?;
-                if self.account_with_skeleton(&skeleton).await?.is_some() {
-                    Err(StoreError::Conflict(format!(
-                        "the name {name:?} belongs to an account (or is too similar to one): \
-                         log in, or choose another guest name"
-                    )))
-                } else {
-                    let st = self
-                        .st(
-                            "INSERT INTO guest_names (name, skeleton, first_seen) VALUES ($1, $2, $3) \
-                             ON CONFLICT (name) DO NOTHING",
-                        )
-                        .await?;
-                    self.tx.execute(&st, &[name, &skeleton, &now]).await?;
-                    Ok(Outcome::Done)
-                }
+                let mut one = Vec::with_capacity(1);
+                self.claim_guests(&[name], &mut one).await?;
+                one.pop().unwrap_or(Ok(Outcome::Done))
             }
             Op::PutFile { meta, quota } => {
                 // One uploader's quota is checked and spent by one transaction at a time.
