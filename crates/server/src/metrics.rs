@@ -12,6 +12,9 @@ pub struct Metrics {
     pub frames_in: IntCounter,
     pub frames_out: IntCounter,
     pub messages_stored: IntCounter,
+    /// Presence announcements not made because the store could not list the user's
+    /// conversations in time.
+    pub presence_skipped: IntCounter,
     /// Cluster events dropped because Redis was away too long (messages are caught up).
     pub cluster_dropped: IntCounter,
     /// Conversations a cluster node found behind the store and caught up.
@@ -82,6 +85,10 @@ impl Metrics {
                 "WebSocket frames written to clients (each may carry several messages)",
             ),
             messages_stored: counter("messages_stored_total", "messages appended to the store"),
+            presence_skipped: counter(
+                "presence_announcements_skipped_total",
+                "presence changes not announced because the store did not answer in time",
+            ),
             cluster_dropped: counter(
                 "cluster_events_dropped_total",
                 "events for other nodes dropped while redis was unreachable",

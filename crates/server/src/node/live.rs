@@ -134,7 +134,10 @@ impl Node {
         let convs = match self.store.memberships(user).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "presence: cannot list conversations");
+                // Best effort, and a storm of arriving users on a saturated database
+                // would log a line each: counted instead.
+                tracing::debug!(error = %e, "presence: cannot list conversations");
+                self.hub.metrics().presence_skipped.inc();
                 return notify;
             }
         };
