@@ -322,3 +322,36 @@ async fn a_node_stays_subscribed_while_redis_is_healthy() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The first message of a conversation a node hears may come after messages other nodes
+/// committed just before it and whose events are still on their way: those are
+/// delivered first (they used to count as repeats once the later one was delivered, and
+/// were never pushed: 57 of 999,000 deliveries in a 1,000-member room over three nodes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_committed_just_before_the_first_one_heard_are_delivered() {
+    let c = cluster(1).await;
+    let store = c.nodes[0].config.store.clone();
+    let outside = TestServer::node(&store, "local", unlimited).await;
+    let alice = c.nodes[0].connect("alice").await;
+    let mut bob = c.nodes[0].connect("bob").await;
+    let carol = outside.connect("carol").await;
+    for client in [&alice, &bob, &carol] {
+        client.join("r").await.unwrap();
+    }
+    // Their events never come (carol's server is not on the bus).
+    for i in 0..3 {
+        carol.send_text("room:r", &format!("c{i}")).await.unwrap();
+    }
+    let next = alice.send_text("room:r", "a").await.unwrap().seq;
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&next) {
+        match bob
+            .wait_for(CROSS, |f| matches!(f, ServerFrame::Message(_)))
+            .await
+        {
+            Ok(ServerFrame::Message(m)) => seqs.push(m.seq),
+            other => panic!("bob got {seqs:?}, then {other:?}"),
+        }
+    }
+    assert_eq!(seqs, (1..=next).collect::<Vec<_>>());
+}

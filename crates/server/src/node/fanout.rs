@@ -28,12 +28,17 @@ use crate::store::{Committed, HistoryQuery, Store, StoreError};
 
 /// Most messages read from the store in one step of filling a gap.
 const FILL_PAGE: u32 = 500;
+/// How long before a message's commit the messages committed before it may still be on
+/// their way from other nodes (ms).
+const IN_FLIGHT_MS: i64 = 10_000;
 
 /// The seqs a cluster node delivered (see the module docs).
 struct CatchUp {
     store: Arc<dyn Store>,
     /// Per conversation: the last seq delivered here, and when.
     delivered: DashMap<String, (u64, Instant)>,
+    /// When this fan-out began (Unix ms): nothing committed before was delivered by it.
+    started_ms: i64,
 }
 
 /// Delivers frames of conversations to this node's sessions.
@@ -69,6 +74,7 @@ impl Fanout {
         self.catch_up = Some(CatchUp {
             store,
             delivered: DashMap::new(),
+            started_ms: crate::store::now_ms(),
         });
         self
     }
@@ -96,7 +102,13 @@ impl Fanout {
                 Some(last) if message.seq > last + 1 => {
                     self.fill(&conv, last, message.seq - 1).await;
                 }
-                _ => {}
+                Some(_) => {}
+                // The first message of the conversation this node sees: messages
+                // committed just before it by other nodes may still be on their way, and
+                // would count as repeats once it is delivered. They are delivered first,
+                // from the store.
+                None if message.seq > 1 => self.fill_recent(&message).await,
+                None => {}
             }
             c.delivered
                 .insert(conv.clone(), (message.seq, Instant::now()));
@@ -139,6 +151,34 @@ impl Fanout {
             }
         }
         after
+    }
+
+    /// Delivers the messages of `first.conv` before `first` committed after this fan-out
+    /// began and at most [`IN_FLIGHT_MS`] before `first`.
+    async fn fill_recent(&self, first: &Message) {
+        let Some(c) = &self.catch_up else {
+            return;
+        };
+        let since = c.started_ms.max(first.ts - IN_FLIGHT_MS);
+        let after = first.seq.saturating_sub(FILL_PAGE as u64 + 1);
+        let limit = (first.seq - 1 - after) as u32;
+        let page = match c
+            .store
+            .history(&first.conv, HistoryQuery::After { after, limit })
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(conv = %first.conv, error = %e, "cannot read recent messages; recipients will sync");
+                return;
+            }
+        };
+        for m in page.messages {
+            if m.seq < first.seq && m.ts >= since {
+                let frame = OutFrame::new(ServerFrame::Message(m));
+                let _ = self.deliver(&first.conv, &frame, None, None).await;
+            }
+        }
     }
 
     /// Delivers what the store has of `conv` beyond the last seq delivered here.
