@@ -21,6 +21,7 @@ PACKAGES=(
     "golang-github-gorilla-websocket-dev|test -d /usr/share/gocode/src/github.com/gorilla/websocket"
     "postgresql|ls /usr/lib/postgresql/*/bin/initdb"     # hubbub-testkit: PgServer
     "redis-server|command -v redis-server"               # hubbub-testkit: RedisServer
+    "nginx|test -x /usr/sbin/nginx"                      # hubbub-testkit: NginxServer
 )
 
 # Steps that prepare the tests once the packages are there: one function each, below.

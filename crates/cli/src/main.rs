@@ -88,6 +88,10 @@ struct ServeArgs {
     /// Bound of each session's outgoing queue (messages).
     #[arg(long)]
     queue_frames: Option<usize>,
+    /// Reverse proxies whose X-Forwarded-For / X-Real-IP name the client, comma
+    /// separated: IP addresses or CIDR ranges (e.g. 10.0.0.0/8). Default: none.
+    #[arg(long, value_delimiter = ',')]
+    trusted_proxies: Option<Vec<String>>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -139,6 +143,12 @@ impl ServeArgs {
         }
         if let Some(q) = self.queue_frames {
             set("queue_frames", q.into());
+        }
+        if let Some(p) = &self.trusted_proxies {
+            set(
+                "trusted_proxies",
+                p.iter().map(|s| Value::String(s.clone())).collect(),
+            );
         }
         if self.log_json {
             set("log_format", Value::String("json".into()));
@@ -194,6 +204,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let overrides = figment_json(args.overrides());
     let mut config =
         Config::load(args.config.as_deref(), overrides).context("reading the configuration")?;
+    // Before anything starts: a bad value (an unparsable trusted_proxies entry...) is
+    // one line and exit 1.
+    config
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .context("checking the configuration")?;
     init_logs(config.log_format == "json");
     let unknown = Config::unknown_env_keys(std::env::vars());
     if !unknown.is_empty() {
@@ -215,7 +231,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("demo mode: guest mode is on");
     }
     if args.workers > 1 {
-        config.validate().map_err(anyhow::Error::msg)?;
         anyhow::ensure!(
             config.is_cluster(),
             "--workers needs --bus redis://... and a postgres:// store: each worker is a \

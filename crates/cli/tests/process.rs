@@ -695,6 +695,36 @@ fn a_bad_value_in_the_environment_is_one_clear_line_and_exit_1() {
     );
 }
 
+#[test]
+fn a_trusted_proxies_entry_that_is_no_address_stops_the_start_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = ["--trusted-proxies", "127.0.0.1,proxy.internal"];
+    for (args, env, bad) in [
+        (&flag[..], None, "proxy.internal"),
+        (&[][..], Some("10.0.0.0/8, 10.0.0.0/33"), "10.0.0.0/33"),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubbub"));
+        cmd.args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args(args)
+            .stdin(Stdio::null());
+        if let Some(value) = env {
+            cmd.env("HUBBUB_TRUSTED_PROXIES", value);
+        }
+        let out = cmd.output().expect("run hubbub serve");
+        assert_eq!(out.status.code(), Some(1));
+        assert!(out.stdout.is_empty(), "it did not start listening");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.starts_with("hubbub: error: ")
+                && stderr.contains("trusted_proxies")
+                && stderr.contains(&format!("\"{bad}\"")),
+            "names the key and the entry: {stderr}"
+        );
+    }
+}
+
 /// Starts `hubbub ARGS` on 127.0.0.1:0 (through the environment, so the no-subcommand
 /// demo can be started too); returns the child, its address and its stderr.
 fn spawn_hubbub(dir: &Path, args: &[&str]) -> (std::process::Child, String) {

@@ -109,8 +109,16 @@ pub struct Config {
     pub http_body_timeout_ms: u64,
     /// Most HTTP connections open at once, before upgrades (more are refused with 503).
     pub max_http_connections: usize,
-    /// Most HTTP connections from one IP address, before upgrades (more get 429).
+    /// Most HTTP connections from one IP address, before upgrades (more get 429). The
+    /// connections of `trusted_proxies` are not capped per address (they carry many
+    /// clients); they count in `max_http_connections`.
     pub max_http_connections_per_ip: usize,
+    /// Reverse proxies (IP addresses or CIDR ranges) whose `X-Forwarded-For` /
+    /// `X-Real-IP` name the client: the address every per-address limit, throttle and
+    /// log then uses (`client_addr`). Empty: the TCP peer is always the client. In the
+    /// environment, one comma-separated list (`HUBBUB_TRUSTED_PROXIES=10.0.0.0/8,::1`).
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub trusted_proxies: Vec<String>,
     /// Rooms one IP address may create per minute (a token bucket with this burst).
     pub room_create_per_ip_per_min: u32,
     /// Rooms the whole server creates per minute (a token bucket with this burst).
@@ -217,6 +225,7 @@ impl Default for Config {
             http_body_timeout_ms: 30_000,
             max_http_connections: 10_000,
             max_http_connections_per_ip: 256,
+            trusted_proxies: Vec::new(),
             room_create_per_ip_per_min: 60,
             room_create_per_min: 600,
             auth_rate_per_min: 20,
@@ -404,6 +413,7 @@ impl Config {
         {
             return Err(format!("allowed_hosts entry {bad:?} is not a host name"));
         }
+        crate::client_addr::TrustedProxies::parse(&self.trusted_proxies)?;
         if self.auth_rate_per_min == 0 || self.auth_burst == 0 {
             return Err("auth_rate_per_min and auth_burst must be positive".into());
         }
@@ -418,6 +428,29 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A list of strings, given as a list (the config file) or as one comma-separated string
+/// (a `HUBBUB_*` variable or a flag); empty items are dropped.
+fn list_or_comma_separated<'de, D>(deserializer: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Given::deserialize(deserializer)? {
+        Given::List(list) => list,
+        Given::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
 }
 
 /// Whether `key` (lower case, as figment sees an environment variable without its
@@ -500,6 +533,46 @@ mod tests {
         let text = err.to_string();
         assert!(text.to_ascii_lowercase().contains("sync_max"), "{text}");
         assert!(!text.contains('\n'), "one line: {text}");
+    }
+
+    #[test]
+    fn trusted_proxies_come_as_a_list_or_comma_separated_and_bad_entries_stop_start_up() {
+        let none = || Serialized::defaults(serde_json::json!({}));
+        assert!(
+            Config::default().trusted_proxies.is_empty(),
+            "none by default"
+        );
+        std::env::set_var("HBPROXYTEST_TRUSTED_PROXIES", "10.0.0.0/8, ::1,,192.0.2.7");
+        let c = Config::load_with_env(None, "HBPROXYTEST_", none());
+        std::env::remove_var("HBPROXYTEST_TRUSTED_PROXIES");
+        let c = c.unwrap();
+        assert_eq!(c.trusted_proxies, ["10.0.0.0/8", "::1", "192.0.2.7"]);
+        assert!(c.validate().is_ok());
+        for one in ["127.0.0.1", "::1", "fd00::/8"] {
+            std::env::set_var("HBPROXYTEST_TRUSTED_PROXIES", one);
+            let c = Config::load_with_env(None, "HBPROXYTEST_", none());
+            std::env::remove_var("HBPROXYTEST_TRUSTED_PROXIES");
+            assert_eq!(c.unwrap().trusted_proxies, [one]);
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hubbub.toml");
+        std::fs::write(&file, "trusted_proxies = [\"127.0.0.1\", \"fd00::/8\"]\n").unwrap();
+        let c = Config::load(Some(&file), none()).unwrap();
+        assert_eq!(c.trusted_proxies, ["127.0.0.1", "fd00::/8"]);
+        let flags = Serialized::defaults(serde_json::json!({"trusted_proxies": ["10.1.1.1"]}));
+        let c = Config::load(Some(&file), flags).unwrap();
+        assert_eq!(c.trusted_proxies, ["10.1.1.1"], "flags win");
+
+        let bad = Config {
+            trusted_proxies: vec!["127.0.0.1".into(), "proxy.internal".into()],
+            ..Config::default()
+        };
+        let err = bad.validate().unwrap_err();
+        assert!(
+            err.contains("trusted_proxies") && err.contains("\"proxy.internal\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //! - [`auth`]: credentials (tokens, guest names), password hashing and its limits, the
 //!   login throttle; [`access`]: admitting guests under names no account has.
 //! - `serve`: the accept loop (HTTP timeouts, connection caps); [`host`]: the `Host`
-//!   check against DNS rebinding.
+//!   check against DNS rebinding; [`client_addr`]: the client's address (the TCP peer, or
+//!   what a trusted proxy says), for every per-address limit.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub mod access;
 pub mod api;
 pub mod auth;
 pub mod bus;
+pub mod client_addr;
 pub mod cluster;
 pub mod config;
 pub mod gateway;
@@ -90,6 +92,8 @@ pub struct AppState {
     pub file_passes: api::files::FilePasses,
     /// Upload rates per user and per address.
     pub uploads: api::files::UploadLimits,
+    /// The proxies whose forwarding headers name the client (`trusted_proxies`).
+    pub trusted_proxies: client_addr::TrustedProxies,
 }
 
 /// Serves on `listener` until `shutdown` resolves; then stops accepting, closes every
@@ -178,6 +182,8 @@ pub async fn run(
     let file_passes = api::files::FilePasses::from_config(&config)?;
     let uploads =
         api::files::UploadLimits::new(config.uploads_per_minute, config.uploads_per_minute_per_ip);
+    let trusted_proxies =
+        client_addr::TrustedProxies::parse(&config.trusted_proxies).map_err(anyhow::Error::msg)?;
     let state = Arc::new(AppState {
         config,
         node,
@@ -193,6 +199,7 @@ pub async fn run(
         conn_limiter,
         file_passes,
         uploads,
+        trusted_proxies,
     });
     // Deletes old unshared uploads until shutdown begins.
     let collector = tokio::spawn(api::files::run_collector(state.clone()));
@@ -212,9 +219,18 @@ pub async fn run(
         addr = %local,
         guest = state.auth.guest_enabled(),
         hash_concurrency = state.hashing.permits(),
+        trusted_proxies = ?state.config.trusted_proxies,
         "serving"
     );
-    serve::serve(listener, app, &state.config, token.clone(), shutdown).await;
+    serve::serve(
+        listener,
+        app,
+        &state.config,
+        &state.trusted_proxies,
+        token.clone(),
+        shutdown,
+    )
+    .await;
 
     token.cancel();
     let _ = closer.await;

@@ -5,6 +5,9 @@
 //!   refused with `429`) and in total (`max_http_connections`, `503`): the refusal is
 //!   written at once and the socket closed, before anything is read. A connection
 //!   upgraded to a WebSocket leaves these counts (the gateway's own limits take over).
+//!   Connections from `trusted_proxies` count in the total only: they carry the requests
+//!   of many clients, whose addresses are only known from each request's headers
+//!   ([`crate::client_addr`]).
 //! - A new connection must deliver its first request head within
 //!   `http_header_timeout_ms`; between requests, a keep-alive connection must deliver
 //!   the next head within `http_idle_timeout_ms` (or the header timeout when that is
@@ -31,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use tower_http::timeout::TimeoutBody;
 
 use crate::api::ApiError;
+use crate::client_addr::TrustedProxies;
 use crate::config::Config;
 use crate::gateway::ConnLimiter;
 
@@ -51,6 +55,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     config: &Config,
+    trusted: &TrustedProxies,
     stop: CancellationToken,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -78,7 +83,12 @@ pub(crate) async fn serve(
                 }
             },
         };
-        let permit = match limiter.try_acquire(peer.ip()) {
+        let admitted = if trusted.contains(peer.ip()) {
+            limiter.try_acquire_total()
+        } else {
+            limiter.try_acquire(peer.ip())
+        };
+        let permit = match admitted {
             Ok(p) => p,
             Err(refusal) => {
                 refuse(&stream, &refusal);

@@ -114,8 +114,17 @@ pub(crate) fn alive(pid: u32) -> bool {
 
 /// Sends SIGKILL to `pid` (with kill(1): this crate has no unsafe code).
 pub(crate) fn kill_9(pid: u32) {
+    signal(pid, "KILL");
+}
+
+/// Sends SIGTERM to `pid`.
+pub(crate) fn terminate(pid: u32) {
+    signal(pid, "TERM");
+}
+
+fn signal(pid: u32, name: &str) {
     let _ = run(
-        Command::new("kill").args(["-KILL", &pid.to_string()]),
+        Command::new("kill").args([&format!("-{name}"), &pid.to_string()]),
         Duration::from_secs(5),
     );
 }

@@ -1,10 +1,9 @@
 //! `POST /api/register` and `POST /api/login`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,6 +13,7 @@ use utoipa::ToSchema;
 
 use super::{ApiError, JsonBody};
 use crate::auth::{check_password_rules, hash_password, verify_password, HashBusy};
+use crate::client_addr::ClientAddr;
 use crate::AppState;
 
 /// A user name and a password.
@@ -54,10 +54,10 @@ fn busy(e: HashBusy) -> ApiError {
 ))]
 pub async fn register(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddr(client): ClientAddr,
     JsonBody(body): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
-    check_address_rate(&state, peer.ip())?;
+    check_address_rate(&state, client)?;
     if !is_valid_user_name(&body.username) {
         return Err(ApiError::bad_request(
             "username must match ^[A-Za-z0-9_.-]{1,32}$",
@@ -105,23 +105,20 @@ pub struct LoggedIn {
 ))]
 pub async fn login(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddr(client): ClientAddr,
     JsonBody(body): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
-    check_address_rate(&state, peer.ip())?;
+    check_address_rate(&state, client)?;
     // Counted before the check; one check per account at a time.
-    let attempt = state
-        .logins
-        .begin(&body.username, peer.ip())
-        .map_err(|wait| {
-            ApiError::rate_limited(
-                format!(
-                    "too many failed logins; try again in {} s",
-                    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
-                ),
-                wait,
-            )
-        })?;
+    let attempt = state.logins.begin(&body.username, client).map_err(|wait| {
+        ApiError::rate_limited(
+            format!(
+                "too many failed logins; try again in {} s",
+                wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+            ),
+            wait,
+        )
+    })?;
     let hash = if is_valid_user_name(&body.username) {
         state.store.password_hash(&body.username).await?
     } else {

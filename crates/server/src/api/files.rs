@@ -15,14 +15,14 @@
 //! the files their user may read. It is signed with a key of its own (derived from the
 //! token secret), so it is never accepted as an account token.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, FromRequestParts, Multipart, Path, Query, State};
+use axum::extract::{FromRequestParts, Multipart, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
 use super::{ApiError, Caller};
+use crate::client_addr::ClientAddr;
 use crate::gateway::WsParams;
 use crate::store::{now_ms, FileMeta};
 use crate::AppState;
@@ -268,11 +269,11 @@ fn too_large(limit: usize) -> ApiError {
 ), security(("bearer" = [])))]
 pub async fn upload(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddr(client): ClientAddr,
     Caller(caller): Caller,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
-    if state.uploads.per_ip.check_key(&peer.ip()).is_err() {
+    if state.uploads.per_ip.check_key(&client).is_err() {
         return Err(rate_limited("address"));
     }
     if state.uploads.per_user.check_key(&caller.user).is_err() {

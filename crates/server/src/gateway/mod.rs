@@ -4,9 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hubbub_protocol::{ErrorCode, SUBPROTOCOL_JSON, SUBPROTOCOL_PB};
@@ -15,6 +13,7 @@ use tracing::Instrument;
 
 use crate::api::ApiError;
 use crate::auth::Credentials;
+use crate::client_addr::ClientAddr;
 use crate::AppState;
 
 mod handler;
@@ -39,7 +38,7 @@ const MAX_DEVICE: usize = 64;
 /// `GET /ws`.
 pub async fn ws_handler(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddr(client): ClientAddr,
     Query(params): Query<WsParams>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
@@ -57,7 +56,7 @@ pub async fn ws_handler(
         Ok(id) => id,
         Err(e) => {
             state.metrics.auth_failures.inc();
-            tracing::debug!(error = %e, "refused a WebSocket credential");
+            tracing::debug!(error = %e, addr = %client, "refused a WebSocket credential");
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
@@ -119,16 +118,20 @@ pub async fn ws_handler(
             .into_response()
         }
     };
-    let permit = match state.conn_limiter.try_acquire(peer.ip()) {
+    // Per client address: behind a trusted proxy, the address it forwarded.
+    let permit = match state.conn_limiter.try_acquire(client) {
         Ok(p) => p,
-        Err(refusal) => return refusal.into_response(),
+        Err(refusal) => {
+            tracing::debug!(addr = %client, reason = %refusal.message, "refused a WebSocket");
+            return refusal.into_response();
+        }
     };
     let cfg = &state.config;
     let (read_buffer, max_frame) = (cfg.ws_read_buffer, cfg.max_frame_bytes);
     // What the session needs once upgraded, in one box: axum keeps the callback beside
     // the session's future for as long as the connection lives.
     let accepted = Box::new(Accepted {
-        peer: peer.ip(),
+        peer: client,
         identity,
         device,
         codec,
@@ -153,6 +156,7 @@ pub async fn ws_handler(
 
 /// An authorized connection waiting for its WebSocket upgrade.
 struct Accepted {
+    /// The client's address ([`ClientAddr`]).
     peer: std::net::IpAddr,
     identity: crate::auth::Identity,
     device: String,

@@ -60,7 +60,8 @@ pub(crate) struct Upgraded {
     pub(crate) codec: Codec,
     /// Its place in the connection limits, freed when the session ends.
     pub(crate) permit: ConnPermit,
-    /// The client's address.
+    /// The client's address (the TCP peer, or what a trusted proxy forwarded): room
+    /// creation is limited per address.
     pub(crate) peer: std::net::IpAddr,
 }
 
