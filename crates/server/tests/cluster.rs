@@ -355,3 +355,39 @@ async fn messages_committed_just_before_the_first_one_heard_are_delivered() {
     }
     assert_eq!(seqs, (1..=next).collect::<Vec<_>>());
 }
+
+/// An admin's announcement made on one node reaches the sessions of every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announcement_reaches_every_node() {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let store = pg.create_database();
+    let admins = |c: &mut hubbub_server::Config| c.admins = vec!["root".into()];
+    let one = TestServer::node(&store, &redis.url(), admins).await;
+    let two = TestServer::node(&store, &redis.url(), admins).await;
+    let root = common::register_and_login(&one, "root").await;
+    let mut bob = two.connect("bob").await;
+    let watcher = one.connect("watcher").await;
+    until_presence(&watcher, "bob", true, CROSS).await;
+    let r = common::http()
+        .post(one.http("/api/admin/broadcast"))
+        .bearer_auth(&root)
+        .json(&json!({"text": "maintenance at noon"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let f = bob
+        .wait_for(CROSS, |f| matches!(f, ServerFrame::Notice { .. }))
+        .await
+        .expect("bob, on the other node, gets the notice");
+    assert_eq!(
+        f,
+        ServerFrame::Notice {
+            text: "maintenance at noon".into(),
+            from: "root".into()
+        }
+    );
+}
