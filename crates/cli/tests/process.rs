@@ -920,8 +920,10 @@ async fn clients_that_ask_for_more_than_they_read_hold_bounded_memory_that_retur
 
 /// Three cluster nodes (one PostgreSQL, one Redis); senders on the first two, a watcher
 /// on the third. The first node is killed with -9 under load: its users go offline for
-/// the others within 15 s, and the watcher, which heard the room through its own node,
-/// got every stored message once and in order (the last ones after a `sync`).
+/// the others within 15 s. It is started again and its senders go on through it (the
+/// message each was sending when it died retried with its id). The watcher, which heard
+/// the room through its own node all along, got every stored message once and in order
+/// (the last ones after a `sync`), and every acked message is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_cluster_node_loses_nothing_and_its_users_go_offline() {
     let pg = tokio::task::spawn_blocking(hubbub_testkit::PgServer::start)
@@ -932,24 +934,22 @@ async fn kill_9_of_a_cluster_node_loses_nothing_and_its_users_go_offline() {
         .unwrap();
     let (store, bus) = (pg.create_database(), redis.url());
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes: Vec<Server> = dirs
-        .iter()
-        .map(|d| {
-            Server::start_with(
-                d.path(),
-                "127.0.0.1:0",
-                &["--store", &store, "--bus", &bus],
-                &[
-                    ("HUBBUB_SEND_RATE_PER_SEC", "100000"),
-                    ("HUBBUB_SEND_BURST", "100000"),
-                    (
-                        "HUBBUB_JWT_SECRET",
-                        "the secret of the test cluster, 32+ bytes",
-                    ),
-                ],
-            )
-        })
-        .collect();
+    let start = |dir: &Path| {
+        Server::start_with(
+            dir,
+            "127.0.0.1:0",
+            &["--store", &store, "--bus", &bus],
+            &[
+                ("HUBBUB_SEND_RATE_PER_SEC", "100000"),
+                ("HUBBUB_SEND_BURST", "100000"),
+                (
+                    "HUBBUB_JWT_SECRET",
+                    "the secret of the test cluster, 32+ bytes",
+                ),
+            ],
+        )
+    };
+    let mut nodes: Vec<Server> = dirs.iter().map(|d| start(d.path())).collect();
     let mut watcher = nodes[2]
         .connect(ConnectOptions::guest(nodes[2].url(), "watcher"))
         .await;
@@ -998,8 +998,37 @@ async fn kill_9_of_a_cluster_node_loses_nothing_and_its_users_go_offline() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    nodes[1].signal("-KILL");
-    let _ = nodes[1].child.wait();
+    // The first node is started again; its senders go on through it, retrying the
+    // message they were sending with its id. The watcher hears them again.
+    let mut tasks = tasks;
+    let stopped = sender_logs(tasks.drain(..2).collect()).await;
+    nodes[0] = start(dirs[0].path());
+    let url = nodes[0].url();
+    tasks.extend(
+        stopped
+            .into_iter()
+            .enumerate()
+            .map(|(i, log)| tokio::spawn(send_until_failure(url.clone(), format!("n0s{i}"), log))),
+    );
+    let mut heard_again = 0;
+    while heard_again < 20 {
+        match watcher
+            .wait_for(Duration::from_secs(30), |f| {
+                matches!(f, ServerFrame::Message(_))
+            })
+            .await
+        {
+            Ok(ServerFrame::Message(m)) => {
+                heard_again += usize::from(m.from.starts_with("n0"));
+                pushed.push(m.seq);
+            }
+            other => panic!("the watcher heard {other:?}"),
+        }
+    }
+    for node in &mut nodes[..2] {
+        node.signal("-KILL");
+        let _ = node.child.wait();
+    }
     let logs = sender_logs(tasks).await;
     // What was pushed, then what a sync from the last pushed seq adds.
     while let Ok(ServerFrame::Message(m)) = watcher
