@@ -55,6 +55,34 @@ async fn until_presence(who: &Client, user: &str, online: bool, within: Duration
     }
 }
 
+/// Sends `m{i}` to `room:r` for each `i`; returns the last seq.
+async fn send_numbered(client: &Client, range: std::ops::Range<usize>) -> u64 {
+    let mut last = 0;
+    for i in range {
+        last = client
+            .send_text("room:r", &format!("m{i}"))
+            .await
+            .unwrap()
+            .seq;
+    }
+    last
+}
+
+/// The seqs of the messages pushed to `client` until seq `last` (each within [`CROSS`]).
+async fn pushed_until(client: &mut Client, last: u64) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&last) {
+        match client
+            .wait_for(CROSS, |f| matches!(f, ServerFrame::Message(_)))
+            .await
+        {
+            Ok(ServerFrame::Message(m)) => seqs.push(m.seq),
+            other => panic!("got {seqs:?}, then {other:?}"),
+        }
+    }
+    seqs
+}
+
 async fn message_text(client: &mut Client, conv: &str) -> (u64, String) {
     let conv = conv.to_string();
     match client
@@ -195,30 +223,11 @@ async fn losing_redis_loses_no_message() {
     until_presence(&alice, "bob", true, CROSS).await;
     alice.join("r").await.unwrap();
     bob.join("r").await.unwrap();
-    let mut last = 0;
-    for i in 0..20 {
-        last = alice
-            .send_text("room:r", &format!("m{i}"))
-            .await
-            .unwrap()
-            .seq;
-    }
+    send_numbered(&alice, 0..20).await;
     c.redis.kill();
-    for i in 20..60 {
-        last = alice
-            .send_text("room:r", &format!("m{i}"))
-            .await
-            .unwrap()
-            .seq;
-    }
+    send_numbered(&alice, 20..60).await;
     c.redis.start_again();
-    for i in 60..80 {
-        last = alice
-            .send_text("room:r", &format!("m{i}"))
-            .await
-            .unwrap()
-            .seq;
-    }
+    let last = send_numbered(&alice, 60..80).await;
     let mut seqs = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while seqs.last() != Some(&last) {
@@ -270,16 +279,7 @@ async fn a_lost_publish_only_delays_a_message() {
     }
     // The next message through the bus jumps ahead: the gap is filled first.
     let next = alice.send_text("room:r", "a2").await.unwrap().seq;
-    let mut seqs = Vec::new();
-    while seqs.last() != Some(&next) {
-        match bob
-            .wait_for(CROSS, |f| matches!(f, ServerFrame::Message(_)))
-            .await
-        {
-            Ok(ServerFrame::Message(m)) => seqs.push(m.seq),
-            other => panic!("bob got {seqs:?}, then {other:?}"),
-        }
-    }
+    let seqs = pushed_until(&mut bob, next).await;
     assert_eq!(seqs, (first..=next).collect::<Vec<_>>());
     // Nothing follows through the bus: the periodic catch-up brings it.
     let late = carol.send_text("room:r", "c-late").await.unwrap().seq;
@@ -343,16 +343,7 @@ async fn messages_committed_just_before_the_first_one_heard_are_delivered() {
         carol.send_text("room:r", &format!("c{i}")).await.unwrap();
     }
     let next = alice.send_text("room:r", "a").await.unwrap().seq;
-    let mut seqs = Vec::new();
-    while seqs.last() != Some(&next) {
-        match bob
-            .wait_for(CROSS, |f| matches!(f, ServerFrame::Message(_)))
-            .await
-        {
-            Ok(ServerFrame::Message(m)) => seqs.push(m.seq),
-            other => panic!("bob got {seqs:?}, then {other:?}"),
-        }
-    }
+    let seqs = pushed_until(&mut bob, next).await;
     assert_eq!(seqs, (1..=next).collect::<Vec<_>>());
 }
 
