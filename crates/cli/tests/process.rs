@@ -269,6 +269,23 @@ async fn send_until_failure(url: String, user: String, mut log: SenderLog) -> Se
     }
 }
 
+/// Two senders into `room:load` on each of `nodes`, named `n{node}s{i}`, in that order.
+fn two_senders_each(nodes: &[Server]) -> Vec<tokio::task::JoinHandle<SenderLog>> {
+    nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(n, node)| {
+            (0..2).map(move |i| {
+                tokio::spawn(send_until_failure(
+                    node.url(),
+                    format!("n{n}s{i}"),
+                    SenderLog::default(),
+                ))
+            })
+        })
+        .collect()
+}
+
 /// Waits for senders whose server is gone (each stops at its first failure).
 async fn sender_logs(tasks: Vec<tokio::task::JoinHandle<SenderLog>>) -> Vec<SenderLog> {
     let mut logs = Vec::new();
@@ -453,19 +470,7 @@ async fn kill_9_of_one_of_three_nodes_on_one_postgres_loses_no_acked_message() {
         .connect(ConnectOptions::guest(nodes[0].url(), "watcher"))
         .await;
     watcher.join("load").await.unwrap();
-    let tasks: Vec<_> = nodes
-        .iter()
-        .enumerate()
-        .flat_map(|(n, node)| {
-            (0..2).map(move |i| {
-                tokio::spawn(send_until_failure(
-                    node.url(),
-                    format!("n{n}s{i}"),
-                    SenderLog::default(),
-                ))
-            })
-        })
-        .collect();
+    let tasks = two_senders_each(&nodes);
     for _ in 0..40 {
         watcher
             .wait_for(Duration::from_secs(30), |f| {
@@ -954,19 +959,7 @@ async fn kill_9_of_a_cluster_node_loses_nothing_and_its_users_go_offline() {
         .connect(ConnectOptions::guest(nodes[2].url(), "watcher"))
         .await;
     watcher.join("load").await.unwrap();
-    let tasks: Vec<_> = nodes[..2]
-        .iter()
-        .enumerate()
-        .flat_map(|(n, node)| {
-            (0..2).map(move |i| {
-                tokio::spawn(send_until_failure(
-                    node.url(),
-                    format!("n{n}s{i}"),
-                    SenderLog::default(),
-                ))
-            })
-        })
-        .collect();
+    let tasks = two_senders_each(&nodes[..2]);
     let mut pushed: Vec<u64> = Vec::new();
     while pushed.len() < 60 {
         match watcher
