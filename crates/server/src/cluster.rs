@@ -32,6 +32,7 @@ use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -65,6 +66,13 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 struct Envelope {
     node: String,
     events: Vec<Event>,
+}
+
+/// [`Envelope`] as it is written: its events already encoded.
+#[derive(Serialize)]
+struct EnvelopeOut<'a> {
+    node: &'a str,
+    events: &'a [Box<RawValue>],
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,15 +267,16 @@ impl Cluster {
         batch: Vec<Outgoing>,
     ) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
-        let mut events: Vec<Event> = Vec::new();
+        // Each event is encoded once; an envelope joins them as they are.
+        let mut events: Vec<Box<RawValue>> = Vec::new();
         let mut size = 0;
-        let flush = |pipe: &mut redis::Pipeline, events: &mut Vec<Event>| {
+        let flush = |pipe: &mut redis::Pipeline, events: &mut Vec<Box<RawValue>>| {
             if events.is_empty() {
                 return;
             }
-            let envelope = Envelope {
-                node: self.id.clone(),
-                events: std::mem::take(events),
+            let envelope = EnvelopeOut {
+                node: &self.id,
+                events: events.as_slice(),
             };
             match serde_json::to_vec(&envelope) {
                 Ok(payload) => {
@@ -275,17 +284,21 @@ impl Cluster {
                 }
                 Err(e) => tracing::error!(error = %e, "cluster: cannot encode events"),
             }
+            events.clear();
         };
         for out in batch {
             match out {
-                Outgoing::Event(e) => {
-                    size += serde_json::to_vec(&e).map_or(0, |v| v.len());
-                    events.push(e);
-                    if size >= PUBLISH_BYTES {
-                        flush(&mut pipe, &mut events);
-                        size = 0;
+                Outgoing::Event(e) => match serde_json::value::to_raw_value(&e) {
+                    Ok(raw) => {
+                        size += raw.get().len();
+                        events.push(raw);
+                        if size >= PUBLISH_BYTES {
+                            flush(&mut pipe, &mut events);
+                            size = 0;
+                        }
                     }
-                }
+                    Err(e) => tracing::error!(error = %e, "cluster: cannot encode an event"),
+                },
                 // Set changes go in order with the events around them.
                 Outgoing::Here(user) => {
                     flush(&mut pipe, &mut events);
