@@ -633,9 +633,7 @@ impl ClusterPresence {
     }
 
     /// Another node says `user` has (`online`) or no longer has a session there.
-    /// Returns the user's new state when it changed for the cluster.
-    fn remote(&self, node: &str, user: &str, online: bool) -> Option<bool> {
-        let before = self.is_online(user);
+    fn remote(&self, node: &str, user: &str, online: bool) {
         if online {
             self.remote
                 .entry(user.to_string())
@@ -647,8 +645,6 @@ impl ClusterPresence {
                 nodes.is_empty()
             });
         }
-        let after = self.is_online(user);
-        (before != after).then_some(after)
     }
 
     /// Forgets the users of nodes not in `alive`; returns those now offline.
