@@ -47,6 +47,10 @@ pub struct JoinOk {
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct LeaveOk {
     pub conv: String,
+    /// The room's last seq when the leave committed: the leaver gets the messages up to
+    /// it and none after (an addition to version 1; absent from older servers).
+    #[serde(default)]
+    pub last_seq: u64,
 }
 
 /// `ok` to `history`, and the body of `GET /api/conversations/{conv}/messages`.

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{unlimited, TestServer, WAIT};
+use common::{cluster, unlimited, TestServer, WAIT};
 use hubbub_client::Client;
 use hubbub_protocol::{ClientFrame, ServerFrame, SignalKind};
 use hubbub_testkit::{PgServer, RedisServer};
@@ -14,29 +14,6 @@ use serde_json::json;
 
 /// Longest wait for something to cross nodes (presence of a dead node takes 13 s).
 const CROSS: Duration = Duration::from_secs(10);
-
-struct Cluster {
-    nodes: Vec<TestServer>,
-    redis: RedisServer,
-    _pg: PgServer,
-}
-
-async fn cluster(n: usize) -> Cluster {
-    let pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
-    let redis = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let store = pg.create_database();
-    let mut nodes = Vec::new();
-    for _ in 0..n {
-        nodes.push(TestServer::node(&store, &redis.url(), unlimited).await);
-    }
-    Cluster {
-        nodes,
-        redis,
-        _pg: pg,
-    }
-}
 
 /// Waits until `who` sees `user` online (`true`) or offline, polling.
 async fn until_presence(who: &Client, user: &str, online: bool, within: Duration) {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{error_code, http, unlimited, TestServer, WAIT};
+use common::{cluster, error_code, http, unlimited, TestServer, WAIT};
 use hubbub_client::{Client, Event};
 use hubbub_protocol::{ErrorCode, ServerFrame};
 
@@ -67,9 +67,22 @@ async fn seqs_until(client: &mut Client, conv: &str, last: u64) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_after_a_join_reaches_the_joiner() {
     let server = TestServer::with(unlimited).await;
-    let alice = Arc::new(server.connect("alice").await);
-    let mut bob = server.connect("bob").await;
-    for trial in 0..30 {
+    joiner_story(&server, &server, 30).await;
+}
+
+/// The same with alice on one node of a cluster and bob on another: the join and the
+/// messages reach bob's node in no set order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_every_message_after_a_join_reaches_a_joiner_on_another_node() {
+    let c = cluster(2).await;
+    joiner_story(&c.nodes[0], &c.nodes[1], 20).await;
+}
+
+/// alice (on `a`) sends without pause while bob (on `b`) joins, `trials` times.
+async fn joiner_story(a: &TestServer, b: &TestServer, trials: u64) {
+    let alice = Arc::new(a.connect("alice").await);
+    let mut bob = b.connect("bob").await;
+    for trial in 0..trials {
         let room = format!("busy{trial}");
         let conv = format!("room:{room}");
         alice.join(&room).await.expect("alice joins");
@@ -119,11 +132,24 @@ async fn store_says_member(server: &TestServer, user: &str, conv: &str) -> bool 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leave_and_a_join_at_once_leave_the_server_agreeing_with_the_store() {
     let server = TestServer::start().await;
-    let alice = server.connect("alice").await;
-    let phone = server.connect_device("bob", "phone").await;
-    let mut laptop = server.connect_device("bob", "laptop").await;
+    leave_and_join_story(&server, &server, 60).await;
+}
+
+/// The same with bob's phone on one node of a cluster and his laptop on another: each
+/// node hears of the other's change after its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_a_leave_and_a_join_at_once_on_two_nodes_leave_both_agreeing_with_the_store() {
+    let c = cluster(2).await;
+    leave_and_join_story(&c.nodes[0], &c.nodes[1], 40).await;
+}
+
+/// bob leaves on his phone (on `a`, with alice) while he joins on his laptop (on `b`).
+async fn leave_and_join_story(a: &TestServer, b: &TestServer, trials: u64) {
+    let alice = a.connect("alice").await;
+    let phone = a.connect_device("bob", "phone").await;
+    let mut laptop = b.connect_device("bob", "laptop").await;
     let (mut members, mut outsiders) = (0, 0);
-    for trial in 0..60 {
+    for trial in 0..trials {
         let room = format!("flip{trial}");
         let conv = format!("room:{room}");
         alice.join(&room).await.expect("alice joins");
@@ -131,7 +157,7 @@ async fn a_leave_and_a_join_at_once_leave_the_server_agreeing_with_the_store() {
         let (left, joined) = tokio::join!(phone.leave(&room), laptop.join(&room));
         left.expect("leave");
         joined.expect("join");
-        let member = store_says_member(&server, "bob", &conv).await;
+        let member = store_says_member(b, "bob", &conv).await;
         match laptop.send_text(&conv, "am I in?").await {
             Ok(_) => assert!(
                 member,
@@ -172,9 +198,24 @@ async fn a_leave_and_a_join_at_once_leave_the_server_agreeing_with_the_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_reach_a_leaver_exactly_until_the_leave() {
     let server = TestServer::with(unlimited).await;
-    let alice = Arc::new(server.connect("alice").await);
-    let mut bob = server.connect("bob").await;
-    for trial in 0..20 {
+    leaver_story(&server, &server, 20, true).await;
+}
+
+/// In a cluster, a leaver on another node than the sender gets every message up to the
+/// leave, also those that reach its node after the leave. (Messages committed after the
+/// leave that reach its node before the leave does may still be pushed to it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_a_leaver_on_another_node_gets_every_message_up_to_the_leave() {
+    let c = cluster(2).await;
+    leaver_story(&c.nodes[0], &c.nodes[1], 20, false).await;
+}
+
+/// alice (on `a`) sends without pause while bob (on `b`) leaves, `trials` times. bob
+/// is pushed every message up to his leave's `last_seq`, and with `exact` none after.
+async fn leaver_story(a: &TestServer, b: &TestServer, trials: u64, exact: bool) {
+    let alice = Arc::new(a.connect("alice").await);
+    let mut bob = b.connect("bob").await;
+    for trial in 0..trials {
         let room = format!("exit{trial}");
         let conv = format!("room:{room}");
         alice.join(&room).await.expect("alice joins");
@@ -184,7 +225,8 @@ async fn messages_reach_a_leaver_exactly_until_the_leave() {
         let sender = keep_sending(alice.clone(), conv.clone(), 4, stop.clone(), acked);
         alice.send_text(&conv, "warm-up").await.expect("send");
         tokio::time::sleep(Duration::from_millis(trial % 5)).await;
-        bob.leave(&room).await.expect("bob leaves");
+        let left = bob.leave(&room).await.expect("bob leaves");
+        let at = left["last_seq"].as_u64().expect("last_seq");
         stop.store(true, Ordering::Relaxed);
         let last = sender.await.expect("sender");
         // Everything bob may still read is before the leave: his history ends there.
@@ -193,8 +235,8 @@ async fn messages_reach_a_leaver_exactly_until_the_leave() {
             Ok(_) => panic!("trial {trial}: a leaver read the room"),
         };
         assert_eq!(seen, ErrorCode::NotMember);
-        // What was pushed is a gapless run from 1, and nothing past `last`.
-        let mut got = Vec::new();
+        // What was pushed is a gapless run from 1 up to the leave.
+        let mut got = seqs_until(&mut bob, &conv, at).await;
         while let Ok(Event::Frame(f)) = bob.next_event(Duration::from_millis(100)).await {
             if let ServerFrame::Message(m) = f {
                 if m.conv == conv {
@@ -204,6 +246,13 @@ async fn messages_reach_a_leaver_exactly_until_the_leave() {
         }
         let want: Vec<u64> = (1..=got.len() as u64).collect();
         assert_eq!(got, want, "trial {trial}: pushes to the leaver");
+        if exact {
+            assert_eq!(
+                got.len() as u64,
+                at,
+                "trial {trial}: pushed after the leave"
+            );
+        }
         assert!(got.len() as u64 <= last);
     }
 }

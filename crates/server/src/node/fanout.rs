@@ -11,6 +11,13 @@
 //! conversation, the last seq it delivered ([`CatchUp`]): a repeat is dropped, a jump is
 //! first filled from the store, and [`Subscriber::catch_up`] delivers whatever the store
 //! has beyond it. Every message reaches this node's sessions once and in seq order.
+//!
+//! Joins and leaves from other nodes arrive in no set order with the messages around
+//! them, so a cluster node places each by its `at` (the room's last seq when it
+//! committed, [`Move`]): a joiner gets the messages after it (those already delivered
+//! are filled for them from the store) and none before it, a leaver the ones up to it
+//! that arrive late. Which users are members is read back from the store after each
+//! change, so two changes of one user that arrive swapped still end as the store says.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,13 +39,58 @@ const FILL_PAGE: u32 = 500;
 /// their way from other nodes (ms).
 const IN_FLIGHT_MS: i64 = 10_000;
 
+/// How long a join or leave is kept to place late messages around it: longer than any
+/// message stays on its way.
+const MOVE_KEPT: Duration = Duration::from_secs(60);
+
 /// The seqs a cluster node delivered (see the module docs).
 struct CatchUp {
     store: Arc<dyn Store>,
     /// Per conversation: the last seq delivered here, and when.
     delivered: DashMap<String, (u64, Instant)>,
+    /// Per room: joins and leaves that messages committed before them may still pass.
+    moves: DashMap<String, Vec<Move>>,
     /// When this fan-out began (Unix ms): nothing committed before was delivered by it.
     started_ms: i64,
+}
+
+/// A join or leave of `user`, committed when the room's last seq was `at`.
+#[derive(Clone)]
+struct Move {
+    user: String,
+    joined: bool,
+    at: u64,
+    when: Instant,
+}
+
+impl CatchUp {
+    /// The users whose recent join or leave changes who gets message `seq` of `conv`:
+    /// (joiners who must not get it, leavers who must).
+    fn around(&self, conv: &str, seq: u64) -> (Vec<String>, Vec<String>) {
+        let (mut skip, mut add) = (Vec::new(), Vec::new());
+        if let Some(moves) = self.moves.get(conv) {
+            for m in moves.iter().filter(|m| m.at >= seq) {
+                if m.joined {
+                    skip.push(m.user.clone());
+                } else {
+                    add.push(m.user.clone());
+                }
+            }
+        }
+        (skip, add)
+    }
+
+    /// Forgets the moves of `conv` no message still to come can pass: those at or
+    /// before `delivered`, and old ones.
+    fn passed(&self, conv: &str, delivered: u64) {
+        if let Some(mut moves) = self.moves.get_mut(conv) {
+            moves.retain(|m| m.at > delivered && m.when.elapsed() < MOVE_KEPT);
+            if moves.is_empty() {
+                drop(moves);
+                self.moves.remove_if(conv, |_, m| m.is_empty());
+            }
+        }
+    }
 }
 
 /// Delivers frames of conversations to this node's sessions.
@@ -74,6 +126,7 @@ impl Fanout {
         self.catch_up = Some(CatchUp {
             store,
             delivered: DashMap::new(),
+            moves: DashMap::new(),
             started_ms: crate::store::now_ms(),
         });
         self
@@ -86,6 +139,10 @@ impl Fanout {
             return Vec::new();
         };
         c.delivered.retain(|_, (_, at)| at.elapsed() < idle);
+        c.moves.retain(|_, moves| {
+            moves.retain(|m| m.when.elapsed() < MOVE_KEPT);
+            !moves.is_empty()
+        });
         c.delivered
             .iter()
             .map(|e| (e.key().clone(), e.value().0))
@@ -100,7 +157,7 @@ impl Fanout {
             match last {
                 Some(last) if message.seq <= last => return,
                 Some(last) if message.seq > last + 1 => {
-                    self.fill(&conv, last, message.seq - 1).await;
+                    self.fill(&conv, last, message.seq - 1, None).await;
                 }
                 Some(_) => {}
                 // The first message of the conversation this node sees: messages
@@ -113,15 +170,53 @@ impl Fanout {
             c.delivered
                 .insert(conv.clone(), (message.seq, Instant::now()));
         }
+        let seq = message.seq;
         let frame = OutFrame::new(ServerFrame::Message(message));
-        if let Err(e) = self.deliver(&conv, &frame, Some(origin), None).await {
+        if let Err(e) = self.deliver_seq(&conv, seq, &frame, Some(origin)).await {
             tracing::warn!(%conv, error = %e, "fan-out failed; recipients will sync");
         }
     }
 
-    /// Delivers the stored messages of `conv` after seq `after` up to `upto`; returns
-    /// the last seq delivered.
-    async fn fill(&self, conv: &str, mut after: u64, upto: u64) -> u64 {
+    /// Delivers message `seq` of `conv` like [`Fanout::deliver`]; in a cluster, to the
+    /// members when it committed (see [`Move`]).
+    async fn deliver_seq(
+        &self,
+        conv: &str,
+        seq: u64,
+        frame: &Arc<OutFrame>,
+        except: Option<u64>,
+    ) -> Result<usize, StoreError> {
+        let Some(c) = &self.catch_up else {
+            return self.deliver(conv, frame, except, None).await;
+        };
+        let (skip, add) = c.around(conv, seq);
+        let mut n = match skip.as_slice() {
+            [] => self.deliver(conv, frame, except, None).await?,
+            [one] => self.deliver(conv, frame, except, Some(one)).await?,
+            _ => {
+                let room = self.members.room(conv).await?;
+                let mut n = 0;
+                room.for_each(|u| {
+                    if !skip.iter().any(|s| s == u) {
+                        n += self.hub.send_to_user(u, frame, except);
+                    }
+                });
+                n
+            }
+        };
+        if !add.is_empty() {
+            let room = self.members.room(conv).await?;
+            for u in add.iter().filter(|u| !room.contains(u)) {
+                n += self.hub.send_to_user(u, frame, except);
+            }
+        }
+        c.passed(conv, seq);
+        Ok(n)
+    }
+
+    /// Delivers the stored messages of `conv` after seq `after` up to `upto` (with
+    /// `only`, to that user's sessions alone); returns the last seq delivered.
+    async fn fill(&self, conv: &str, mut after: u64, upto: u64, only: Option<&str>) -> u64 {
         let Some(c) = &self.catch_up else {
             return after;
         };
@@ -147,7 +242,14 @@ impl Fanout {
                 }
                 after = m.seq;
                 let frame = OutFrame::new(ServerFrame::Message(m));
-                let _ = self.deliver(conv, &frame, None, None).await;
+                match only {
+                    Some(user) => {
+                        self.hub.send_to_user(user, &frame, None);
+                    }
+                    None => {
+                        let _ = self.deliver_seq(conv, after, &frame, None).await;
+                    }
+                }
             }
         }
         after
@@ -175,8 +277,9 @@ impl Fanout {
         };
         for m in page.messages {
             if m.seq < first.seq && m.ts >= since {
+                let seq = m.seq;
                 let frame = OutFrame::new(ServerFrame::Message(m));
-                let _ = self.deliver(&first.conv, &frame, None, None).await;
+                let _ = self.deliver_seq(&first.conv, seq, &frame, None).await;
             }
         }
     }
@@ -197,7 +300,7 @@ impl Fanout {
             }
         };
         if stored > last {
-            let reached = self.fill(&conv, last, stored).await;
+            let reached = self.fill(&conv, last, stored, None).await;
             c.delivered.insert(conv, (reached, Instant::now()));
         }
     }
@@ -237,8 +340,13 @@ impl Fanout {
     async fn change(&self, change: Committed) {
         let conv = change.conv().to_string();
         let (frame, origin) = match change {
-            Committed::Member { conv, user, joined } => {
-                self.member_changed(conv, user, joined).await;
+            Committed::Member {
+                conv,
+                user,
+                joined,
+                at,
+            } => {
+                self.member_changed(conv, user, joined, at).await;
                 return;
             }
             Committed::Message { message, origin } => {
@@ -257,9 +365,38 @@ impl Fanout {
     }
 
     /// Applies a join or leave to the room's member list and tells the other members
-    /// (rooms up to `large_room` members).
-    async fn member_changed(&self, conv: String, user: String, joined: bool) {
-        let room = match self.members.apply(&conv, &user, joined) {
+    /// (rooms up to `large_room` members). In a cluster, places it among the messages
+    /// (see [`Move`]), and the member list takes what the store says now.
+    async fn member_changed(&self, conv: String, user: String, joined: bool, at: u64) {
+        let member = match &self.catch_up {
+            None => joined,
+            Some(c) => {
+                let member = match c.store.is_member(&conv, &user).await {
+                    Ok(member) => member,
+                    Err(e) => {
+                        tracing::warn!(%conv, error = %e, "cannot read a membership back");
+                        joined
+                    }
+                };
+                let delivered = c.delivered.get(&conv).map(|e| e.0);
+                match delivered {
+                    // Messages after the join were delivered before it was heard of.
+                    Some(last) if joined && member && last > at => {
+                        self.fill(&conv, at, last, Some(&user)).await;
+                    }
+                    // Messages the leaver gets have all been delivered.
+                    Some(last) if !joined && last >= at => {}
+                    _ => c.moves.entry(conv.clone()).or_default().push(Move {
+                        user: user.clone(),
+                        joined,
+                        at,
+                        when: Instant::now(),
+                    }),
+                }
+                member
+            }
+        };
+        let room = match self.members.apply(&conv, &user, member) {
             Some(room) => room,
             // Not cached: loading it reads the store, which has the change.
             None => match self.members.room(&conv).await {

@@ -67,18 +67,20 @@ impl Node {
         })
     }
 
-    /// Leaves the room `name` (`not_member` if the user is not in it).
+    /// Leaves the room `name` (`not_member` if the user is not in it). The answer's
+    /// `last_seq` is the room's last seq when the leave committed: the leaver was pushed
+    /// every message up to it and none after.
     pub async fn leave(&self, actor: Actor<'_>, name: &str) -> Result<LeaveOk, ProtoError> {
         let conv = room_conv(name)?;
-        if !self.store.leave_room(&conv, actor.user).await? {
+        let Some(last_seq) = self.store.leave_room(&conv, actor.user).await? else {
             return Err(ProtoError::new(
                 ErrorCode::NotMember,
                 format!("you are not a member of {conv}"),
             ));
-        }
+        };
         // As for a join: answered once the room's shard has applied it.
         self.bus.flush(&conv).await;
-        Ok(LeaveOk { conv })
+        Ok(LeaveOk { conv, last_seq })
     }
 
     /// Rooms with their member and online counts, in name order: at most `limit`

@@ -288,7 +288,7 @@ pub async fn only_members_append_to_a_room(f: Fixture) {
     }
     s.join_room("room:m", "bob").await.unwrap();
     let first = append(s, text("room:m", "bob", "b1", "hi")).await;
-    assert!(s.leave_room("room:m", "bob").await.unwrap());
+    assert!(s.leave_room("room:m", "bob").await.unwrap().is_some());
     match s.append(text("room:m", "bob", "b2", "again")).await {
         Err(StoreError::NotMember(_)) => {}
         other => panic!("expected not a member, got {other:?}"),
@@ -300,8 +300,8 @@ pub async fn only_members_append_to_a_room(f: Fixture) {
 }
 
 /// Joins and leaves reach the commit hook in commit order, between the messages they
-/// were committed between; a join of a member or a leave of a non-member announces
-/// nothing.
+/// were committed between, each with the room's last seq then; a join of a member or a
+/// leave of a non-member announces nothing.
 pub async fn joins_and_leaves_are_announced_in_commit_order(f: Fixture) {
     let s = &*f.store;
     s.join_room("room:j", "alice").await.unwrap();
@@ -309,8 +309,9 @@ pub async fn joins_and_leaves_are_announced_in_commit_order(f: Fixture) {
     s.join_room("room:j", "bob").await.unwrap();
     s.join_room("room:j", "bob").await.unwrap();
     append(s, text("room:j", "alice", "j2", "two")).await;
-    assert!(s.leave_room("room:j", "bob").await.unwrap());
-    assert!(!s.leave_room("room:j", "bob").await.unwrap());
+    // A leave answers the room's last seq when it committed; a non-member's, nothing.
+    assert_eq!(s.leave_room("room:j", "bob").await.unwrap(), Some(2));
+    assert_eq!(s.leave_room("room:j", "bob").await.unwrap(), None);
     append(s, text("room:j", "alice", "j3", "three")).await;
     let seen: Vec<String> = f
         .committed
@@ -319,13 +320,14 @@ pub async fn joins_and_leaves_are_announced_in_commit_order(f: Fixture) {
         .filter(|c| c.conv() == "room:j")
         .map(|c| match c {
             Committed::Message { message, .. } => format!("m{}", message.seq),
-            Committed::Member { user, joined, .. } => {
-                format!("{user}{}", if *joined { "+" } else { "-" })
-            }
+            Committed::Member {
+                user, joined, at, ..
+            } => format!("{user}{}@{at}", if *joined { "+" } else { "-" }),
             other => format!("{other:?}"),
         })
         .collect();
-    assert_eq!(seen, ["alice+", "m1", "bob+", "m2", "bob-", "m3"]);
+    // `at`: the room's last seq when the change committed.
+    assert_eq!(seen, ["alice+@0", "m1", "bob+@1", "m2", "bob-@2", "m3"]);
 }
 
 /// `watermark` is never later than the stamp of a change that is not committed yet: a
@@ -397,8 +399,8 @@ pub async fn rooms_membership_and_roles(f: Fixture) {
     members.sort();
     assert_eq!(members, vec!["alice", "bob"]);
     assert!(s.is_member("room:r", "bob").await.unwrap());
-    assert!(s.leave_room("room:r", "bob").await.unwrap());
-    assert!(!s.leave_room("room:r", "bob").await.unwrap());
+    assert!(s.leave_room("room:r", "bob").await.unwrap().is_some());
+    assert!(s.leave_room("room:r", "bob").await.unwrap().is_none());
     assert!(!s.is_member("room:r", "bob").await.unwrap());
     s.join_room("room:q", "carol").await.unwrap();
     let rooms = s.rooms(None, 10).await.unwrap();

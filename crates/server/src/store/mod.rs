@@ -201,11 +201,16 @@ pub enum Committed {
     },
     /// A user joined (`joined: true`) or left a room. Announced in commit order with
     /// the messages, so whoever applies it to a member list sees every message of the
-    /// room exactly while the user was a member.
+    /// room exactly while the user was a member. `at` is the room's last seq when the
+    /// change committed: the joiner gets the messages after it, the leaver those up to it
+    /// (a cluster node, which hears of changes from other nodes in no set order, sorts
+    /// by it).
     Member {
         conv: String,
         user: String,
         joined: bool,
+        #[serde(default)]
+        at: u64,
     },
 }
 
@@ -237,7 +242,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes `user` from the room; false when it was not a member. A removal is
     /// announced to the [`CommitHook`] in commit order.
-    fn leave_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>>;
+    fn leave_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<Option<u64>>>;
 
     /// Every member of a conversation.
     fn members(&self, conv: &str) -> BoxFuture<'static, StoreResult<Vec<String>>>;

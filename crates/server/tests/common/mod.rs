@@ -295,3 +295,30 @@ pub async fn register_and_login(server: &TestServer, user: &str) -> String {
     let v: serde_json::Value = r.json().await.expect("login json");
     v["token"].as_str().expect("token").to_string()
 }
+
+/// Nodes of one cluster: one PostgreSQL, one Redis, started for the test.
+pub struct Cluster {
+    pub nodes: Vec<TestServer>,
+    pub redis: hubbub_testkit::RedisServer,
+    _pg: hubbub_testkit::PgServer,
+}
+
+/// A cluster of `n` nodes with the rate limits lifted ([`unlimited`]).
+pub async fn cluster(n: usize) -> Cluster {
+    let pg = tokio::task::spawn_blocking(hubbub_testkit::PgServer::start)
+        .await
+        .unwrap();
+    let redis = tokio::task::spawn_blocking(hubbub_testkit::RedisServer::start)
+        .await
+        .unwrap();
+    let store = pg.create_database();
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        nodes.push(TestServer::node(&store, &redis.url(), unlimited).await);
+    }
+    Cluster {
+        nodes,
+        redis,
+        _pg: pg,
+    }
+}

@@ -335,7 +335,7 @@ impl Store for PgStore {
         })
     }
 
-    fn leave_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>> {
+    fn leave_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<Option<u64>>> {
         let op = Op::Leave {
             conv: conv.to_string(),
             user: user.to_string(),

@@ -96,7 +96,7 @@ pub(super) enum Op {
 pub(super) enum Outcome {
     Appended(Appended),
     Joined(JoinOutcome),
-    Left(bool),
+    Left(Option<u64>),
     Done,
     EditedAt(i64),
     ReadUpTo(u64),
@@ -636,6 +636,7 @@ impl Batch<'_> {
                         conv: conv.clone(),
                         user: user.clone(),
                         joined: true,
+                        at: last_seq as u64,
                     });
                 }
                 Ok(Outcome::Joined(JoinOutcome {
@@ -645,7 +646,7 @@ impl Batch<'_> {
                 }))
             }
             Op::Leave { conv, user } => {
-                self.lock_conversation(conv).await?;
+                let last_seq = self.lock_conversation(conv).await?.unwrap_or(0);
                 let st = self
                     .st("DELETE FROM members WHERE conv = $1 AND user_name = $2")
                     .await?;
@@ -655,9 +656,10 @@ impl Batch<'_> {
                         conv: conv.clone(),
                         user: user.clone(),
                         joined: false,
+                        at: last_seq as u64,
                     });
                 }
-                Ok(Outcome::Left(left))
+                Ok(Outcome::Left(left.then_some(last_seq as u64)))
             }
             Op::Recall {
                 conv,

@@ -120,7 +120,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn leave_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<bool>> {
+    fn leave_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<Option<u64>>> {
         let (conv, user) = (conv.to_string(), user.to_string());
         self.write(WriteOp::Leave { conv, user }, |a| match a {
             Answer::Left(was_member) => Some(was_member),

@@ -85,7 +85,7 @@ pub(super) enum Answer {
     Appended(Appended),
     Joined(JoinOutcome),
     /// Whether the user was a member.
-    Left(bool),
+    Left(Option<u64>),
     Recalled,
     /// The edit's `edited_at`.
     Edited(i64),
@@ -505,6 +505,7 @@ impl Writer {
                 conv,
                 user,
                 joined: true,
+                at: last_seq,
             }),
         }))
     }
@@ -515,12 +516,14 @@ impl Writer {
             .prepare_cached("DELETE FROM members WHERE conv = ?1 AND user = ?2")?
             .execute(params![conv, user])?
             == 1;
+        let at = self.last_seq_of(&conv)?;
         Ok(Ok(Applied {
-            answer: Answer::Left(left),
+            answer: Answer::Left(left.then_some(at)),
             change: left.then_some(Committed::Member {
                 conv,
                 user,
                 joined: false,
+                at,
             }),
         }))
     }
