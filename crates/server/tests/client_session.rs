@@ -138,29 +138,44 @@ async fn next_message(session: &mut Session, conv: &str) -> u64 {
     }
 }
 
+/// Pages of 100 (a backlog of 1,200 takes twelve `sync` rounds), rate limits lifted.
+fn small_pages(c: &mut hubbub_server::Config) {
+    c.sync_max = 100;
+    c.send_rate_per_sec = 100_000;
+    c.send_burst = 100_000;
+    c.frame_rate_per_sec = 100_000;
+    c.frame_burst = 100_000;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paged_catch_up_under_live_traffic_delivers_every_seq_once_in_order() {
+    let server = TestServer::with(small_pages).await;
+    paged_catch_up_story(&server, &server, 5).await;
+}
+
+/// The same with bob's session on one node of a cluster and the senders on another:
+/// the backlog, the live messages and the gaps between them cross nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_a_paged_catch_up_under_live_traffic_from_another_node_delivers_every_seq_once(
+) {
+    let c = common::cluster_with(2, small_pages).await;
+    paged_catch_up_story(&c.nodes[1], &c.nodes[0], 2).await;
+}
+
+/// bob's `Session` on `server` is away while alice (on `others`) stores a backlog of
+/// 1,200 messages, then reconnects while carol (on `others`) sends every 2 ms.
+async fn paged_catch_up_story(server: &TestServer, others: &TestServer, trials: usize) {
     const BACKLOG: u64 = 1200;
     // Live sends per trial at most (1.5 s at one per 2 ms): enough to overlap the
     // reconnect and the whole catch-up, bounded so that a debug build on a busy machine
     // that falls behind (and is closed as a slow consumer) still catches up in time.
     const LIVE: u64 = 750;
-    const TRIALS: usize = 5;
-    let server = TestServer::with(|c| {
-        // Pages of 100: the backlog takes twelve `sync` rounds.
-        c.sync_max = 100;
-        c.send_rate_per_sec = 100_000;
-        c.send_burst = 100_000;
-        c.frame_rate_per_sec = 100_000;
-        c.frame_burst = 100_000;
-    })
-    .await;
     let mut bob = Session::connect(ConnectOptions::guest(server.url(), "bob"))
         .await
         .unwrap();
-    let alice = std::sync::Arc::new(server.connect("alice").await);
-    let carol = std::sync::Arc::new(server.connect("carol").await);
-    for trial in 0..TRIALS {
+    let alice = std::sync::Arc::new(others.connect("alice").await);
+    let carol = std::sync::Arc::new(others.connect("carol").await);
+    for trial in 0..trials {
         let room = format!("paged{trial}");
         let conv = format!("room:{room}");
         bob.client().unwrap().join(&room).await.unwrap();
@@ -169,7 +184,7 @@ async fn a_paged_catch_up_under_live_traffic_delivers_every_seq_once_in_order() 
         carol.join(&room).await.unwrap();
 
         // bob is away while alice stores the backlog (from 8 tasks at once).
-        cut_off(&server, "bob", &mut bob).await;
+        cut_off(server, "bob", &mut bob).await;
         let mut senders = Vec::new();
         for t in 0..8 {
             let (alice, conv) = (alice.clone(), conv.clone());

@@ -305,6 +305,11 @@ pub struct Cluster {
 
 /// A cluster of `n` nodes with the rate limits lifted ([`unlimited`]).
 pub async fn cluster(n: usize) -> Cluster {
+    cluster_with(n, unlimited).await
+}
+
+/// A cluster of `n` nodes, each configured by `f`.
+pub async fn cluster_with(n: usize, f: impl Fn(&mut Config)) -> Cluster {
     let pg = tokio::task::spawn_blocking(hubbub_testkit::PgServer::start)
         .await
         .unwrap();
@@ -314,7 +319,7 @@ pub async fn cluster(n: usize) -> Cluster {
     let store = pg.create_database();
     let mut nodes = Vec::new();
     for _ in 0..n {
-        nodes.push(TestServer::node(&store, &redis.url(), unlimited).await);
+        nodes.push(TestServer::node(&store, &redis.url(), &f).await);
     }
     Cluster {
         nodes,
