@@ -1054,6 +1054,241 @@ async fn kill_9_of_a_cluster_node_loses_nothing_and_its_users_go_offline() {
     drop(pg);
 }
 
+/// Sends into `room:load` as `user` through `urls` in turn until `stop`: when its node
+/// dies it goes on through the next one, retrying the message it was sending with its
+/// id. Bounded by `limit`.
+async fn send_with_failover(
+    urls: Vec<String>,
+    user: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    limit: Instant,
+) -> SenderLog {
+    let mut log = SenderLog::default();
+    for attempt in 0.. {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() > limit {
+            break;
+        }
+        let url = urls[attempt % urls.len()].clone();
+        let Ok(Ok(client)) = tokio::time::timeout(
+            WAIT,
+            Client::connect(ConnectOptions::guest(url, user.clone())),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if client.join("load").await.is_err() {
+            continue;
+        }
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < limit {
+            let id = match log.unsure.take() {
+                Some(id) => id,
+                None => {
+                    log.next += 1;
+                    format!("{user}-{}", log.next)
+                }
+            };
+            let sent = client
+                .send_message(
+                    "room:load",
+                    &id,
+                    hubbub_protocol::ContentType::Text,
+                    serde_json::Value::String(id.clone()),
+                )
+                .await;
+            match sent {
+                Ok(s) => log.acked.push((id, s.seq)),
+                Err(_) => {
+                    log.unsure = Some(id);
+                    break;
+                }
+            }
+        }
+    }
+    // The message in flight when it stopped: sent once more, so that every id it
+    // used is either acked or never stored.
+    if let Some(id) = log.unsure.take() {
+        for url in &urls {
+            let Ok(client) =
+                Client::connect(ConnectOptions::guest(url.clone(), user.clone())).await
+            else {
+                continue;
+            };
+            let sent = client
+                .send_message(
+                    "room:load",
+                    &id,
+                    hubbub_protocol::ContentType::Text,
+                    serde_json::Value::String(id.clone()),
+                )
+                .await;
+            if let Ok(s) = sent {
+                log.acked.push((id, s.seq));
+                break;
+            }
+        }
+    }
+    log
+}
+
+/// Three nodes of a cluster, each with two senders and a watching client library
+/// `Session` that knows the other nodes. Three times, a node chosen at random is killed
+/// with SIGKILL at a random moment and started again (on its address) 2 s later:
+/// its senders and its watcher fail over to other nodes at once and go on. In the
+/// end every watcher was handed every stored message once and in order (pushed, or
+/// caught up by `sync` after its failover), and every acked message is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_fail_over_to_other_nodes_while_nodes_are_killed_and_miss_nothing() {
+    let pg = tokio::task::spawn_blocking(hubbub_testkit::PgServer::start)
+        .await
+        .unwrap();
+    let redis = tokio::task::spawn_blocking(hubbub_testkit::RedisServer::start)
+        .await
+        .unwrap();
+    let (store, bus) = (pg.create_database(), redis.url());
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |dir: &Path, bind: &str| {
+        Server::start_with(
+            dir,
+            bind,
+            &["--store", &store, "--bus", &bus],
+            &[
+                ("HUBBUB_SEND_RATE_PER_SEC", "100000"),
+                ("HUBBUB_SEND_BURST", "100000"),
+                (
+                    "HUBBUB_JWT_SECRET",
+                    "the secret of the test cluster, 32+ bytes",
+                ),
+            ],
+        )
+    };
+    let mut nodes: Vec<Server> = dirs
+        .iter()
+        .map(|d| start(d.path(), "127.0.0.1:0"))
+        .collect();
+    let urls: Vec<String> = nodes.iter().map(Server::url).collect();
+    // Starting at node n, then the others in order.
+    let from = |n: usize| -> Vec<String> { (0..3).map(|i| urls[(n + i) % 3].clone()).collect() };
+
+    // Watchers: one per node, each a Session that may fail over to the others.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut watchers = Vec::new();
+    for n in 0..3 {
+        let mut order = from(n);
+        let opts = ConnectOptions {
+            fallback_urls: order.split_off(1),
+            ..ConnectOptions::guest(order[0].clone(), format!("watcher{n}"))
+        };
+        let mut session = hubbub_client::Session::connect(opts).await.unwrap();
+        session.client().unwrap().join("load").await.unwrap();
+        session.follow("room:load", 0);
+        let stop = stop.clone();
+        watchers.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            let mut urls = vec![session.url().to_string()];
+            let limit = Instant::now() + Duration::from_secs(120);
+            // Until told to stop, then until nothing came for 3 s.
+            let mut quiet_since = Instant::now();
+            while Instant::now() < limit {
+                if stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && quiet_since.elapsed() > Duration::from_secs(3)
+                {
+                    break;
+                }
+                match session.next(Duration::from_millis(100)).await {
+                    Ok(hubbub_client::SessionEvent::Frame(ServerFrame::Message(m))) => {
+                        seqs.push(m.seq);
+                        quiet_since = Instant::now();
+                    }
+                    Ok(hubbub_client::SessionEvent::Reconnected { .. }) => {
+                        urls.push(session.url().to_string());
+                        quiet_since = Instant::now();
+                    }
+                    Ok(_) | Err(hubbub_client::ClientError::Timeout) => {}
+                    Err(e) => panic!("watcher{n}: {e}"),
+                }
+            }
+            (seqs, urls)
+        }));
+    }
+
+    let limit = Instant::now() + Duration::from_secs(90);
+    let senders: Vec<_> = (0..3)
+        .flat_map(|n| {
+            let (from, stop) = (from(n), stop.clone());
+            (0..2).map(move |i| {
+                tokio::spawn(send_with_failover(
+                    from.clone(),
+                    format!("n{n}s{i}"),
+                    stop.clone(),
+                    limit,
+                ))
+            })
+        })
+        .collect();
+
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+        | 1;
+    println!("seed {seed}");
+    let mut random = move |below: u64| {
+        // xorshift64
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % below
+    };
+    for round in 0..3 {
+        let victim = random(3) as usize;
+        let pause = 300 + random(1200);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        nodes[victim].signal("-KILL");
+        let _ = nodes[victim].child.wait();
+        println!("round {round}: node {victim} killed after {pause} ms");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let bind = nodes[victim].addr.to_string();
+        nodes[victim] = start(dirs[victim].path(), &bind);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut logs = Vec::new();
+    for s in senders {
+        logs.push(
+            tokio::time::timeout(Duration::from_secs(60), s)
+                .await
+                .expect("sender stops")
+                .unwrap(),
+        );
+    }
+    let acked = check_store(&nodes[0], &logs).await;
+    assert!(acked > 100, "the load was real: {acked} acked");
+    let stored = nodes[0]
+        .connect(ConnectOptions::guest(nodes[0].url(), "auditor"))
+        .await
+        .history("room:load", None, None, Some(1))
+        .await
+        .unwrap()
+        .messages[0]
+        .seq;
+    let mut failovers = 0;
+    for (n, w) in watchers.into_iter().enumerate() {
+        let (seqs, urls) = w.await.unwrap();
+        assert_eq!(
+            seqs,
+            (1..=stored).collect::<Vec<_>>(),
+            "watcher{n} was handed every stored message once, in order (nodes {urls:?})"
+        );
+        failovers += urls.windows(2).filter(|w| w[0] != w[1]).count();
+    }
+    assert!(failovers > 0, "a watcher moved to another node");
+    drop(nodes);
+    drop(redis);
+    drop(pg);
+}
+
 /// `--workers 3`: three node processes share one port. Clients connecting to it land on
 /// different workers and still chat as on one server; SIGTERM to the parent stops every
 /// worker and exits 0, and no worker outlives a parent killed with -9.

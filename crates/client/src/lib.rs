@@ -92,6 +92,10 @@ pub struct ConnectOptions {
     pub origin: Option<String>,
     /// The subprotocol to offer: `hubbub.v1.json` (default) or `hubbub.v1.pb`.
     pub subprotocol: Option<String>,
+    /// Other nodes of the same cluster (`ws://host:port` each): a [`Session`] whose
+    /// connection ends tries them in turn after `url`, moving on at each failed
+    /// attempt, so it fails over when its node dies. [`Client::connect`] uses `url` only.
+    pub fallback_urls: Vec<String>,
 }
 
 impl ConnectOptions {

@@ -9,7 +9,8 @@
 //! from those cursors until every conversation of the user is caught up, including ones
 //! it learns of from the `sync` answer (those from `seq` 1). Messages pushed during the
 //! catch-up wait beyond the gap like any other, so the pages only have to reach the
-//! first of them, however fast they come. So the caller sees every
+//! first of them, however fast they come. With `fallback_urls` (other nodes of a
+//! cluster), each failed attempt moves on to the next node. So the caller sees every
 //! message once, in `seq` order per conversation: nothing missed, nothing repeated.
 
 use std::collections::btree_map::Entry;
@@ -180,6 +181,8 @@ struct CaughtUp {
 #[derive(Debug)]
 pub struct Session {
     opts: ConnectOptions,
+    /// Which of `opts.url` and `opts.fallback_urls` (in that order) to connect to.
+    node: usize,
     client: Option<Client>,
     seq: Sequencer,
     pending: VecDeque<SessionEvent>,
@@ -199,12 +202,22 @@ impl Session {
         Ok(Session {
             connected_at: client.welcome().server_time,
             opts,
+            node: 0,
             client: Some(client),
             seq: Sequencer::default(),
             pending: Default::default(),
             backoff: BACKOFF_MIN,
             next_attempt: None,
         })
+    }
+
+    /// The URL of the node this session is (or will next try to be) connected to.
+    pub fn url(&self) -> &str {
+        let n = self.node % (1 + self.opts.fallback_urls.len());
+        match n {
+            0 => &self.opts.url,
+            _ => &self.opts.fallback_urls[n - 1],
+        }
     }
 
     /// The live client, if connected now.
@@ -323,9 +336,16 @@ impl Session {
             tokio::time::sleep_until(due).await;
             self.next_attempt = None;
             self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-            match Client::connect(self.opts.clone()).await {
+            let opts = ConnectOptions {
+                url: self.url().to_string(),
+                ..self.opts.clone()
+            };
+            // A failed attempt moves on to the next node (see `fallback_urls`).
+            self.node += 1;
+            match Client::connect(opts).await {
                 Ok(mut client) => match self.catch_up(&mut client).await {
                     Ok(done) => {
+                        self.node -= 1;
                         self.seq = done.seq;
                         self.connected_at = client.welcome().server_time;
                         self.client = Some(client);

@@ -35,6 +35,7 @@ pub mod auth;
 pub mod bus;
 pub mod client_addr;
 pub mod cluster;
+pub mod cluster_logins;
 pub mod config;
 pub mod gateway;
 pub mod host;
@@ -79,6 +80,8 @@ pub struct AppState {
     pub sessions: TaskTracker,
     /// Failed-login bookkeeping.
     pub logins: auth::LoginThrottle,
+    /// In a cluster, the same kept in Redis for every node (beside `logins`).
+    pub cluster_logins: Option<Arc<cluster_logins::ClusterLogins>>,
     /// Guest names known to be recorded in the store (a cache; cleared when it grows large).
     pub guest_names: dashmap::DashSet<String>,
     /// Bounds concurrent password hashing.
@@ -182,6 +185,10 @@ pub async fn run(
     let file_passes = api::files::FilePasses::from_config(&config)?;
     let uploads =
         api::files::UploadLimits::new(config.uploads_per_minute, config.uploads_per_minute_per_ip);
+    let cluster_logins = match config.bus_kind().map_err(anyhow::Error::msg)? {
+        config::BusKind::Local => None,
+        config::BusKind::Redis(url) => Some(cluster_logins::ClusterLogins::new(url)?),
+    };
     let trusted_proxies =
         client_addr::TrustedProxies::parse(&config.trusted_proxies).map_err(anyhow::Error::msg)?;
     let state = Arc::new(AppState {
@@ -192,6 +199,7 @@ pub async fn run(
         shutdown: CancellationToken::new(),
         sessions: TaskTracker::new(),
         logins: auth::LoginThrottle::default(),
+        cluster_logins,
         guest_names: dashmap::DashSet::new(),
         hashing,
         auth_rate,

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, unlimited, TestServer, WAIT};
+use common::{cluster, post_json, unlimited, TestServer, WAIT};
 use hubbub_client::Client;
 use hubbub_protocol::{ClientFrame, ServerFrame, SignalKind};
 use hubbub_testkit::{PgServer, RedisServer};
@@ -358,4 +358,89 @@ async fn an_announcement_reaches_every_node() {
             from: "root".into()
         }
     );
+}
+
+/// A cluster with accounts only, where only the login throttle limits logins.
+async fn accounts_cluster() -> common::Cluster {
+    common::cluster_with(2, |c| {
+        unlimited(c);
+        c.guest = Some(false);
+        c.auth_rate_per_min = 1_000_000;
+        c.auth_burst = 1_000_000;
+        c.hash_queue = 1_000;
+    })
+    .await
+}
+
+async fn login(node: &TestServer, password: &str) -> u16 {
+    post_json(
+        node,
+        "/api/login",
+        &json!({"username": "alice", "password": password}),
+    )
+    .await
+    .0
+}
+
+/// Failed logins count on every node: after the free attempts on node 1, a guess on
+/// node 2 has to wait (it used to be checked: each node counted alone, so N nodes gave
+/// N times the guesses). The owner gets in a second later, on either node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_count_on_every_node() {
+    let c = accounts_cluster().await;
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let (status, _) = post_json(
+        a,
+        "/api/register",
+        &json!({"username": "alice", "password": "correct horse"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    for i in 0..hubbub_server::auth::LoginThrottle::FREE_ATTEMPTS {
+        assert_eq!(login(a, &format!("guess {i}")).await, 401, "guess {i}");
+    }
+    assert_eq!(login(b, "one more guess").await, 429, "on the other node");
+    assert_eq!(login(b, "correct horse").await, 429, "the owner waits too");
+    tokio::time::sleep(hubbub_server::auth::LoginThrottle::FIRST_DELAY).await;
+    assert_eq!(
+        login(b, "correct horse").await,
+        200,
+        "the owner, a second later"
+    );
+    // Without Redis, each node throttles alone and logins go on.
+    let mut c = c;
+    c.redis.kill();
+    assert_eq!(
+        login(&c.nodes[0], "correct horse").await,
+        200,
+        "without Redis"
+    );
+    assert_eq!(login(&c.nodes[1], "a guess").await, 401, "without Redis");
+}
+
+/// Concurrent guesses spread over two nodes get no more password checks than on one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_guesses_over_two_nodes_get_at_most_the_allowed_checks() {
+    let c = accounts_cluster().await;
+    let (status, _) = post_json(
+        &c.nodes[0],
+        "/api/register",
+        &json!({"username": "alice", "password": "correct horse"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let guesses = (0..60).map(|i| {
+        login(
+            &c.nodes[i % 2],
+            if i == 59 { "correct horse" } else { "wrong" },
+        )
+    });
+    let answers = futures_util::future::join_all(guesses).await;
+    let checked = answers.iter().filter(|s| matches!(s, 200 | 401)).count();
+    let limited = answers.iter().filter(|s| **s == 429).count();
+    assert!(
+        checked <= hubbub_server::auth::LoginThrottle::FREE_ATTEMPTS as usize,
+        "{checked} guesses were checked: {answers:?}"
+    );
+    assert_eq!(checked + limited, 60, "{answers:?}");
 }

@@ -1,5 +1,6 @@
 //! `POST /api/register` and `POST /api/login`.
 
+use crate::cluster_logins::Verdict;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,8 +110,7 @@ pub async fn login(
     JsonBody(body): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
     check_address_rate(&state, client)?;
-    // Counted before the check; one check per account at a time.
-    let attempt = state.logins.begin(&body.username, client).map_err(|wait| {
+    let too_many = |wait: std::time::Duration| {
         ApiError::rate_limited(
             format!(
                 "too many failed logins; try again in {} s",
@@ -118,7 +118,28 @@ pub async fn login(
             ),
             wait,
         )
-    })?;
+    };
+    // Counted before the check; one check per account at a time: on this node, and in
+    // a cluster on every node.
+    let attempt = state
+        .logins
+        .begin(&body.username, client)
+        .map_err(too_many)?;
+    let shared = match &state.cluster_logins {
+        Some(logins) => match logins.begin(&body.username, client).await {
+            Ok(shared) => shared,
+            Err(wait) => {
+                attempt.not_checked();
+                return Err(too_many(wait));
+            }
+        },
+        None => None,
+    };
+    let verdict = |v: Verdict| async move {
+        if let Some(shared) = shared {
+            shared.finish(v).await;
+        }
+    };
     let hash = if is_valid_user_name(&body.username) {
         state.store.password_hash(&body.username).await?
     } else {
@@ -128,6 +149,7 @@ pub async fn login(
         Ok(p) => p,
         Err(e) => {
             attempt.not_checked();
+            verdict(Verdict::NotChecked).await;
             return Err(busy(e));
         }
     };
@@ -145,10 +167,12 @@ pub async fn login(
         .unwrap_or(false);
     if !ok {
         attempt.failed();
+        verdict(Verdict::Failed).await;
         state.metrics.auth_failures.inc();
         return Err(ApiError::unauthorized("wrong user name or password"));
     }
     attempt.succeeded();
+    verdict(Verdict::Succeeded).await;
     let (token, expires_at) = state
         .auth
         .tokens()
