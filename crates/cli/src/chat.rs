@@ -185,6 +185,9 @@ async fn command(
                 ts: sent.ts,
                 recalled: false,
                 edited_at: None,
+                reply_to: None,
+                reactions: Default::default(),
+                mentions: Vec::new(),
             };
             session.saw(std::slice::from_ref(&mine));
             let _ = events.send(NetEvent::Frame(ServerFrame::Message(mine)));
@@ -328,13 +331,16 @@ impl App {
                 user,
                 event,
                 online,
+                by,
             } => {
                 self.convs.entry(conv).or_default().online = Some(online);
-                let verb = match event {
-                    MemberEvent::Joined => "joined",
-                    MemberEvent::Left => "left",
-                };
-                self.notice = Some(format!("{user} {verb}"));
+                self.notice = Some(match event {
+                    MemberEvent::Joined => format!("{user} joined"),
+                    MemberEvent::Left => format!("{user} left"),
+                    MemberEvent::Removed => {
+                        format!("{user} was removed by {}", by.unwrap_or_default())
+                    }
+                });
             }
             ServerFrame::Presence { user, online } => {
                 if online {

@@ -529,6 +529,8 @@ fn message(conv: &str, from: &str, n: usize, content: Value) -> NewMessage {
         content,
         dm_members,
         origin: 0,
+        reply_to: None,
+        mentions: Vec::new(),
     }
 }
 
@@ -560,7 +562,10 @@ async fn fill(dir: &Path, tag: &str) {
         store.append(m).await.unwrap();
     }
     store.recall("room:r0", 5, "g1", 0).await.unwrap();
-    store.edit("room:r1", 7, json!("edited"), 0).await.unwrap();
+    store
+        .edit("room:r1", 7, json!("edited"), vec![], 0)
+        .await
+        .unwrap();
     store.mark_read("room:r0", "g2", 30, 0).await.unwrap();
     store.mark_read("room:r1", "g3", 12, 0).await.unwrap();
     store.mark_read("dm:g1:g2", "g1", 15, 0).await.unwrap();

@@ -184,6 +184,8 @@ pub struct Welcome {
     pub heartbeat_ms: u64,
     pub server_time: i64,
     pub max_frame_bytes: usize,
+    /// STUN/TURN servers for calls (`RTCIceServer`s; empty from older servers).
+    pub ice_servers: Vec<Value>,
 }
 
 /// The close frame the server sent.
@@ -236,8 +238,8 @@ pub struct SyncResult {
     pub conversations: Vec<(String, u64)>,
     /// Named conversations the user may not read.
     pub denied: Vec<String>,
-    /// With `since`: recalls and edits of messages up to the cursors, as `recalled` and
-    /// `edited` frames (and any that arrived live meanwhile).
+    /// With `since`: recalls, edits and reactions of messages up to the cursors, as
+    /// `recalled`, `edited` and `reactions` frames (and any that arrived live meanwhile).
     pub changes: Vec<ServerFrame>,
     /// Pass this as `since` to the next sync.
     pub server_time: i64,
@@ -373,6 +375,7 @@ impl Client {
                 heartbeat_ms,
                 server_time,
                 max_frame_bytes,
+                ice_servers,
             })) => Welcome {
                 user,
                 device,
@@ -380,6 +383,7 @@ impl Client {
                 heartbeat_ms,
                 server_time,
                 max_frame_bytes,
+                ice_servers,
             },
             Some(Event::Closed(_)) | None => return Err(ClientError::Closed),
             Some(other) => {
@@ -528,6 +532,24 @@ impl Client {
             .await
     }
 
+    /// Sends a text message that answers message `reply_to` of the same conversation.
+    pub async fn send_reply(
+        &self,
+        conv: &str,
+        text: &str,
+        reply_to: u64,
+    ) -> Result<Sent, ClientError> {
+        let id = self.new_client_msg_id();
+        self.send_full(
+            conv,
+            &id,
+            ContentType::Text,
+            Value::String(text.into()),
+            Some(reply_to),
+        )
+        .await
+    }
+
     /// Sends a message with an explicit `client_msg_id` (reuse it to retry).
     pub async fn send_message(
         &self,
@@ -536,6 +558,19 @@ impl Client {
         content_type: ContentType,
         content: Value,
     ) -> Result<Sent, ClientError> {
+        self.send_full(conv, client_msg_id, content_type, content, None)
+            .await
+    }
+
+    /// Sends a message, a reply when `reply_to` is given.
+    pub async fn send_full(
+        &self,
+        conv: &str,
+        client_msg_id: &str,
+        content_type: ContentType,
+        content: Value,
+        reply_to: Option<u64>,
+    ) -> Result<Sent, ClientError> {
         let ok: SendOk = self
             .request_as(ClientFrame::Send {
                 id: None,
@@ -543,6 +578,7 @@ impl Client {
                 client_msg_id: client_msg_id.into(),
                 content_type,
                 content,
+                reply_to,
             })
             .await?;
         Ok(Sent {
@@ -552,6 +588,36 @@ impl Client {
             ts: ok.ts,
             client_msg_id: client_msg_id.into(),
         })
+    }
+
+    /// Sets (`on`) or clears this user's reaction `emoji` on message `seq` of `conv`.
+    pub async fn react(
+        &self,
+        conv: &str,
+        seq: u64,
+        emoji: &str,
+        on: bool,
+    ) -> Result<(), ClientError> {
+        self.request(ClientFrame::React {
+            id: None,
+            conv: conv.into(),
+            seq,
+            emoji: emoji.into(),
+            on,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes `user` from `room` (a room admin's or a server admin's right).
+    pub async fn remove(&self, room: &str, user: &str) -> Result<(), ClientError> {
+        self.request(ClientFrame::Remove {
+            id: None,
+            room: room.into(),
+            user: user.into(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// A page of history: the newest `limit`, or those before `before` / after `after`.
@@ -877,7 +943,9 @@ fn route(
                 c.messages.push(m.clone());
                 return;
             }
-            ServerFrame::Recalled { conv, .. } | ServerFrame::Edited { conv, .. }
+            ServerFrame::Recalled { conv, .. }
+            | ServerFrame::Edited { conv, .. }
+            | ServerFrame::Reactions { conv, .. }
                 if c.convs.contains(conv) =>
             {
                 c.changes.push(frame);

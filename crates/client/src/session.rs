@@ -450,6 +450,9 @@ mod tests {
             ts: 0,
             recalled: false,
             edited_at: None,
+            reply_to: None,
+            reactions: Default::default(),
+            mentions: Vec::new(),
         }
     }
 

@@ -57,6 +57,7 @@ fn send_frame(len: usize) -> ClientFrame {
         client_msg_id: "c-01JB8ZQ4M6N2P7R5T0V1W3X8YA".into(),
         content_type: ContentType::Text,
         content: Value::String(text(len)),
+        reply_to: None,
     }
 }
 
@@ -72,6 +73,9 @@ fn message_frame(len: usize) -> ServerFrame {
         ts: 1_760_000_000_123,
         recalled: false,
         edited_at: None,
+        reply_to: None,
+        reactions: Default::default(),
+        mentions: Vec::new(),
     })
 }
 

@@ -426,6 +426,9 @@ pub enum ClientFrame {
         client_msg_id: String,
         content_type: ContentType,
         content: Value,
+        /// The `seq` of the message of the same conversation this one answers (1.1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<u64>,
     },
     History {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -487,6 +490,27 @@ pub enum ClientFrame {
         #[serde(default)]
         data: Value,
     },
+    /// Sets (`on`, the default) or clears `user`'s reaction `emoji` on a message (1.1).
+    React {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<ReqId>,
+        conv: String,
+        seq: u64,
+        emoji: String,
+        #[serde(default = "yes")]
+        on: bool,
+    },
+    /// A room admin removes `user` from `room` (1.1).
+    Remove {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<ReqId>,
+        room: String,
+        user: String,
+    },
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ClientFrame {
@@ -504,7 +528,9 @@ impl ClientFrame {
             | ClientFrame::Recall { id, .. }
             | ClientFrame::Edit { id, .. }
             | ClientFrame::Presence { id, .. }
-            | ClientFrame::Signal { id, .. } => *id = new,
+            | ClientFrame::Signal { id, .. }
+            | ClientFrame::React { id, .. }
+            | ClientFrame::Remove { id, .. } => *id = new,
         }
     }
 
@@ -522,7 +548,9 @@ impl ClientFrame {
             | ClientFrame::Recall { id, .. }
             | ClientFrame::Edit { id, .. }
             | ClientFrame::Presence { id, .. }
-            | ClientFrame::Signal { id, .. } => id.as_ref(),
+            | ClientFrame::Signal { id, .. }
+            | ClientFrame::React { id, .. }
+            | ClientFrame::Remove { id, .. } => id.as_ref(),
         }
     }
 
@@ -541,6 +569,8 @@ impl ClientFrame {
             ClientFrame::Edit { .. } => "edit",
             ClientFrame::Presence { .. } => "presence",
             ClientFrame::Signal { .. } => "signal",
+            ClientFrame::React { .. } => "react",
+            ClientFrame::Remove { .. } => "remove",
         }
     }
 }
@@ -616,6 +646,37 @@ pub struct Message {
     pub recalled: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edited_at: Option<i64>,
+    /// The message this one answers (1.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<Box<ReplyRef>>,
+    /// Per emoji, the users who reacted with it, sorted (1.1; absent when none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reactions: Reactions,
+    /// The members of the conversation the text mentions with `@name` (1.1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<String>,
+}
+
+/// Per emoji, the users who reacted with it (sorted).
+pub type Reactions = BTreeMap<String, Vec<String>>;
+
+/// The message a reply answers: its `seq`, sender and the start of its text (at most
+/// [`EXCERPT_CHARS`] characters; absent when it is not text or was recalled).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReplyRef {
+    pub seq: u64,
+    pub from: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excerpt: Option<String>,
+}
+
+/// Longest excerpt of a replied-to text, in characters.
+pub const EXCERPT_CHARS: usize = 140;
+
+/// The excerpt of a replied-to message's text (see [`ReplyRef`]).
+pub fn excerpt_of(text: &str) -> String {
+    text.chars().take(EXCERPT_CHARS).collect()
 }
 
 fn is_false(b: &bool) -> bool {
@@ -628,6 +689,8 @@ fn is_false(b: &bool) -> bool {
 pub enum MemberEvent {
     Joined,
     Left,
+    /// Removed by a room admin (1.1): the frame's `by` says who.
+    Removed,
 }
 
 /// Every frame the server sends.
@@ -641,6 +704,9 @@ pub enum ServerFrame {
         heartbeat_ms: u64,
         server_time: i64,
         max_frame_bytes: usize,
+        /// STUN/TURN servers for calls, as WebRTC `RTCIceServer`s (1.1).
+        #[serde(default)]
+        ice_servers: Vec<Value>,
     },
     Message(Message),
     Member {
@@ -648,6 +714,23 @@ pub enum ServerFrame {
         user: String,
         event: MemberEvent,
         online: u64,
+        /// Who removed the member (`event: removed`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    /// `user` set (`on`) or cleared a reaction (1.1).
+    Reaction {
+        conv: String,
+        seq: u64,
+        user: String,
+        emoji: String,
+        on: bool,
+    },
+    /// A message's reactions now, replayed by `sync` with `since` (1.1).
+    Reactions {
+        conv: String,
+        seq: u64,
+        reactions: Reactions,
     },
     Presence {
         user: String,
@@ -875,10 +958,17 @@ mod tests {
             ts: 1,
             recalled: false,
             edited_at: None,
+            reply_to: None,
+            reactions: Reactions::new(),
+            mentions: vec![],
         });
         let text = msg.to_json();
         assert!(!text.contains('\n'));
         assert!(text.starts_with(r#"{"type":"message","#), "{text}");
+        // 1.1 fields are left out when empty.
+        for absent in ["reply_to", "reactions", "mentions"] {
+            assert!(!text.contains(absent), "{text}");
+        }
         assert_eq!(serde_json::from_str::<ServerFrame>(&text).unwrap(), msg);
 
         let fields = json!({"seq": 1}).as_object().unwrap().clone();

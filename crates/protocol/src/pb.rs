@@ -111,7 +111,31 @@ fn message_out(m: &Message) -> wire::Message {
         ts: m.ts,
         recalled: m.recalled,
         edited_at: m.edited_at,
+        reply_to: m.reply_to.as_ref().map(|r| wire::ReplyRef {
+            seq: r.seq,
+            from: r.from.clone(),
+            excerpt: r.excerpt.clone(),
+        }),
+        reactions: reactions_out(&m.reactions),
+        mentions: m.mentions.clone(),
     }
+}
+
+fn reactions_out(r: &crate::Reactions) -> std::collections::HashMap<String, wire::Users> {
+    r.iter()
+        .map(|(e, users)| {
+            (
+                e.clone(),
+                wire::Users {
+                    users: users.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+fn reactions_in(r: std::collections::HashMap<String, wire::Users>) -> crate::Reactions {
+    r.into_iter().map(|(e, u)| (e, u.users)).collect()
 }
 
 fn message_in(m: wire::Message) -> Result<Message, String> {
@@ -127,6 +151,15 @@ fn message_in(m: wire::Message) -> Result<Message, String> {
         ts: m.ts,
         recalled: m.recalled,
         edited_at: m.edited_at,
+        reply_to: m.reply_to.map(|r| {
+            Box::new(crate::ReplyRef {
+                seq: r.seq,
+                from: r.from,
+                excerpt: r.excerpt,
+            })
+        }),
+        reactions: reactions_in(m.reactions),
+        mentions: m.mentions,
     })
 }
 
@@ -144,6 +177,7 @@ pub fn encode_server(frame: &ServerFrame) -> Vec<u8> {
             heartbeat_ms,
             server_time,
             max_frame_bytes,
+            ice_servers,
         } => SF::Welcome(wire::Welcome {
             user: user.clone(),
             device: device.clone(),
@@ -151,6 +185,7 @@ pub fn encode_server(frame: &ServerFrame) -> Vec<u8> {
             heartbeat_ms: *heartbeat_ms,
             server_time: *server_time,
             max_frame_bytes: *max_frame_bytes as u64,
+            ice_servers_json: json_text(&Value::Array(ice_servers.clone())),
         }),
         ServerFrame::Message(m) => SF::Message(message_out(m)),
         ServerFrame::Member {
@@ -158,11 +193,35 @@ pub fn encode_server(frame: &ServerFrame) -> Vec<u8> {
             user,
             event,
             online,
+            by,
         } => SF::Member(wire::Member {
             conv: conv.clone(),
             user: user.clone(),
             event: name_of(event),
             online: *online,
+            by: by.clone(),
+        }),
+        ServerFrame::Reaction {
+            conv,
+            seq,
+            user,
+            emoji,
+            on,
+        } => SF::Reaction(wire::Reaction {
+            conv: conv.clone(),
+            seq: *seq,
+            user: user.clone(),
+            emoji: emoji.clone(),
+            on: *on,
+        }),
+        ServerFrame::Reactions {
+            conv,
+            seq,
+            reactions,
+        } => SF::Reactions(wire::Reactions {
+            conv: conv.clone(),
+            seq: *seq,
+            reactions: reactions_out(reactions),
         }),
         ServerFrame::Presence { user, online } => SF::Presence(wire::Presence {
             user: user.clone(),
@@ -239,6 +298,10 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, String> {
             heartbeat_ms: w.heartbeat_ms,
             server_time: w.server_time,
             max_frame_bytes: w.max_frame_bytes as usize,
+            ice_servers: match json_value(&w.ice_servers_json, "ice_servers_json")? {
+                Value::Array(list) => list,
+                _ => Vec::new(),
+            },
         },
         SF::Message(m) => ServerFrame::Message(message_in(m)?),
         SF::Member(m) => ServerFrame::Member {
@@ -246,6 +309,19 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, String> {
             user: m.user,
             event: parse_name("member event", m.event)?,
             online: m.online,
+            by: m.by,
+        },
+        SF::Reaction(r) => ServerFrame::Reaction {
+            conv: r.conv,
+            seq: r.seq,
+            user: r.user,
+            emoji: r.emoji,
+            on: r.on,
+        },
+        SF::Reactions(r) => ServerFrame::Reactions {
+            conv: r.conv,
+            seq: r.seq,
+            reactions: reactions_in(r.reactions),
         },
         SF::Presence(p) => ServerFrame::Presence {
             user: p.user,
@@ -310,12 +386,14 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             client_msg_id,
             content_type,
             content,
+            reply_to,
             ..
         } => CF::Send(wire::Send {
             conv,
             client_msg_id,
             content_type: content_type.as_str().into(),
             content: Some(content_out(&content)),
+            reply_to,
         }),
         ClientFrame::History {
             conv,
@@ -362,6 +440,19 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             kind: name_of(&kind),
             data_json: json_text(&data),
         }),
+        ClientFrame::React {
+            conv,
+            seq,
+            emoji,
+            on,
+            ..
+        } => CF::React(wire::React {
+            conv,
+            seq,
+            emoji,
+            on: Some(on),
+        }),
+        ClientFrame::Remove { room, user, .. } => CF::Remove(wire::Remove { room, user }),
     };
     wire::ClientFrame { id, frame: Some(f) }.encode_to_vec()
 }
@@ -391,6 +482,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
             conv: s.conv,
             client_msg_id: s.client_msg_id,
             content: content_in(s.content),
+            reply_to: s.reply_to,
         },
         CF::History(h) => ClientFrame::History {
             id,
@@ -430,6 +522,18 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
             to: s.to,
             call_id: s.call_id,
         },
+        CF::React(r) => ClientFrame::React {
+            id,
+            conv: r.conv,
+            seq: r.seq,
+            emoji: r.emoji,
+            on: r.on.unwrap_or(true),
+        },
+        CF::Remove(r) => ClientFrame::Remove {
+            id,
+            room: r.room,
+            user: r.user,
+        },
     })
 }
 
@@ -447,6 +551,19 @@ mod tests {
                 client_msg_id: "c1".into(),
                 content_type: ContentType::Image,
                 content: json!({"url": "/files/x/a.png", "name": "a.png", "size": 3, "mime": "image/png"}),
+                reply_to: Some(2),
+            },
+            ClientFrame::React {
+                id: Some(json!("8")),
+                conv: "room:a".into(),
+                seq: 2,
+                emoji: "👍".into(),
+                on: false,
+            },
+            ClientFrame::Remove {
+                id: None,
+                room: "a".into(),
+                user: "bob".into(),
             },
             ClientFrame::Signal {
                 id: None,
@@ -481,7 +598,42 @@ mod tests {
                 ts: 5,
                 recalled: false,
                 edited_at: Some(6),
+                reply_to: Some(Box::new(crate::ReplyRef {
+                    seq: 2,
+                    from: "b".into(),
+                    excerpt: Some("hello".into()),
+                })),
+                reactions: [("🎉".to_string(), vec!["a".to_string(), "b".to_string()])].into(),
+                mentions: vec!["b".into()],
             }),
+            ServerFrame::Welcome {
+                user: "a".into(),
+                device: "d".into(),
+                session: "s".into(),
+                heartbeat_ms: 1,
+                server_time: 2,
+                max_frame_bytes: 3,
+                ice_servers: vec![json!({"urls": ["stun:stun.example:3478"]})],
+            },
+            ServerFrame::Member {
+                conv: "room:a".into(),
+                user: "b".into(),
+                event: crate::MemberEvent::Removed,
+                online: 1,
+                by: Some("a".into()),
+            },
+            ServerFrame::Reaction {
+                conv: "room:a".into(),
+                seq: 2,
+                user: "b".into(),
+                emoji: "👍".into(),
+                on: true,
+            },
+            ServerFrame::Reactions {
+                conv: "room:a".into(),
+                seq: 2,
+                reactions: [("👍".to_string(), vec!["b".to_string()])].into(),
+            },
             ServerFrame::ok(
                 Some(json!("1")),
                 crate::Reply::Fields(

@@ -106,6 +106,64 @@ pub struct RecallOk {
     pub seq: u64,
 }
 
+/// `ok` to `react`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ReactOk {
+    pub conv: String,
+    pub seq: u64,
+}
+
+/// `ok` to `remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct RemoveOk {
+    pub conv: String,
+    pub user: String,
+}
+
+/// One result of `GET /api/search`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct SearchHit {
+    pub conv: String,
+    pub seq: u64,
+    pub msg_id: String,
+    pub from: String,
+    pub ts: i64,
+    /// The message's text now.
+    pub content: String,
+    /// The text with each match wrapped in `[` `]`.
+    pub highlight: String,
+}
+
+/// The body of `GET /api/search`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct SearchPage {
+    pub results: Vec<SearchHit>,
+    /// The `before` of the next page; null on the last one.
+    pub next: Option<String>,
+}
+
+/// One member of `GET /api/rooms/{name}/members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct MemberInfo {
+    pub user: String,
+    /// `admin` or `member`.
+    pub role: String,
+    pub online: bool,
+    pub joined_at: i64,
+}
+
+/// The body of `GET /api/rooms/{name}/members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct MemberList {
+    pub members: Vec<MemberInfo>,
+}
+
 /// `ok` to `edit`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
@@ -128,6 +186,9 @@ pub struct ConversationInfo {
     pub read_seq: u64,
     /// Messages after `read_seq` not sent by the user.
     pub unread: u64,
+    /// Of those, the ones that mention the user (1.1).
+    #[serde(default)]
+    pub mentions: u64,
 }
 
 /// The body of `GET /api/conversations`.
@@ -175,6 +236,8 @@ pub enum Reply {
     Presence(PresenceOk),
     Recall(RecallOk),
     Edit(EditOk),
+    React(ReactOk),
+    Remove(RemoveOk),
     /// The fields as decoded.
     Fields(Map<String, Value>),
 }
@@ -222,6 +285,8 @@ reply_from!(
     PresenceOk => Presence,
     RecallOk => Recall,
     EditOk => Edit,
+    ReactOk => React,
+    RemoveOk => Remove,
 );
 
 #[cfg(test)]

@@ -60,6 +60,7 @@ proptest! {
         cid in "[a-zA-Z0-9-]{1,20}",
         body in ".{0,100}",
         id in proptest::option::of("[a-z0-9]{1,8}"),
+        reply_to in proptest::option::of(1u64..),
     ) {
         let f = ClientFrame::Send {
             id: id.map(serde_json::Value::String),
@@ -67,6 +68,7 @@ proptest! {
             client_msg_id: cid,
             content_type: ContentType::Text,
             content: json!(body),
+            reply_to,
         };
         prop_assert_eq!(pb::decode_client(&pb::encode_client(&f)).unwrap(), f);
     }

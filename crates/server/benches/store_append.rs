@@ -143,6 +143,8 @@ fn one_conversation(bencher: Bencher, n: usize) {
         content: content(i),
         dm_members: None,
         origin: 1,
+        reply_to: None,
+        mentions: Vec::new(),
     });
 }
 
@@ -174,7 +176,9 @@ fn one_conversation_attachments(bencher: Bencher, n: usize) {
         content: serde_json::json!({"url": format!("/files/{file}/a.png"), "name": "a.png", "size": i}),
         dm_members: None,
         origin: 1,
-    });
+reply_to: None,
+mentions: Vec::new(),
+});
 }
 
 #[divan::bench(args = BURSTS, sample_count = SAMPLES)]
@@ -189,6 +193,8 @@ fn many_conversations(bencher: Bencher, n: usize) {
             content: content(i),
             dm_members: Some((a, b)),
             origin: 1,
+            reply_to: None,
+            mentions: Vec::new(),
         }
     });
 }

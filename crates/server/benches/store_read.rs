@@ -55,6 +55,8 @@ fn setup(unread: u64) -> (SqliteStore, tokio::runtime::Runtime, TempDir) {
                         content: Value::String(format!("message {i}")),
                         dm_members: None,
                         origin: 1,
+                        reply_to: None,
+                        mentions: Vec::new(),
                     })
                 })
                 .collect();

@@ -434,33 +434,35 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     Guard(Some(f))
 }
 
-/// Register and login requests per source address: a token bucket, checked before any
-/// password work.
+/// Requests per key (a source address, a user): a token bucket per key.
 #[derive(Debug)]
-pub struct AddressRate {
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
+pub struct KeyedRate<K: std::hash::Hash + Eq + Clone> {
+    limiter: DefaultKeyedRateLimiter<K>,
     calls: AtomicUsize,
 }
 
-impl AddressRate {
+/// Register and login requests per source address, checked before any password work.
+pub type AddressRate = KeyedRate<IpAddr>;
+
+impl<K: std::hash::Hash + Eq + Clone> KeyedRate<K> {
     pub fn new(per_minute: u32, burst: u32) -> Self {
         let per_minute = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
-        AddressRate {
+        KeyedRate {
             limiter: RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst)),
             calls: AtomicUsize::new(0),
         }
     }
 
-    /// `Err(wait)` when `ip` has used up its requests for now.
-    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+    /// `Err(wait)` when `key` has used up its requests for now.
+    pub fn check(&self, key: K) -> Result<(), Duration> {
         // Now and then, forget addresses whose bucket is full again.
         if self.calls.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
         }
         self.limiter
-            .check_key(&ip)
+            .check_key(&key)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 }

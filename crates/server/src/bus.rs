@@ -100,6 +100,7 @@ pub struct LocalBus {
 
 /// What a shard's queue carries.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // messages travel by value: boxing would allocate once more per message
 enum Item {
     Change(Committed),
     /// Deliver what the store has beyond what was delivered.
@@ -257,6 +258,9 @@ mod tests {
                     ts: 0,
                     recalled: false,
                     edited_at: None,
+                    reply_to: None,
+                    reactions: Default::default(),
+                    mentions: Vec::new(),
                 },
                 origin: 0,
             });

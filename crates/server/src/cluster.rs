@@ -83,6 +83,7 @@ enum Event {
 }
 
 /// What the publishing task sends to Redis.
+#[allow(clippy::large_enum_variant)] // messages travel by value: boxing would allocate once more per message
 enum Outgoing {
     Event(Event),
     /// The user has a session on this node now.
@@ -574,7 +575,22 @@ fn without_origin(change: Committed) -> Committed {
             seq,
             origin: 0,
         },
-        member @ Committed::Member { .. } => member,
+        Committed::Reaction {
+            conv,
+            seq,
+            user,
+            emoji,
+            on,
+            ..
+        } => Committed::Reaction {
+            conv,
+            seq,
+            user,
+            emoji,
+            on,
+            origin: 0,
+        },
+        state @ (Committed::Member { .. } | Committed::Reactions { .. }) => state,
     }
 }
 

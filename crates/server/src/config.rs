@@ -119,6 +119,16 @@ pub struct Config {
     /// environment, one comma-separated list (`HUBBUB_TRUSTED_PROXIES=10.0.0.0/8,::1`).
     #[serde(deserialize_with = "list_or_comma_separated")]
     pub trusted_proxies: Vec<String>,
+    /// STUN/TURN servers for calls, sent to clients in `welcome` as WebRTC
+    /// `RTCIceServer`s: `[{"urls": ["stun:stun.example.org:3478"]}, {"urls":
+    /// "turn:turn.example.org", "username": "u", "credential": "p"}]`. In the environment,
+    /// that list as JSON (`HUBBUB_ICE_SERVERS='[...]'`). Empty by default.
+    #[serde(deserialize_with = "list_or_json")]
+    pub ice_servers: Vec<serde_json::Value>,
+    /// Searches (`GET /api/search`) one user may make per minute (a token bucket with
+    /// `search_burst`).
+    pub search_rate_per_min: u32,
+    pub search_burst: u32,
     /// Rooms one IP address may create per minute (a token bucket with this burst).
     pub room_create_per_ip_per_min: u32,
     /// Rooms the whole server creates per minute (a token bucket with this burst).
@@ -226,6 +236,9 @@ impl Default for Config {
             max_http_connections: 10_000,
             max_http_connections_per_ip: 256,
             trusted_proxies: Vec::new(),
+            ice_servers: Vec::new(),
+            search_rate_per_min: 60,
+            search_burst: 20,
             room_create_per_ip_per_min: 60,
             room_create_per_min: 600,
             auth_rate_per_min: 20,
@@ -414,6 +427,12 @@ impl Config {
             return Err(format!("allowed_hosts entry {bad:?} is not a host name"));
         }
         crate::client_addr::TrustedProxies::parse(&self.trusted_proxies)?;
+        for server in &self.ice_servers {
+            check_ice_server(server)?;
+        }
+        if self.search_rate_per_min == 0 || self.search_burst == 0 {
+            return Err("search_rate_per_min and search_burst must be positive".into());
+        }
         if self.auth_rate_per_min == 0 || self.auth_burst == 0 {
             return Err("auth_rate_per_min and auth_burst must be positive".into());
         }
@@ -451,6 +470,58 @@ where
             .map(str::to_owned)
             .collect(),
     })
+}
+
+/// A list of JSON values, given as a list (the config file) or as JSON text (a
+/// `HUBBUB_*` variable or a flag).
+fn list_or_json<'de, D>(deserializer: D) -> Result<Vec<serde_json::Value>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        List(Vec<serde_json::Value>),
+        Text(String),
+    }
+    match Given::deserialize(deserializer)? {
+        Given::List(list) => Ok(list),
+        Given::Text(text) if text.trim().is_empty() => Ok(Vec::new()),
+        Given::Text(text) => serde_json::from_str(&text)
+            .map_err(|e| serde::de::Error::custom(format!("not a JSON list: {e}"))),
+    }
+}
+
+/// An `ice_servers` entry is an object with `urls` (a `stun:`, `turn:` or `turns:` URL,
+/// or a list of them) and optional string `username` and `credential`.
+fn check_ice_server(server: &serde_json::Value) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("ice_servers entry {server}: {why}"));
+    let Some(obj) = server.as_object() else {
+        return bad("not an object");
+    };
+    let urls: Vec<&serde_json::Value> = match obj.get("urls") {
+        Some(serde_json::Value::Array(list)) if !list.is_empty() => list.iter().collect(),
+        Some(one @ serde_json::Value::String(_)) => vec![one],
+        _ => return bad("needs \"urls\": a URL or a list of URLs"),
+    };
+    for url in urls {
+        let ok = url.as_str().is_some_and(|u| {
+            ["stun:", "turn:", "turns:"]
+                .iter()
+                .any(|s| u.starts_with(s))
+        });
+        if !ok {
+            return bad("urls must start with stun:, turn: or turns:");
+        }
+    }
+    for (key, value) in obj {
+        match key.as_str() {
+            "urls" => {}
+            "username" | "credential" if value.is_string() => {}
+            _ => return bad(&format!("unknown or non-string key {key:?}")),
+        }
+    }
+    Ok(())
 }
 
 /// Whether `key` (lower case, as figment sees an environment variable without its
@@ -573,6 +644,45 @@ mod tests {
             err.contains("trusted_proxies") && err.contains("\"proxy.internal\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ice_servers_come_as_json_in_the_environment_or_a_list_in_the_file_and_are_checked() {
+        let none = || Serialized::defaults(serde_json::json!({}));
+        assert!(Config::default().ice_servers.is_empty(), "none by default");
+        std::env::set_var(
+            "HBICETEST_ICE_SERVERS",
+            r#"[{"urls": ["stun:stun.example.org:3478"]}, {"urls": "turn:t.example.org", "username": "u", "credential": "p"}]"#,
+        );
+        let c = Config::load_with_env(None, "HBICETEST_", none());
+        std::env::remove_var("HBICETEST_ICE_SERVERS");
+        let c = c.unwrap();
+        assert_eq!(c.ice_servers.len(), 2);
+        assert_eq!(c.ice_servers[1]["username"], "u");
+        assert!(c.validate().is_ok());
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hubbub.toml");
+        std::fs::write(&file, "[[ice_servers]]\nurls = [\"stun:s.example.org\"]\n").unwrap();
+        let c = Config::load(Some(&file), none()).unwrap();
+        assert_eq!(
+            c.ice_servers,
+            [serde_json::json!({"urls": ["stun:s.example.org"]})]
+        );
+
+        for bad in [
+            serde_json::json!({"urls": "http://x"}),
+            serde_json::json!({"url": "stun:x"}),
+            serde_json::json!({"urls": "stun:x", "credential": 5}),
+            serde_json::json!("stun:x"),
+        ] {
+            let c = Config {
+                ice_servers: vec![bad.clone()],
+                ..Config::default()
+            };
+            let err = c.validate().unwrap_err();
+            assert!(err.contains("ice_servers"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct AppState {
     pub hashing: auth::PasswordWork,
     /// Register and login requests per source address.
     pub auth_rate: auth::AddressRate,
+    /// Searches per user.
+    pub searches: auth::KeyedRate<String>,
     pub metrics: Metrics,
     /// Open WebSocket connections, in total and per address.
     pub conn_limiter: Arc<gateway::ConnLimiter>,
@@ -185,6 +187,7 @@ pub async fn run(
     let file_passes = api::files::FilePasses::from_config(&config)?;
     let uploads =
         api::files::UploadLimits::new(config.uploads_per_minute, config.uploads_per_minute_per_ip);
+    let state_search_rate = (config.search_rate_per_min, config.search_burst);
     let cluster_logins = match config.bus_kind().map_err(anyhow::Error::msg)? {
         config::BusKind::Local => None,
         config::BusKind::Redis(url) => Some(cluster_logins::ClusterLogins::new(url)?),
@@ -203,6 +206,7 @@ pub async fn run(
         guest_names: dashmap::DashSet::new(),
         hashing,
         auth_rate,
+        searches: auth::KeyedRate::new(state_search_rate.0, state_search_rate.1),
         metrics,
         conn_limiter,
         file_passes,

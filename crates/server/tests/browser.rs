@@ -72,6 +72,8 @@ async fn seeded_data_dir() -> tempfile::TempDir {
             content: serde_json::json!({"url": "/\\evil.example/x", "name": "report.pdf"}),
             dm_members: None,
             origin: 0,
+            reply_to: None,
+            mentions: Vec::new(),
         })
         .await
         .expect("append");

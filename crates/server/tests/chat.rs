@@ -102,7 +102,8 @@ async fn joining_a_room_tells_members_who_came_and_how_many_are_online() {
             conv: "room:ops".into(),
             user: "bob".into(),
             event: MemberEvent::Joined,
-            online: 2
+            online: 2,
+            by: None,
         }
     );
 

@@ -31,6 +31,8 @@ async fn acked_messages_survive_close_and_reopen() {
                 content: json!(format!("m{i}")),
                 dm_members: None,
                 origin: 1,
+                reply_to: None,
+                mentions: Vec::new(),
             })
             .await
             .unwrap();
@@ -68,6 +70,8 @@ async fn acked_messages_survive_close_and_reopen() {
             content: json!("m3"),
             dm_members: None,
             origin: 1,
+            reply_to: None,
+            mentions: Vec::new(),
         })
         .await
         .unwrap();
@@ -100,6 +104,8 @@ async fn a_panic_on_the_writer_fails_one_batch_and_the_store_keeps_working() {
         content: json!("hi"),
         dm_members: None,
         origin: 1,
+        reply_to: None,
+        mentions: Vec::new(),
     };
     armed.store(true, Ordering::SeqCst);
     match store.append(msg("first")).await {

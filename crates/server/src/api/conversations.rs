@@ -1,10 +1,11 @@
-//! `GET /api/conversations`, `GET /api/conversations/{conv}/messages`, `GET /api/rooms`.
+//! `GET /api/conversations`, `GET /api/conversations/{conv}/messages`, `GET /api/rooms`,
+//! `GET /api/rooms/{name}/members`, `GET /api/search`.
 
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
-use hubbub_protocol::reply::{ConversationList, HistoryOk, RoomPage};
+use hubbub_protocol::reply::{ConversationList, HistoryOk, MemberList, RoomPage, SearchPage};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -94,5 +95,70 @@ pub async fn rooms(
     let limit = paging.limit.unwrap_or(ROOMS_PAGE);
     Ok(Json(
         state.node.rooms(paging.after.as_deref(), limit).await?,
+    ))
+}
+
+/// The members of a room (for its members only).
+#[utoipa::path(get, path = "/api/rooms/{name}/members",
+    params(("name" = String, Path, description = "the room's bare name")),
+    responses(
+        (status = 200, description = "the members, by name", body = MemberList),
+        (status = 400, description = "bad room name", body = super::docs::ErrorBody),
+        (status = 401, description = "no valid credential", body = super::docs::ErrorBody),
+        (status = 403, description = "not a member", body = super::docs::ErrorBody),
+    ), security(("bearer" = [])))]
+pub async fn members(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    Path(name): Path<String>,
+) -> Result<Json<MemberList>, ApiError> {
+    Ok(Json(state.node.room_members(&caller.user, &name).await?))
+}
+
+/// What `GET /api/search` looks for.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SearchParams {
+    /// The words (1 to 256 bytes): each must match, the last also as a prefix.
+    pub q: String,
+    /// Only this conversation.
+    pub conv: Option<String>,
+    /// Page size: default 20, at most 100.
+    pub limit: Option<u32>,
+    /// The `next` of the previous page.
+    pub before: Option<String>,
+}
+
+/// Searches the text of the caller's conversations, newest first.
+#[utoipa::path(get, path = "/api/search", params(SearchParams), responses(
+    (status = 200, description = "matching messages, newest first; `next` pages on (null on the last page)", body = SearchPage),
+    (status = 400, description = "empty or long query, bad limit or cursor", body = super::docs::ErrorBody),
+    (status = 401, description = "no valid credential", body = super::docs::ErrorBody),
+    (status = 403, description = "`conv` is not the caller's", body = super::docs::ErrorBody),
+    (status = 429, description = "too many searches (Retry-After)", body = super::docs::ErrorBody),
+), security(("bearer" = [])))]
+pub async fn search(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    params: Result<Query<SearchParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<SearchPage>, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if let Err(wait) = state.searches.check(caller.user.clone()) {
+        return Err(ApiError::rate_limited(
+            "too many searches; slow down".to_string(),
+            wait,
+        ));
+    }
+    Ok(Json(
+        state
+            .node
+            .search(
+                &caller.user,
+                &p.q,
+                p.conv.as_deref(),
+                p.limit,
+                p.before.as_deref(),
+            )
+            .await?,
     ))
 }

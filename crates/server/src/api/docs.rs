@@ -50,6 +50,8 @@ impl Modify for Security {
         super::conversations::list,
         super::conversations::messages,
         super::conversations::rooms,
+        super::conversations::members,
+        super::conversations::search,
         super::files::upload,
         super::files::download,
         super::files::pass,

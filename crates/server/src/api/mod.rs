@@ -216,6 +216,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(conversations::messages),
         )
         .route("/api/rooms", get(conversations::rooms))
+        .route("/api/rooms/{name}/members", get(conversations::members))
+        .route("/api/search", get(conversations::search))
         .route(
             "/api/files",
             post(files::upload).layer(axum::extract::DefaultBodyLimit::max(

@@ -164,6 +164,7 @@ impl Conn {
             client_msg_id,
             content_type,
             content,
+            reply_to,
         } = frame
         {
             let req = SendRequest {
@@ -171,6 +172,7 @@ impl Conn {
                 client_msg_id,
                 content_type,
                 content,
+                reply_to,
             };
             match self.send(req).await {
                 Ok(fut) => answers.push_later(fut.map(move |r| answer(id, r)).boxed()),
@@ -229,6 +231,17 @@ impl Conn {
             ClientFrame::Edit {
                 conv, seq, content, ..
             } => answer(id, node.edit(actor, &conv, seq, content).await),
+            ClientFrame::React {
+                conv,
+                seq,
+                emoji,
+                on,
+                ..
+            } => answer(id, node.react(actor, &conv, seq, &emoji, on).await),
+            ClientFrame::Remove { room, user, .. } => {
+                let admin = self.identity.admin && !self.identity.guest;
+                answer(id, node.remove(actor, admin, &room, &user).await)
+            }
             // No answer on success.
             ClientFrame::Typing { conv, .. } => return failed(id, node.typing(actor, &conv).await),
             ClientFrame::Read { conv, seq, .. } => {

@@ -99,6 +99,7 @@ pub(crate) fn run(conn: Upgraded, state: Arc<AppState>) -> impl Future<Output = 
         heartbeat_ms: cfg.heartbeat_ms,
         server_time: now_ms(),
         max_frame_bytes: cfg.max_frame_bytes,
+        ice_servers: state.config.ice_servers.clone(),
     };
     // The welcome goes into the queue before the session is visible to anyone, so it is
     // always the first frame.

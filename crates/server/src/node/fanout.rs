@@ -345,8 +345,9 @@ impl Fanout {
                 user,
                 joined,
                 at,
+                by,
             } => {
-                self.member_changed(conv, user, joined, at).await;
+                self.member_changed(conv, user, joined, at, by).await;
                 return;
             }
             Committed::Message { message, origin } => {
@@ -367,7 +368,14 @@ impl Fanout {
     /// Applies a join or leave to the room's member list and tells the other members
     /// (rooms up to `large_room` members). In a cluster, places it among the messages
     /// (see [`Move`]), and the member list takes what the store says now.
-    async fn member_changed(&self, conv: String, user: String, joined: bool, at: u64) {
+    async fn member_changed(
+        &self,
+        conv: String,
+        user: String,
+        joined: bool,
+        at: u64,
+        by: Option<String>,
+    ) {
         let member = match &self.catch_up {
             None => joined,
             Some(c) => {
@@ -412,20 +420,28 @@ impl Fanout {
         } else {
             room.len() >= self.large_room
         };
-        if quiet {
+        let removed = by.is_some();
+        if quiet && !removed {
             return;
         }
         let frame = OutFrame::new(ServerFrame::Member {
             conv: conv.clone(),
             online: room.count(|u| self.presence.is_online(u)),
             user: user.clone(),
-            event: if joined {
-                MemberEvent::Joined
-            } else {
-                MemberEvent::Left
+            event: match (joined, removed) {
+                (true, _) => MemberEvent::Joined,
+                (false, false) => MemberEvent::Left,
+                (false, true) => MemberEvent::Removed,
             },
+            by,
         });
-        let _ = self.deliver(&conv, &frame, None, Some(&user)).await;
+        // A removed user is told too (in a large room, only they are).
+        if removed {
+            self.hub.send_to_user(&user, &frame, None);
+        }
+        if !quiet {
+            let _ = self.deliver(&conv, &frame, None, Some(&user)).await;
+        }
     }
 }
 
@@ -475,6 +491,35 @@ pub(crate) fn frame_of(change: Committed) -> Option<(ServerFrame, u64)> {
             seq,
             origin,
         } => (ServerFrame::Receipt { conv, user, seq }, origin),
+        Committed::Reaction {
+            conv,
+            seq,
+            user,
+            emoji,
+            on,
+            origin,
+        } => (
+            ServerFrame::Reaction {
+                conv,
+                seq,
+                user,
+                emoji,
+                on,
+            },
+            origin,
+        ),
+        Committed::Reactions {
+            conv,
+            seq,
+            reactions,
+        } => (
+            ServerFrame::Reactions {
+                conv,
+                seq,
+                reactions,
+            },
+            0,
+        ),
         Committed::Member { .. } => return None,
     })
 }

@@ -1,15 +1,17 @@
 //! Reading what is stored: history pages, catching up with `sync`, the list of a user's
-//! conversations.
+//! conversations, search.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use hubbub_protocol::reply::{ConvSeq, ConversationInfo, ConversationList, HistoryOk, SyncOk};
+use hubbub_protocol::reply::{
+    ConvSeq, ConversationInfo, ConversationList, HistoryOk, SearchHit, SearchPage, SyncOk,
+};
 use hubbub_protocol::{check_seq, Conv, ErrorCode, ProtoError, ServerFrame};
 
 use super::fanout::frame_of;
 use super::{Actor, Node};
-use crate::store::{now_ms, HistoryQuery};
+use crate::store::{now_ms, HistoryQuery, SearchCursor, SearchQuery};
 
 /// Most conversations named in one `sync`.
 const MAX_SYNC_CONVS: usize = 1000;
@@ -142,6 +144,7 @@ impl Node {
                 last_seq: c.last_seq,
                 read_seq: c.read_seq,
                 unread: c.unread,
+                mentions: c.mentions,
             })
             .collect();
         Ok(ConversationList { conversations })
@@ -181,4 +184,103 @@ pub fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, Pro
         Some(0) => Err(ProtoError::bad_request("limit must be at least 1")),
         Some(n) => Ok(n.min(max)),
     }
+}
+
+impl Node {
+    /// Searches the text messages of the conversations `user` may read now (or of
+    /// `conv` alone), newest first: every word of `q` must match, the last also as a
+    /// prefix. `q` is 1 to [`SEARCH_QUERY_MAX`] bytes with at least one word; `limit` 1 to
+    /// [`SEARCH_LIMIT_MAX`] (default 20); `before` the `next` of the previous page.
+    pub async fn search(
+        &self,
+        user: &str,
+        q: &str,
+        conv: Option<&str>,
+        limit: Option<u32>,
+        before: Option<&str>,
+    ) -> Result<SearchPage, ProtoError> {
+        if q.trim().is_empty() || q.len() > SEARCH_QUERY_MAX {
+            return Err(ProtoError::bad_request(format!(
+                "q must be 1 to {SEARCH_QUERY_MAX} bytes"
+            )));
+        }
+        let words = search_words(q);
+        if words.is_empty() {
+            return Err(ProtoError::bad_request("q has no word to search for"));
+        }
+        let limit = limit.unwrap_or(SEARCH_LIMIT_DEFAULT);
+        if limit == 0 || limit > SEARCH_LIMIT_MAX {
+            return Err(ProtoError::bad_request(format!(
+                "limit must be 1 to {SEARCH_LIMIT_MAX}"
+            )));
+        }
+        let before = match before {
+            None => None,
+            Some(b) => Some(
+                SearchCursor::decode(b)
+                    .ok_or_else(|| ProtoError::bad_request("before is not a search cursor"))?,
+            ),
+        };
+        if let Some(conv) = conv {
+            self.authorize(user, conv).await?;
+        }
+        let mut found = self
+            .store
+            .search(
+                user,
+                SearchQuery {
+                    words,
+                    conv: conv.map(str::to_string),
+                    limit: limit + 1,
+                    before,
+                },
+            )
+            .await?;
+        let more = found.len() > limit as usize;
+        found.truncate(limit as usize);
+        let next = if more {
+            found.last().map(|r| {
+                SearchCursor {
+                    ts: r.ts,
+                    conv: r.conv.clone(),
+                    seq: r.seq,
+                }
+                .encode()
+            })
+        } else {
+            None
+        };
+        Ok(SearchPage {
+            results: found
+                .into_iter()
+                .map(|r| SearchHit {
+                    conv: r.conv,
+                    seq: r.seq,
+                    msg_id: r.msg_id,
+                    from: r.from,
+                    ts: r.ts,
+                    content: r.text,
+                    highlight: r.highlight,
+                })
+                .collect(),
+            next,
+        })
+    }
+}
+
+/// Longest search query, in bytes.
+pub(crate) const SEARCH_QUERY_MAX: usize = 256;
+/// Default and largest page of search results.
+pub(crate) const SEARCH_LIMIT_DEFAULT: u32 = 20;
+pub(crate) const SEARCH_LIMIT_MAX: u32 = 100;
+/// Most words of one search (more are ignored).
+const SEARCH_WORDS_MAX: usize = 16;
+
+/// The words of a search query: runs of letters and digits, lower-cased.
+pub(crate) fn search_words(q: &str) -> Vec<String> {
+    q.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .take(SEARCH_WORDS_MAX)
+        .map(str::to_lowercase)
+        .collect()
 }

@@ -2,7 +2,9 @@
 
 use std::net::IpAddr;
 
-use hubbub_protocol::reply::{JoinOk, LeaveOk, RoomInfo, RoomPage};
+use hubbub_protocol::reply::{
+    JoinOk, LeaveOk, MemberInfo, MemberList, RemoveOk, RoomInfo, RoomPage,
+};
 use hubbub_protocol::{is_valid_room_name, Conv, ErrorCode, ProtoError};
 
 use super::{Actor, Node};
@@ -72,7 +74,7 @@ impl Node {
     /// every message up to it and none after.
     pub async fn leave(&self, actor: Actor<'_>, name: &str) -> Result<LeaveOk, ProtoError> {
         let conv = room_conv(name)?;
-        let Some(last_seq) = self.store.leave_room(&conv, actor.user).await? else {
+        let Some(last_seq) = self.store.leave_room(&conv, actor.user, None).await? else {
             return Err(ProtoError::new(
                 ErrorCode::NotMember,
                 format!("you are not a member of {conv}"),
@@ -81,6 +83,67 @@ impl Node {
         // As for a join: answered once the room's shard has applied it.
         self.bus.flush(&conv).await;
         Ok(LeaveOk { conv, last_seq })
+    }
+
+    /// Removes `user` from the room `name`: only a room admin, or a server admin
+    /// (`server_admin`), may. The removed user stops being a member exactly as after a
+    /// leave; the members, the removed user's sessions included, get `member` with
+    /// `event: removed` and `by`.
+    pub async fn remove(
+        &self,
+        actor: Actor<'_>,
+        server_admin: bool,
+        name: &str,
+        user: &str,
+    ) -> Result<RemoveOk, ProtoError> {
+        let conv = room_conv(name)?;
+        let role = self.store.member_role(&conv, actor.user).await?;
+        if role.as_deref() != Some("admin") && !server_admin {
+            return Err(ProtoError::new(
+                ErrorCode::Forbidden,
+                "only a room admin may remove a member",
+            ));
+        }
+        if self
+            .store
+            .leave_room(&conv, user, Some(actor.user))
+            .await?
+            .is_none()
+        {
+            return Err(ProtoError::new(
+                ErrorCode::NotMember,
+                format!("{user} is not a member of {conv}"),
+            ));
+        }
+        self.bus.flush(&conv).await;
+        Ok(RemoveOk {
+            conv,
+            user: user.to_string(),
+        })
+    }
+
+    /// The members of the room `name` with their roles, whether they are online and
+    /// when they joined: for its members only (`not_member` for others).
+    pub async fn room_members(&self, caller: &str, name: &str) -> Result<MemberList, ProtoError> {
+        let conv = room_conv(name)?;
+        let members = self.store.room_members(&conv).await?;
+        if !members.iter().any(|m| m.user == caller) {
+            return Err(ProtoError::new(
+                ErrorCode::NotMember,
+                format!("you are not a member of {conv}"),
+            ));
+        }
+        Ok(MemberList {
+            members: members
+                .into_iter()
+                .map(|m| MemberInfo {
+                    online: self.presence.is_online(&m.user),
+                    user: m.user,
+                    role: m.role,
+                    joined_at: m.joined_at,
+                })
+                .collect(),
+        })
     }
 
     /// Rooms with their member and online counts, in name order: at most `limit`

@@ -64,6 +64,8 @@ fn text(conv: &str, from: &str, cid: &str, body: &str) -> NewMessage {
         content: json!(body),
         dm_members: None,
         origin: 7,
+        reply_to: None,
+        mentions: Vec::new(),
     }
 }
 
@@ -288,7 +290,7 @@ pub async fn only_members_append_to_a_room(f: Fixture) {
     }
     s.join_room("room:m", "bob").await.unwrap();
     let first = append(s, text("room:m", "bob", "b1", "hi")).await;
-    assert!(s.leave_room("room:m", "bob").await.unwrap().is_some());
+    assert!(s.leave_room("room:m", "bob", None).await.unwrap().is_some());
     match s.append(text("room:m", "bob", "b2", "again")).await {
         Err(StoreError::NotMember(_)) => {}
         other => panic!("expected not a member, got {other:?}"),
@@ -310,8 +312,8 @@ pub async fn joins_and_leaves_are_announced_in_commit_order(f: Fixture) {
     s.join_room("room:j", "bob").await.unwrap();
     append(s, text("room:j", "alice", "j2", "two")).await;
     // A leave answers the room's last seq when it committed; a non-member's, nothing.
-    assert_eq!(s.leave_room("room:j", "bob").await.unwrap(), Some(2));
-    assert_eq!(s.leave_room("room:j", "bob").await.unwrap(), None);
+    assert_eq!(s.leave_room("room:j", "bob", None).await.unwrap(), Some(2));
+    assert_eq!(s.leave_room("room:j", "bob", None).await.unwrap(), None);
     append(s, text("room:j", "alice", "j3", "three")).await;
     let seen: Vec<String> = f
         .committed
@@ -349,7 +351,7 @@ pub async fn the_watermark_is_never_after_a_pending_stamp(f: Fixture) {
             let mut stamps = Vec::new();
             for i in 0..200 {
                 stamps.push(
-                    s.edit("room:w", 1, json!(format!("v{i}")), 0)
+                    s.edit("room:w", 1, json!(format!("v{i}")), vec![], 0)
                         .await
                         .unwrap(),
                 );
@@ -399,8 +401,8 @@ pub async fn rooms_membership_and_roles(f: Fixture) {
     members.sort();
     assert_eq!(members, vec!["alice", "bob"]);
     assert!(s.is_member("room:r", "bob").await.unwrap());
-    assert!(s.leave_room("room:r", "bob").await.unwrap().is_some());
-    assert!(s.leave_room("room:r", "bob").await.unwrap().is_none());
+    assert!(s.leave_room("room:r", "bob", None).await.unwrap().is_some());
+    assert!(s.leave_room("room:r", "bob", None).await.unwrap().is_none());
     assert!(!s.is_member("room:r", "bob").await.unwrap());
     s.join_room("room:q", "carol").await.unwrap();
     let rooms = s.rooms(None, 10).await.unwrap();
@@ -510,17 +512,20 @@ pub async fn recall_and_edit(f: Fixture) {
     assert_eq!(page.messages.len(), 2);
     assert!(page.messages[0].recalled && page.messages[0].content.is_none());
 
-    let edited_at = s.edit("room:e", 2, json!("fixed"), 4).await.unwrap();
+    let edited_at = s
+        .edit("room:e", 2, json!("fixed"), vec![], 4)
+        .await
+        .unwrap();
     let m = s.message("room:e", 2).await.unwrap().unwrap();
     assert_eq!(
         (m.content, m.edited_at),
         (Some(json!("fixed")), Some(edited_at))
     );
-    match s.edit("room:e", 1, json!("back"), 4).await {
+    match s.edit("room:e", 1, json!("back"), vec![], 4).await {
         Err(StoreError::Conflict(_)) => {}
         other => panic!("editing a recalled message: {other:?}"),
     }
-    match s.edit("room:e", 9, json!("x"), 4).await {
+    match s.edit("room:e", 9, json!("x"), vec![], 4).await {
         Err(StoreError::NotFound(_)) => {}
         other => panic!("editing a missing message: {other:?}"),
     }
@@ -660,12 +665,12 @@ pub async fn files_are_visible_to_uploader_and_recipients(f: Fixture) {
     s.join_room("room:pics", "carol").await.unwrap();
     append(s, text("room:pics", "alice", "f2", "soon")).await;
     assert!(!s.may_read_file(id, "carol").await.unwrap());
-    s.edit("room:pics", 1, attachment, 1).await.unwrap();
+    s.edit("room:pics", 1, attachment, vec![], 1).await.unwrap();
     assert!(
         s.may_read_file(id, "carol").await.unwrap(),
         "shared by an edit"
     );
-    s.leave_room("room:pics", "carol").await.unwrap();
+    s.leave_room("room:pics", "carol", None).await.unwrap();
     assert!(
         !s.may_read_file(id, "carol").await.unwrap(),
         "former members lose access"
@@ -724,8 +729,8 @@ pub async fn a_url_shares_a_file_only_when_its_sender_may_read_it(f: Fixture) {
     // After leaving room:a, bob's access is gone and his new forward shares nothing.
     s.join_room("room:d", "bob").await.unwrap();
     s.join_room("room:d", "erin").await.unwrap();
-    s.leave_room("room:a", "bob").await.unwrap();
-    s.leave_room("room:b", "bob").await.unwrap();
+    s.leave_room("room:a", "bob", None).await.unwrap();
+    s.leave_room("room:b", "bob", None).await.unwrap();
     assert!(!s.may_read_file(id, "bob").await.unwrap());
     append(s, attachment("room:d", "bob", "d1", id)).await;
     assert!(
@@ -734,9 +739,15 @@ pub async fn a_url_shares_a_file_only_when_its_sender_may_read_it(f: Fixture) {
     );
     // Editing a message to point to the file follows the same rule.
     append(s, text("room:c", "mallory", "m2", "hi")).await;
-    s.edit("room:c", 2, json!({"url": format!("/files/{id}/a.png")}), 0)
-        .await
-        .unwrap();
+    s.edit(
+        "room:c",
+        2,
+        json!({"url": format!("/files/{id}/a.png")}),
+        vec![],
+        0,
+    )
+    .await
+    .unwrap();
     assert!(
         !s.may_read_file(id, "dave").await.unwrap(),
         "nor an edit by a non-reader"
@@ -767,6 +778,7 @@ pub async fn a_recalled_or_edited_attachment_no_longer_shares_its_file(f: Fixtur
         "room:r",
         second.seq,
         json!({"url": format!("/files/{other}/a.png")}),
+        vec![],
         0,
     )
     .await
@@ -847,6 +859,353 @@ pub async fn uploads_have_a_quota_and_unshared_ones_are_collected(f: Fixture) {
     assert_eq!(gone[0].id, ids[1]);
 }
 
+fn reply(conv: &str, from: &str, cid: &str, body: &str, to: u64) -> NewMessage {
+    NewMessage {
+        reply_to: Some(to),
+        ..text(conv, from, cid, body)
+    }
+}
+
+/// A reply carries the `seq`, sender and the start of the text it answers, in the
+/// append's answer, in the commit hook and in history; the excerpt goes when that
+/// message is recalled; a reply to a message that does not exist is `Invalid` and
+/// stores nothing.
+pub async fn replies_point_to_a_message_of_their_conversation(f: Fixture) {
+    let s = &*f.store;
+    s.join_room("room:q", "alice").await.unwrap();
+    s.join_room("room:q", "bob").await.unwrap();
+    let long = "x".repeat(300);
+    append(s, text("room:q", "alice", "q1", &long)).await;
+    let answer = append(s, reply("room:q", "bob", "q2", "agreed", 1)).await;
+    let want = hubbub_protocol::ReplyRef {
+        seq: 1,
+        from: "alice".into(),
+        excerpt: Some("x".repeat(hubbub_protocol::EXCERPT_CHARS)),
+    };
+    assert_eq!(answer.reply_to.as_deref(), Some(&want));
+    let hooked = f.committed.lock().iter().find_map(|c| match c {
+        Committed::Message { message, .. } if message.seq == 2 && message.conv == "room:q" => {
+            message.reply_to.clone()
+        }
+        _ => None,
+    });
+    assert_eq!(hooked.as_deref(), Some(&want));
+    // A reply to a reply in the same batch of appends finds it.
+    let (a, b) = tokio::join!(
+        s.append(text("room:q", "alice", "q3", "three")),
+        s.append(reply("room:q", "bob", "q4", "to three", 3))
+    );
+    assert_eq!(a.unwrap().message.seq, 3);
+    assert_eq!(
+        b.unwrap().message.reply_to.unwrap().excerpt.as_deref(),
+        Some("three")
+    );
+    match s
+        .append(reply("room:q", "bob", "q5", "to nothing", 99))
+        .await
+    {
+        Err(StoreError::Invalid(_)) => {}
+        other => panic!("a reply to nothing: {other:?}"),
+    }
+    assert_eq!(s.last_seq("room:q").await.unwrap(), 4, "nothing stored");
+    // Retried, the reply is the same message.
+    let again = append(s, reply("room:q", "bob", "q2", "agreed", 1)).await;
+    assert_eq!((again.seq, again.reply_to.as_deref()), (2, Some(&want)));
+    s.recall("room:q", 1, "alice", 0).await.unwrap();
+    let page = s
+        .history("room:q", HistoryQuery::Latest { limit: 10 })
+        .await
+        .unwrap();
+    let two = page.messages.iter().find(|m| m.seq == 2).unwrap();
+    assert_eq!(
+        two.reply_to.as_deref(),
+        Some(&hubbub_protocol::ReplyRef {
+            excerpt: None,
+            ..want
+        }),
+        "the excerpt of a recalled message is gone"
+    );
+}
+
+/// Reactions: set and cleared once each (a repeat changes and announces nothing), at
+/// most 20 different emoji per message, shown in history with the users sorted, gone
+/// with a recall (which takes no new ones), and replayed by `changes_since`.
+pub async fn reactions_are_kept_per_user_and_emoji(f: Fixture) {
+    let s = &*f.store;
+    s.join_room("room:x", "alice").await.unwrap();
+    append(s, text("room:x", "alice", "x1", "hello")).await;
+    append(s, text("room:x", "alice", "x2", "world")).await;
+    let before = now_ms() - 1;
+    assert!(s.react("room:x", 1, "bob", "👍", true, 3).await.unwrap());
+    assert!(s.react("room:x", 1, "alice", "👍", true, 3).await.unwrap());
+    assert!(
+        !s.react("room:x", 1, "alice", "👍", true, 3).await.unwrap(),
+        "already set"
+    );
+    assert!(s.react("room:x", 1, "alice", "🎉", true, 3).await.unwrap());
+    assert!(s.react("room:x", 1, "alice", "🎉", false, 3).await.unwrap());
+    assert!(
+        !s.react("room:x", 1, "alice", "🎉", false, 3).await.unwrap(),
+        "not set"
+    );
+    let announced: Vec<(String, bool)> = f
+        .committed
+        .lock()
+        .iter()
+        .filter_map(|c| match c {
+            Committed::Reaction {
+                user,
+                emoji,
+                on,
+                origin,
+                ..
+            } => {
+                assert_eq!(*origin, 3);
+                Some((format!("{user}{emoji}"), *on))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        announced,
+        [
+            ("bob👍".to_string(), true),
+            ("alice👍".to_string(), true),
+            ("alice🎉".to_string(), true),
+            ("alice🎉".to_string(), false)
+        ]
+    );
+    let one = s.message("room:x", 1).await.unwrap().unwrap();
+    let want: hubbub_protocol::Reactions = [(
+        "👍".to_string(),
+        vec!["alice".to_string(), "bob".to_string()],
+    )]
+    .into();
+    assert_eq!(one.reactions, want);
+    let page = s
+        .history("room:x", HistoryQuery::Latest { limit: 10 })
+        .await
+        .unwrap();
+    assert_eq!(page.messages[0].reactions, want);
+    assert!(page.messages[1].reactions.is_empty());
+    // Replayed as the state now.
+    let replay = s.changes_since("room:x", before, 2).await.unwrap();
+    assert!(
+        replay.iter().any(
+            |c| matches!(c, Committed::Reactions { seq: 1, reactions, .. } if *reactions == want)
+        ),
+        "{replay:?}"
+    );
+    // 20 different emoji at most; more of one already there is fine.
+    for i in 0..19 {
+        s.react("room:x", 2, "alice", &format!("e{i}"), true, 0)
+            .await
+            .unwrap();
+    }
+    s.react("room:x", 2, "alice", "last", true, 0)
+        .await
+        .unwrap();
+    match s.react("room:x", 2, "alice", "one-too-many", true, 0).await {
+        Err(StoreError::Invalid(_)) => {}
+        other => panic!("a 21st emoji: {other:?}"),
+    }
+    assert!(s.react("room:x", 2, "bob", "last", true, 0).await.unwrap());
+    // No such message; a recalled one loses its reactions and takes none.
+    match s.react("room:x", 9, "alice", "x", true, 0).await {
+        Err(StoreError::NotFound(_)) => {}
+        other => panic!("no message: {other:?}"),
+    }
+    s.recall("room:x", 1, "alice", 0).await.unwrap();
+    assert!(s
+        .message("room:x", 1)
+        .await
+        .unwrap()
+        .unwrap()
+        .reactions
+        .is_empty());
+    match s.react("room:x", 1, "bob", "👍", true, 0).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("a recalled message: {other:?}"),
+    }
+}
+
+/// Mentions are stored with the message, counted among the unread of the mentioned
+/// user, replaced by an edit and gone with a recall.
+pub async fn mentions_are_stored_and_counted_while_unread(f: Fixture) {
+    let s = &*f.store;
+    for u in ["alice", "bob", "carol"] {
+        s.join_room("room:m", u).await.unwrap();
+    }
+    let m = NewMessage {
+        mentions: vec!["bob".into(), "carol".into()],
+        ..text("room:m", "alice", "m1", "@bob @carol look")
+    };
+    assert_eq!(append(s, m).await.mentions, ["bob", "carol"]);
+    let m = NewMessage {
+        mentions: vec!["bob".into()],
+        ..text("room:m", "alice", "m2", "@bob again")
+    };
+    append(s, m).await;
+    append(s, text("room:m", "alice", "m3", "nobody")).await;
+    let count = |user: &'static str| async move {
+        s.conversations(user)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|c| c.conv == "room:m")
+            .unwrap()
+            .mentions
+    };
+    assert_eq!(count("bob").await, 2);
+    assert_eq!(count("carol").await, 1);
+    assert_eq!(count("alice").await, 0);
+    s.mark_read("room:m", "bob", 1, 0).await.unwrap();
+    assert_eq!(count("bob").await, 1, "read ones do not count");
+    s.edit("room:m", 2, json!("never mind"), vec![], 0)
+        .await
+        .unwrap();
+    assert_eq!(count("bob").await, 0, "edited away");
+    let m = s.message("room:m", 1).await.unwrap().unwrap();
+    assert_eq!(m.mentions, ["bob", "carol"]);
+    s.recall("room:m", 1, "alice", 0).await.unwrap();
+    assert_eq!(count("carol").await, 0, "recalled");
+    assert!(s
+        .message("room:m", 1)
+        .await
+        .unwrap()
+        .unwrap()
+        .mentions
+        .is_empty());
+}
+
+/// Search: every word, the last as a prefix, case-insensitive; only the conversations
+/// the user is a member of (or the one asked for); newest first, paged by a cursor;
+/// recalled messages never match, edited ones by their new text; the matches are
+/// wrapped in `[` `]`.
+pub async fn search_finds_words_in_the_users_conversations(f: Fixture) {
+    use super::{SearchCursor, SearchQuery};
+    let s = &*f.store;
+    s.join_room("room:ops", "alice").await.unwrap();
+    s.join_room("room:ops", "bob").await.unwrap();
+    s.join_room("room:secret", "carol").await.unwrap();
+    // A few ms apart, so that newest first is one order.
+    let tick = || tokio::time::sleep(std::time::Duration::from_millis(3));
+    append(s, text("room:ops", "alice", "s1", "The deployment failed")).await;
+    tick().await;
+    append(
+        s,
+        text("room:ops", "bob", "s2", "deployment fixed, Deploy again?"),
+    )
+    .await;
+    tick().await;
+    append(s, text("room:ops", "alice", "s3", "lunch")).await;
+    append(s, text("room:secret", "carol", "s4", "secret deployment")).await;
+    tick().await;
+    append(s, dm("alice", "bob", "alice", "s5", "our deployment plan")).await;
+    let q = |words: &[&str]| SearchQuery {
+        words: words.iter().map(|w| w.to_string()).collect(),
+        conv: None,
+        limit: 10,
+        before: None,
+    };
+    let found = s.search("alice", q(&["deplo"])).await.unwrap();
+    let hits: Vec<(String, u64)> = found.iter().map(|r| (r.conv.clone(), r.seq)).collect();
+    assert_eq!(
+        hits,
+        [
+            ("dm:alice:bob".to_string(), 1),
+            ("room:ops".to_string(), 2),
+            ("room:ops".to_string(), 1)
+        ],
+        "newest first, never carol's room"
+    );
+    assert_eq!(found[2].text, "The deployment failed");
+    assert_eq!(found[2].highlight, "The [deployment] failed");
+    assert_eq!(found[2].from, "alice");
+    let both = s.search("alice", q(&["deployment", "fai"])).await.unwrap();
+    assert_eq!(both.len(), 1, "every word must match");
+    let one_conv = SearchQuery {
+        conv: Some("room:ops".into()),
+        ..q(&["DEPLOYMENT"])
+    };
+    assert_eq!(s.search("alice", one_conv).await.unwrap().len(), 2);
+    // Paging.
+    let first = s
+        .search(
+            "alice",
+            SearchQuery {
+                limit: 2,
+                ..q(&["deplo"])
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 2);
+    let last = &first[1];
+    let rest = s
+        .search(
+            "alice",
+            SearchQuery {
+                before: Some(SearchCursor {
+                    ts: last.ts,
+                    conv: last.conv.clone(),
+                    seq: last.seq,
+                }),
+                ..q(&["deplo"])
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!((rest[0].conv.as_str(), rest[0].seq), ("room:ops", 1));
+    // Recalled never, edited by the new text.
+    s.recall("room:ops", 1, "alice", 0).await.unwrap();
+    s.edit("room:ops", 2, json!("all good now"), vec![], 0)
+        .await
+        .unwrap();
+    let now = s.search("alice", q(&["deployment"])).await.unwrap();
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0].conv, "dm:alice:bob");
+    assert_eq!(s.search("alice", q(&["good"])).await.unwrap().len(), 1);
+    // A leaver no longer finds the room's messages.
+    s.leave_room("room:ops", "bob", None).await.unwrap();
+    assert!(s.search("bob", q(&["good"])).await.unwrap().is_empty());
+}
+
+/// Room members come with their role and join time; a removal by an admin is
+/// announced with who removed.
+pub async fn room_members_and_removals(f: Fixture) {
+    let s = &*f.store;
+    s.join_room("room:r", "alice").await.unwrap();
+    s.join_room("room:r", "bob").await.unwrap();
+    let members = s.room_members("room:r").await.unwrap();
+    let roles: Vec<(&str, &str)> = members
+        .iter()
+        .map(|m| (m.user.as_str(), m.role.as_str()))
+        .collect();
+    assert_eq!(roles, [("alice", "admin"), ("bob", "member")]);
+    assert!(members.iter().all(|m| m.joined_at > 0));
+    assert!(s
+        .leave_room("room:r", "bob", Some("alice"))
+        .await
+        .unwrap()
+        .is_some());
+    let removal = f.committed.lock().iter().find_map(|c| match c {
+        Committed::Member {
+            user,
+            joined: false,
+            by,
+            ..
+        } => Some((user.clone(), by.clone())),
+        _ => None,
+    });
+    assert_eq!(
+        removal,
+        Some(("bob".to_string(), Some("alice".to_string())))
+    );
+    assert_eq!(s.room_members("room:r").await.unwrap().len(), 1);
+}
+
 /// Runs every property of the suite as its own `#[tokio::test]`, given an async
 /// factory `fn(CommitHook) -> (Arc<dyn Store>, Box<dyn Any + Send>)`.
 #[macro_export]
@@ -870,6 +1229,11 @@ macro_rules! store_conformance {
             a_url_shares_a_file_only_when_its_sender_may_read_it,
             a_recalled_or_edited_attachment_no_longer_shares_its_file,
             uploads_have_a_quota_and_unshared_ones_are_collected,
+            replies_point_to_a_message_of_their_conversation,
+            reactions_are_kept_per_user_and_emoji,
+            mentions_are_stored_and_counted_while_unread,
+            search_finds_words_in_the_users_conversations,
+            room_members_and_removals,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

@@ -48,6 +48,10 @@ pub enum StoreError {
     /// The sender is not a member of the room (checked in the append's transaction).
     #[error("not a member: {0}")]
     NotMember(String),
+    /// The request is not valid against what is stored (a reply to a message that does
+    /// not exist, a 21st emoji on a message).
+    #[error("invalid: {0}")]
+    Invalid(String),
     /// Something that should not happen.
     #[error("store error: {0}")]
     Internal(String),
@@ -70,6 +74,7 @@ impl From<StoreError> for ProtoError {
             StoreError::Conflict(m) => ProtoError::new(ErrorCode::Conflict, m),
             StoreError::NotFound(m) => ProtoError::new(ErrorCode::NotFound, m),
             StoreError::NotMember(m) => ProtoError::new(ErrorCode::NotMember, m),
+            StoreError::Invalid(m) => ProtoError::new(ErrorCode::BadRequest, m),
             StoreError::Internal(m) => {
                 tracing::error!(error = %m, "store error");
                 ProtoError::new(ErrorCode::Internal, "internal store error")
@@ -93,6 +98,11 @@ pub struct NewMessage {
     pub dm_members: Option<(String, String)>,
     /// Opaque id of the session that sent it (passed through to the [`CommitHook`]).
     pub origin: u64,
+    /// The seq of the message of the same conversation it answers (it must exist:
+    /// `Invalid` otherwise).
+    pub reply_to: Option<u64>,
+    /// The members its text mentions, each once.
+    pub mentions: Vec<String>,
 }
 
 /// The result of an append.
@@ -141,6 +151,69 @@ pub struct ConvSummary {
     pub read_seq: u64,
     /// Messages after `read_seq` not sent by the user.
     pub unread: u64,
+    /// Of those, the ones that mention the user (recalled ones do not count).
+    pub mentions: u64,
+}
+
+/// A member of a room, as `GET /api/rooms/{name}/members` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomMember {
+    pub user: String,
+    /// `admin` or `member`.
+    pub role: String,
+    pub joined_at: i64,
+}
+
+/// Most distinct emoji on one message.
+pub const MAX_EMOJI_PER_MESSAGE: usize = 20;
+
+/// What to search (see [`Store::search`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchQuery {
+    /// The words, each to match (case-insensitively), the last also as a prefix.
+    pub words: Vec<String>,
+    /// Only this conversation (the caller may read it); otherwise every conversation the
+    /// user is a member of.
+    pub conv: Option<String>,
+    pub limit: u32,
+    /// Only results older than this one (the `next` of the previous page).
+    pub before: Option<SearchCursor>,
+}
+
+/// A place in the newest-first order of search results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchCursor {
+    pub ts: i64,
+    pub conv: String,
+    pub seq: u64,
+}
+
+impl SearchCursor {
+    /// As sent to clients: `TS.SEQ.CONV`.
+    pub fn encode(&self) -> String {
+        format!("{}.{}.{}", self.ts, self.seq, self.conv)
+    }
+
+    pub fn decode(s: &str) -> Option<SearchCursor> {
+        let mut parts = s.splitn(3, '.');
+        let ts = parts.next()?.parse().ok()?;
+        let seq = parts.next()?.parse().ok()?;
+        let conv = parts.next()?.to_string();
+        Some(SearchCursor { ts, conv, seq })
+    }
+}
+
+/// One search result, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchResult {
+    pub conv: String,
+    pub seq: u64,
+    pub msg_id: String,
+    pub from: String,
+    pub ts: i64,
+    pub text: String,
+    /// `text` with each match wrapped in `[` `]`.
+    pub highlight: String,
 }
 
 /// A conversation a user belongs to and its newest `seq`: what presence and `sync` need,
@@ -211,6 +284,24 @@ pub enum Committed {
         joined: bool,
         #[serde(default)]
         at: u64,
+        /// Who removed the user (a leave by a room admin), if not the user.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    /// `user` set (`on`) or cleared the reaction `emoji` on a message.
+    Reaction {
+        conv: String,
+        seq: u64,
+        user: String,
+        emoji: String,
+        on: bool,
+        origin: u64,
+    },
+    /// A message's reactions as they are now (only in [`Store::changes_since`]).
+    Reactions {
+        conv: String,
+        seq: u64,
+        reactions: hubbub_protocol::Reactions,
     },
 }
 
@@ -222,7 +313,9 @@ impl Committed {
             Committed::Recalled { conv, .. }
             | Committed::Edited { conv, .. }
             | Committed::Receipt { conv, .. }
-            | Committed::Member { conv, .. } => conv,
+            | Committed::Member { conv, .. }
+            | Committed::Reaction { conv, .. }
+            | Committed::Reactions { conv, .. } => conv,
         }
     }
 }
@@ -240,9 +333,41 @@ pub trait Store: Send + Sync + 'static {
     /// announced to the [`CommitHook`] (`Committed::Member`) in commit order.
     fn join_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<JoinOutcome>>;
 
-    /// Removes `user` from the room; false when it was not a member. A removal is
-    /// announced to the [`CommitHook`] in commit order.
-    fn leave_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<Option<u64>>>;
+    /// Removes `user` from the room (`by` someone else: a room admin's removal); the
+    /// room's last seq then, or `None` when it was not a member. A removal is announced
+    /// to the [`CommitHook`] in commit order.
+    fn leave_room(
+        &self,
+        conv: &str,
+        user: &str,
+        by: Option<&str>,
+    ) -> BoxFuture<'static, StoreResult<Option<u64>>>;
+
+    /// The members of a room with their roles and when they joined, by name.
+    fn room_members(&self, conv: &str) -> BoxFuture<'static, StoreResult<Vec<RoomMember>>>;
+
+    /// Sets (`on`) or clears `user`'s reaction `emoji` on a message; whether anything
+    /// changed (a change is announced to the [`CommitHook`]). `NotFound` without such a
+    /// message, `Conflict` if it was recalled, `Invalid` for a new emoji beyond
+    /// [`MAX_EMOJI_PER_MESSAGE`].
+    fn react(
+        &self,
+        conv: &str,
+        seq: u64,
+        user: &str,
+        emoji: &str,
+        on: bool,
+        origin: u64,
+    ) -> BoxFuture<'static, StoreResult<bool>>;
+
+    /// Text messages of the conversations `user` is a member of (or of `q.conv`) that
+    /// contain every word of `q` (the last as a prefix), newest first; recalled ones
+    /// never, edited ones by their text now.
+    fn search(
+        &self,
+        user: &str,
+        q: SearchQuery,
+    ) -> BoxFuture<'static, StoreResult<Vec<SearchResult>>>;
 
     /// Every member of a conversation.
     fn members(&self, conv: &str) -> BoxFuture<'static, StoreResult<Vec<String>>>;
@@ -296,13 +421,14 @@ pub trait Store: Send + Sync + 'static {
         origin: u64,
     ) -> BoxFuture<'static, StoreResult<()>>;
 
-    /// Replaces a message's content; returns `edited_at`. `NotFound` if there is no such
-    /// message, `Conflict` if it was recalled.
+    /// Replaces a message's content (and the members it mentions); returns `edited_at`.
+    /// `NotFound` if there is no such message, `Conflict` if it was recalled.
     fn edit(
         &self,
         conv: &str,
         seq: u64,
         content: serde_json::Value,
+        mentions: Vec<String>,
         origin: u64,
     ) -> BoxFuture<'static, StoreResult<i64>>;
 
@@ -359,7 +485,8 @@ pub trait Store: Send + Sync + 'static {
     fn share_conversation(&self, a: &str, b: &str) -> BoxFuture<'static, StoreResult<bool>>;
 
     /// Recalls and edits made after `since` (ms) to messages up to `up_to`, one per
-    /// message, as its current state (`Recalled` or `Edited`, origin 0), by `seq`.
+    /// message, as its current state (`Recalled` or `Edited`, origin 0), then the
+    /// reactions changed since then (`Reactions`) of messages not recalled, by `seq`.
     fn changes_since(
         &self,
         conv: &str,

@@ -48,7 +48,7 @@ pub const DEFAULT_CHUNK_ROWS: usize = 5000;
 const CHUNK_BYTES: usize = 8 << 20;
 /// The SQLite schema version this copy knows (`PRAGMA user_version` after the SQLite
 /// store's migrations). A new SQLite migration must be carried over here too.
-const SQLITE_SCHEMA_VERSION: i64 = 8;
+const SQLITE_SCHEMA_VERSION: i64 = 9;
 /// The advisory lock a migration holds on the target ("hubbub" in ASCII, plus 2).
 const LOCK: i64 = 0x6875_6262_7562_0002;
 /// How long to wait for the lock another run holds.
@@ -325,6 +325,9 @@ const TABLES: &[Table] = &[
             ("edited_at", "edited_at", Int),
             ("modified_at", "modified_at", Int),
             ("recalled_by", "recalled_by", Text),
+            ("reply_to", "reply_to", Int),
+            ("mentions", "mentions", Text),
+            ("reacted_at", "reacted_at", Int),
         ],
         key: 2,
         skeleton: None,
@@ -350,6 +353,28 @@ const TABLES: &[Table] = &[
             ("created_at", "created_at", Int),
         ],
         key: 1,
+        skeleton: None,
+    },
+    Table {
+        name: "reactions",
+        columns: &[
+            ("conv", "conv", Text),
+            ("seq", "seq", Int),
+            ("emoji", "emoji", Text),
+            ("user", "user_name", Text),
+            ("at", "at", Int),
+        ],
+        key: 4,
+        skeleton: None,
+    },
+    Table {
+        name: "mentions",
+        columns: &[
+            ("user", "user_name", Text),
+            ("conv", "conv", Text),
+            ("seq", "seq", Int),
+        ],
+        key: 3,
         skeleton: None,
     },
     Table {

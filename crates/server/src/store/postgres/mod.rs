@@ -19,14 +19,17 @@ use std::sync::Arc;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
-use hubbub_protocol::{ContentType, Message};
+use std::collections::BTreeMap;
+
+use hubbub_protocol::{excerpt_of, ContentType, Message, Reactions, ReplyRef};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Row};
 
 use super::{
     Appended, CommitHook, Committed, ConvSummary, FileMeta, HistoryPage, HistoryQuery, JoinOutcome,
-    Membership, NewMessage, RoomSummary, Store, StoreError, StoreResult,
+    Membership, NewMessage, RoomMember, RoomSummary, SearchQuery, SearchResult, Store, StoreError,
+    StoreResult,
 };
 use crate::metrics::Metrics;
 
@@ -41,8 +44,17 @@ type PooledClient = deadpool_postgres::Client;
 /// Read connections in the pool.
 const DEFAULT_POOL: usize = 16;
 
+/// The columns [`row_to_message`] reads, of `messages m` joined with the message it
+/// replies to, `r` ([`REPLIED`]).
+/// The message `m` replies to, as `r`: a lateral join, so that it is one index probe
+/// per row whatever plan is cached (a hash join would read all of `messages`).
+const REPLIED: &str = "LEFT JOIN LATERAL (SELECT sender, content_type, content, recalled \
+     FROM messages r WHERE m.reply_to IS NOT NULL AND r.conv = m.conv AND r.seq = m.reply_to) r ON true";
+
 const MESSAGE_COLUMNS: &str =
-    "conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, recalled, edited_at";
+    "m.conv, m.seq, m.msg_id, m.sender, m.client_msg_id, m.content_type, m.content, m.ts, \
+     m.recalled, m.edited_at, m.reply_to, r.sender AS r_sender, r.content_type AS r_type, \
+     r.content AS r_content, r.recalled AS r_recalled, m.mentions, m.reacted_at";
 
 /// Whether `$2` may read the file `$1`: its uploader, or a member of a conversation a
 /// message shared it to.
@@ -269,6 +281,22 @@ fn row_to_message(row: &Row) -> Result<Message, String> {
         let text: String = row.get(6);
         Some(serde_json::from_str(&text).map_err(|e| e.to_string())?)
     };
+    let reply_to = row.get::<_, Option<i64>>(10).map(|seq| {
+        let kind: Option<String> = row.get(12);
+        let recalled: Option<bool> = row.get(14);
+        let excerpt = match (kind.as_deref(), recalled) {
+            (Some("text"), Some(false)) => row
+                .get::<_, Option<String>>(13)
+                .and_then(|c| serde_json::from_str::<String>(&c).ok())
+                .map(|t| excerpt_of(&t)),
+            _ => None,
+        };
+        ReplyRef {
+            seq: seq as u64,
+            from: row.get::<_, Option<String>>(11).unwrap_or_default(),
+            excerpt,
+        }
+    });
     Ok(Message {
         conv: row.get(0),
         seq: row.get::<_, i64>(1) as u64,
@@ -280,7 +308,69 @@ fn row_to_message(row: &Row) -> Result<Message, String> {
         ts: row.get(7),
         recalled,
         edited_at: row.get(9),
+        reply_to: reply_to.map(Box::new),
+        reactions: Default::default(),
+        mentions: match row.get::<_, Option<String>>(15) {
+            Some(m) if !recalled => serde_json::from_str(&m).unwrap_or_default(),
+            _ => Vec::new(),
+        },
     })
+}
+
+/// Whether a row of [`MESSAGE_COLUMNS`] may have reactions.
+fn may_have_reactions(row: &Row) -> bool {
+    row.get::<_, Option<i64>>(16).is_some()
+}
+
+/// The reactions of `conv`'s messages with seqs from `first` to `last`.
+async fn reactions_between(
+    c: &PooledClient,
+    conv: &str,
+    first: u64,
+    last: u64,
+) -> Result<BTreeMap<u64, Reactions>, tokio_postgres::Error> {
+    let st = c
+        .prepare_cached(
+            "SELECT seq, emoji, user_name FROM reactions \
+             WHERE conv = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq, emoji, user_name",
+        )
+        .await?;
+    let mut out: BTreeMap<u64, Reactions> = BTreeMap::new();
+    for r in c
+        .query(&st, &[&conv, &(first as i64), &(last as i64)])
+        .await?
+    {
+        out.entry(r.get::<_, i64>(0) as u64)
+            .or_default()
+            .entry(r.get(1))
+            .or_default()
+            .push(r.get(2));
+    }
+    Ok(out)
+}
+
+/// The messages of `rows` (one conversation's) with their reactions.
+async fn messages_with_reactions(
+    c: &PooledClient,
+    rows: Vec<Row>,
+) -> Result<Vec<Message>, tokio_postgres::Error> {
+    let flagged: Vec<u64> = rows
+        .iter()
+        .filter(|r| may_have_reactions(r))
+        .map(|r| r.get::<_, i64>(1) as u64)
+        .collect();
+    let mut list = messages(rows);
+    if let (Some(&first), Some(&last), Some(m)) =
+        (flagged.iter().min(), flagged.iter().max(), list.first())
+    {
+        let mut found = reactions_between(c, &m.conv.clone(), first, last).await?;
+        for m in &mut list {
+            if let Some(r) = found.remove(&m.seq) {
+                m.reactions = r;
+            }
+        }
+    }
+    Ok(list)
 }
 
 fn row_to_file(r: &Row) -> FileMeta {
@@ -335,10 +425,16 @@ impl Store for PgStore {
         })
     }
 
-    fn leave_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<Option<u64>>> {
+    fn leave_room(
+        &self,
+        conv: &str,
+        user: &str,
+        by: Option<&str>,
+    ) -> BoxFuture<'static, StoreResult<Option<u64>>> {
         let op = Op::Leave {
             conv: conv.to_string(),
             user: user.to_string(),
+            by: by.map(str::to_string),
         };
         self.write(op, |o| match o {
             Outcome::Left(b) => Some(b),
@@ -428,7 +524,9 @@ impl Store for PgStore {
                     }
                 };
                 let fetch = i64::from(limit) + 1;
-                let mut page = messages(rows(c, sql, &[&conv, &bound, &fetch]).await?);
+                let mut page =
+                    messages_with_reactions(c, rows(c, sql, &[&conv, &bound, &fetch]).await?)
+                        .await?;
                 let has_more = page.len() > limit as usize;
                 page.truncate(limit as usize);
                 if descending {
@@ -453,6 +551,10 @@ impl Store for PgStore {
                        CASE WHEN coalesce(c.last_seq, 0) > coalesce(r.seq, 0) THEN \
                          (SELECT count(*) FROM messages x WHERE x.conv = m.conv \
                             AND x.seq > coalesce(r.seq, 0) AND x.sender <> m.user_name) \
+                       ELSE 0 END, \
+                       CASE WHEN coalesce(c.last_seq, 0) > coalesce(r.seq, 0) THEN \
+                         (SELECT count(*) FROM mentions x WHERE x.user_name = m.user_name \
+                            AND x.conv = m.conv AND x.seq > coalesce(r.seq, 0)) \
                        ELSE 0 END \
                      FROM members m \
                      LEFT JOIN conversations c ON c.conv = m.conv \
@@ -467,6 +569,7 @@ impl Store for PgStore {
                         last_seq: r.get::<_, i64>(1) as u64,
                         read_seq: r.get::<_, i64>(2) as u64,
                         unread: r.get::<_, i64>(3) as u64,
+                        mentions: r.get::<_, i64>(4) as u64,
                     })
                     .collect())
             }
@@ -503,7 +606,7 @@ impl Store for PgStore {
             async move {
                 let seq = seq as i64;
                 let r = rows(c, MESSAGE_AT, &[&conv, &seq]).await?;
-                Ok(messages(r).pop())
+                Ok(messages_with_reactions(c, r).await?.pop())
             }
             .boxed()
         })
@@ -550,12 +653,14 @@ impl Store for PgStore {
         conv: &str,
         seq: u64,
         content: serde_json::Value,
+        mentions: Vec<String>,
         origin: u64,
     ) -> BoxFuture<'static, StoreResult<i64>> {
         let op = Op::Edit {
             conv: conv.to_string(),
             seq,
             content,
+            mentions,
             origin,
         };
         self.write(op, |o| match o {
@@ -730,6 +835,25 @@ impl Store for PgStore {
                     &[&conv, &since, &up_to],
                 )
                 .await?;
+                let reacted: Vec<u64> = rows(
+                    c,
+                    "SELECT seq FROM messages WHERE conv = $1 AND reacted_at > $2 AND seq <= $3 \
+                     AND NOT recalled ORDER BY seq",
+                    &[&conv, &since, &up_to],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get::<_, i64>(0) as u64)
+                .collect();
+                let mut now = match (reacted.first(), reacted.last()) {
+                    (Some(&first), Some(&last)) => reactions_between(c, &conv, first, last).await?,
+                    _ => BTreeMap::new(),
+                };
+                let reactions = reacted.into_iter().map(|seq| Committed::Reactions {
+                    conv: conv.clone(),
+                    seq,
+                    reactions: now.remove(&seq).unwrap_or_default(),
+                });
                 Ok(r.iter()
                     .map(|r| {
                         let seq = r.get::<_, i64>(0) as u64;
@@ -751,6 +875,112 @@ impl Store for PgStore {
                                 origin: 0,
                             }
                         }
+                    })
+                    .chain(reactions)
+                    .collect())
+            }
+            .boxed()
+        })
+    }
+
+    fn room_members(&self, conv: &str) -> BoxFuture<'static, StoreResult<Vec<RoomMember>>> {
+        let conv = conv.to_string();
+        self.read(move |c| {
+            async move {
+                let r = rows(
+                    c,
+                    "SELECT user_name, role, joined_at FROM members WHERE conv = $1 ORDER BY user_name",
+                    &[&conv],
+                )
+                .await?;
+                Ok(r.iter()
+                    .map(|r| RoomMember {
+                        user: r.get(0),
+                        role: r.get(1),
+                        joined_at: r.get(2),
+                    })
+                    .collect())
+            }
+            .boxed()
+        })
+    }
+
+    fn react(
+        &self,
+        conv: &str,
+        seq: u64,
+        user: &str,
+        emoji: &str,
+        on: bool,
+        origin: u64,
+    ) -> BoxFuture<'static, StoreResult<bool>> {
+        let op = Op::React {
+            conv: conv.to_string(),
+            seq,
+            user: user.to_string(),
+            emoji: emoji.to_string(),
+            on,
+            origin,
+        };
+        self.write(op, |o| match o {
+            Outcome::Reacted(changed) => Some(changed),
+            _ => None,
+        })
+    }
+
+    fn search(
+        &self,
+        user: &str,
+        q: SearchQuery,
+    ) -> BoxFuture<'static, StoreResult<Vec<SearchResult>>> {
+        let user = user.to_string();
+        self.read(move |c| {
+            async move {
+                // Every word, the last also as a prefix; the words are letters and digits
+                // only (see `node::search_words`), quoted all the same.
+                let n = q.words.len();
+                let query = q
+                    .words
+                    .iter()
+                    .enumerate()
+                    .map(|(i, w)| {
+                        let quoted = format!("'{}'", w.replace('\'', "''"));
+                        if i + 1 == n {
+                            quoted + ":*"
+                        } else {
+                            quoted
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" & ");
+                let (ts, before_conv, seq) = match &q.before {
+                    Some(b) => (b.ts, b.conv.clone(), b.seq as i64),
+                    None => (i64::MAX, String::new(), 0),
+                };
+                let limit = i64::from(q.limit);
+                let r = rows(
+                    c,
+                    "SELECT m.conv, m.seq, m.msg_id, m.sender, m.ts, m.content::json #>> '{}', \
+                       ts_headline('simple', m.content::json #>> '{}', q, \
+                         'StartSel=[, StopSel=], HighlightAll=true') \
+                     FROM messages m, to_tsquery('simple', $1) q \
+                     WHERE m.search @@ q \
+                       AND m.conv IN (SELECT conv FROM members WHERE user_name = $2) \
+                       AND ($3::text IS NULL OR m.conv = $3) \
+                       AND ($4 = 9223372036854775807 OR (m.ts, m.conv, m.seq) < ($4, $5, $6)) \
+                     ORDER BY m.ts DESC, m.conv DESC, m.seq DESC LIMIT $7",
+                    &[&query, &user, &q.conv, &ts, &before_conv, &seq, &limit],
+                )
+                .await?;
+                Ok(r.iter()
+                    .map(|r| SearchResult {
+                        conv: r.get(0),
+                        seq: r.get::<_, i64>(1) as u64,
+                        msg_id: r.get(2),
+                        from: r.get(3),
+                        ts: r.get(4),
+                        text: r.get(5),
+                        highlight: r.get(6),
                     })
                     .collect())
             }
@@ -801,9 +1031,18 @@ impl Store for PgStore {
     }
 }
 
-const HISTORY_BEFORE: &str = "SELECT conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, recalled, edited_at \
-     FROM messages WHERE conv = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3";
-const HISTORY_AFTER: &str = "SELECT conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, recalled, edited_at \
-     FROM messages WHERE conv = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3";
-const MESSAGE_AT: &str = "SELECT conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, recalled, edited_at \
-     FROM messages WHERE conv = $1 AND seq = $2";
+const HISTORY_BEFORE: &str = "SELECT m.conv, m.seq, m.msg_id, m.sender, m.client_msg_id, m.content_type, m.content, m.ts, \
+     m.recalled, m.edited_at, m.reply_to, r.sender, r.content_type, r.content, r.recalled, m.mentions, m.reacted_at \
+     FROM messages m LEFT JOIN LATERAL (SELECT sender, content_type, content, recalled FROM messages r \
+     WHERE m.reply_to IS NOT NULL AND r.conv = m.conv AND r.seq = m.reply_to) r ON true \
+     WHERE m.conv = $1 AND m.seq < $2 ORDER BY m.seq DESC LIMIT $3";
+const HISTORY_AFTER: &str = "SELECT m.conv, m.seq, m.msg_id, m.sender, m.client_msg_id, m.content_type, m.content, m.ts, \
+     m.recalled, m.edited_at, m.reply_to, r.sender, r.content_type, r.content, r.recalled, m.mentions, m.reacted_at \
+     FROM messages m LEFT JOIN LATERAL (SELECT sender, content_type, content, recalled FROM messages r \
+     WHERE m.reply_to IS NOT NULL AND r.conv = m.conv AND r.seq = m.reply_to) r ON true \
+     WHERE m.conv = $1 AND m.seq > $2 ORDER BY m.seq ASC LIMIT $3";
+const MESSAGE_AT: &str = "SELECT m.conv, m.seq, m.msg_id, m.sender, m.client_msg_id, m.content_type, m.content, m.ts, \
+     m.recalled, m.edited_at, m.reply_to, r.sender, r.content_type, r.content, r.recalled, m.mentions, m.reacted_at \
+     FROM messages m LEFT JOIN LATERAL (SELECT sender, content_type, content, recalled FROM messages r \
+     WHERE m.reply_to IS NOT NULL AND r.conv = m.conv AND r.seq = m.reply_to) r ON true \
+     WHERE m.conv = $1 AND m.seq = $2";

@@ -10,7 +10,8 @@ use tokio_postgres::Client;
 const MIGRATION_LOCK: i64 = 0x6875_6262_7562_0001;
 
 /// Schema migrations, applied in order.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE conversations (
     conv        TEXT COLLATE "C" PRIMARY KEY,
     kind        TEXT NOT NULL,
@@ -81,7 +82,38 @@ CREATE TABLE message_files (
     PRIMARY KEY (file_id, conv, seq)
 );
 CREATE INDEX message_files_by_message ON message_files (conv, seq);
-"#];
+"#,
+    // Version 1.1: replies, mentions, reactions and full-text search. `search` holds the
+    // words of a text message that is not recalled (what search finds; kept by the
+    // database itself as the content changes); `reacted_at` is when its reactions last
+    // changed (for `sync` with `since`).
+    r#"
+ALTER TABLE messages ADD COLUMN reply_to BIGINT;
+ALTER TABLE messages ADD COLUMN mentions TEXT;
+ALTER TABLE messages ADD COLUMN reacted_at BIGINT;
+ALTER TABLE messages ADD COLUMN search tsvector GENERATED ALWAYS AS (
+    CASE WHEN content_type = 'text' AND NOT recalled
+         THEN to_tsvector('simple', content::json #>> '{}') END
+) STORED;
+CREATE INDEX messages_search ON messages USING gin (search);
+CREATE INDEX messages_reacted ON messages (conv, reacted_at) WHERE reacted_at IS NOT NULL;
+CREATE TABLE reactions (
+    conv        TEXT COLLATE "C" NOT NULL,
+    seq         BIGINT NOT NULL,
+    emoji       TEXT COLLATE "C" NOT NULL,
+    user_name   TEXT COLLATE "C" NOT NULL,
+    at          BIGINT NOT NULL,
+    PRIMARY KEY (conv, seq, emoji, user_name)
+);
+CREATE TABLE mentions (
+    user_name   TEXT COLLATE "C" NOT NULL,
+    conv        TEXT COLLATE "C" NOT NULL,
+    seq         BIGINT NOT NULL,
+    PRIMARY KEY (user_name, conv, seq)
+);
+CREATE INDEX mentions_by_message ON mentions (conv, seq);
+"#,
+];
 
 /// Applies the migrations this database has not seen, holding the migration lock.
 pub(super) async fn migrate(client: &mut Client) -> Result<(), tokio_postgres::Error> {

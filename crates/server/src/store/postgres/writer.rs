@@ -23,17 +23,17 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubbub_protocol::Message;
+use hubbub_protocol::{excerpt_of, ContentType, Message, ReplyRef};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
-use super::{row_to_file, row_to_message, Connector, MESSAGE_COLUMNS};
+use super::{row_to_file, row_to_message, Connector, MESSAGE_COLUMNS, REPLIED};
 use crate::auth::name_skeleton;
 use crate::metrics::Metrics;
 use crate::store::{
     attachment_file_id, now_ms, Appended, CommitHook, Committed, FileMeta, JoinOutcome, NewMessage,
-    StoreError, StoreResult,
+    StoreError, StoreResult, MAX_EMOJI_PER_MESSAGE,
 };
 
 /// Most operations in one transaction.
@@ -54,6 +54,15 @@ pub(super) enum Op {
     Leave {
         conv: String,
         user: String,
+        by: Option<String>,
+    },
+    React {
+        conv: String,
+        seq: u64,
+        user: String,
+        emoji: String,
+        on: bool,
+        origin: u64,
     },
     Recall {
         conv: String,
@@ -65,6 +74,7 @@ pub(super) enum Op {
         conv: String,
         seq: u64,
         content: serde_json::Value,
+        mentions: Vec<String>,
         origin: u64,
     },
     MarkRead {
@@ -93,10 +103,13 @@ pub(super) enum Op {
 }
 
 /// What a write produced.
+#[allow(clippy::large_enum_variant)] // messages travel by value: boxing would allocate once more per message
 pub(super) enum Outcome {
     Appended(Appended),
     Joined(JoinOutcome),
     Left(Option<u64>),
+    /// Whether a reaction changed.
+    Reacted(bool),
     Done,
     EditedAt(i64),
     ReadUpTo(u64),
@@ -107,6 +120,7 @@ pub(super) enum Outcome {
 pub(super) type Reply = oneshot::Sender<StoreResult<Outcome>>;
 
 /// What the writer's queue carries.
+#[allow(clippy::large_enum_variant)] // messages travel by value: boxing would allocate once more per message
 pub(super) enum Queued {
     Write(Op, Reply),
     /// Commit what is queued before it, then stop.
@@ -468,6 +482,39 @@ impl Batch<'_> {
             .collect();
         let members: HashSet<(String, String)> =
             member_rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        // The messages replied to, stored before this run (those of this run are found
+        // as they are taken).
+        let mut replied: HashMap<(String, u64), ReplyRef> = HashMap::new();
+        let (qconvs, qseqs): (Vec<&str>, Vec<i64>) = run
+            .iter()
+            .filter_map(|m| Some((m.conv.as_str(), m.reply_to? as i64)))
+            .unzip();
+        if !qconvs.is_empty() {
+            let st = self
+                .st(
+                    "SELECT k.c, k.s, m.sender, m.content_type, m.content, m.recalled \
+                     FROM unnest($1::text[], $2::int8[]) AS k(c, s) \
+                     JOIN messages m ON m.conv = k.c AND m.seq = k.s",
+                )
+                .await?;
+            for r in self.tx.query(&st, &[&qconvs, &qseqs]).await? {
+                let seq = r.get::<_, i64>(1) as u64;
+                let (kind, content, recalled): (String, String, bool) =
+                    (r.get(3), r.get(4), r.get(5));
+                let excerpt = (kind == "text" && !recalled)
+                    .then(|| serde_json::from_str::<String>(&content).ok())
+                    .flatten()
+                    .map(|t| excerpt_of(&t));
+                replied.insert(
+                    (r.get(0), seq),
+                    ReplyRef {
+                        seq,
+                        from: r.get(2),
+                        excerpt,
+                    },
+                );
+            }
+        }
         // Seqs for the new messages, in request order.
         let mut rows = NewRows::default();
         let first_result = results.len();
@@ -485,6 +532,19 @@ impl Batch<'_> {
                 ))));
                 continue;
             }
+            let reply_to = match m.reply_to {
+                None => None,
+                Some(to) => match replied.get(&(m.conv.clone(), to)) {
+                    Some(r) => Some(r.clone()),
+                    None => {
+                        results.push(Err(StoreError::Invalid(format!(
+                            "reply_to: no message {to} in {}",
+                            m.conv
+                        ))));
+                        continue;
+                    }
+                },
+            };
             let Some(seq) = last.get_mut(&m.conv) else {
                 results.push(Err(StoreError::NotFound(format!(
                     "no conversation {}",
@@ -504,8 +564,24 @@ impl Batch<'_> {
                 ts: now,
                 recalled: false,
                 edited_at: None,
+                reply_to: reply_to.map(Box::new),
+                reactions: Default::default(),
+                mentions: m.mentions.clone(),
             };
             rows.push(&message, &m.content);
+            // A later message of this run may reply to this one.
+            replied.insert(
+                (message.conv.clone(), message.seq),
+                ReplyRef {
+                    seq: message.seq,
+                    from: message.from.clone(),
+                    excerpt: m
+                        .content
+                        .as_str()
+                        .filter(|_| m.content_type == ContentType::Text)
+                        .map(excerpt_of),
+                },
+            );
             // The same id twice in one run: the second is a retry of the first.
             stored.insert(key, message.clone());
             fresh.push((results.len(), message.clone(), m.origin));
@@ -520,8 +596,8 @@ impl Batch<'_> {
         }
         let st = self
             .st(
-                "INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts) \
-                 SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[])",
+                "INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, reply_to, mentions) \
+                 SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[], $9::int8[], $10::text[])",
             )
             .await?;
         let st_update = self
@@ -536,7 +612,7 @@ impl Batch<'_> {
             .unzip();
         tokio::try_join!(
             async {
-                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
                     &rows.conv,
                     &rows.seq,
                     &rows.msg_id,
@@ -545,11 +621,27 @@ impl Batch<'_> {
                     &rows.content_type,
                     &rows.content,
                     &ts,
+                    &rows.reply_to,
+                    &rows.mentions,
                 ];
                 tx.execute(&st, &params).await
             },
             async { tx.execute(&st_update, &[&uconvs, &useqs]).await }
         )?;
+        if !rows.mentioned.is_empty() {
+            let st = self
+                .st(
+                    "INSERT INTO mentions (user_name, conv, seq) \
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            let (users, (mconvs, mseqs)): (Vec<&str>, (Vec<&str>, Vec<i64>)) = rows
+                .mentioned
+                .iter()
+                .map(|(u, c, s)| (u.as_str(), (c.as_str(), *s)))
+                .unzip();
+            self.tx.execute(&st, &[&users, &mconvs, &mseqs]).await?;
+        }
         for (_, message, origin) in fresh {
             if let Some(content) = &message.content {
                 if attachment_file_id(content).is_some() {
@@ -637,6 +729,7 @@ impl Batch<'_> {
                         user: user.clone(),
                         joined: true,
                         at: last_seq as u64,
+                        by: None,
                     });
                 }
                 Ok(Outcome::Joined(JoinOutcome {
@@ -645,7 +738,7 @@ impl Batch<'_> {
                     last_seq: last_seq as u64,
                 }))
             }
-            Op::Leave { conv, user } => {
+            Op::Leave { conv, user, by } => {
                 let last_seq = self.lock_conversation(conv).await?.unwrap_or(0);
                 let st = self
                     .st("DELETE FROM members WHERE conv = $1 AND user_name = $2")
@@ -657,10 +750,19 @@ impl Batch<'_> {
                         user: user.clone(),
                         joined: false,
                         at: last_seq as u64,
+                        by: by.clone(),
                     });
                 }
                 Ok(Outcome::Left(left.then_some(last_seq as u64)))
             }
+            Op::React {
+                conv,
+                seq,
+                user,
+                emoji,
+                on,
+                origin,
+            } => return self.react(conv, *seq, user, emoji, *on, *origin).await,
             Op::Recall {
                 conv,
                 seq,
@@ -684,6 +786,11 @@ impl Batch<'_> {
                             .await?;
                         self.tx.execute(&st, &[conv, &seq_i, by, &now]).await?;
                         self.unshare_message(conv, seq_i).await?;
+                        self.set_mentions(conv, seq_i, &[]).await?;
+                        let st = self
+                            .st("DELETE FROM reactions WHERE conv = $1 AND seq = $2")
+                            .await?;
+                        self.tx.execute(&st, &[conv, &seq_i]).await?;
                         self.changes.push(Committed::Recalled {
                             conv: conv.clone(),
                             seq: *seq,
@@ -698,6 +805,7 @@ impl Batch<'_> {
                 conv,
                 seq,
                 content,
+                mentions,
                 origin,
             } => {
                 let st = self
@@ -719,6 +827,7 @@ impl Batch<'_> {
                             )
                             .await?;
                         self.tx.execute(&st, &[conv, &seq_i, &text, &now]).await?;
+                        self.set_mentions(conv, seq_i, mentions).await?;
                         self.unshare_message(conv, seq_i).await?;
                         self.share_file(conv, *seq, &sender, content).await?;
                         self.changes.push(Committed::Edited {
@@ -942,6 +1051,118 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// Replaces the mentions of message `seq` of `conv`.
+    async fn set_mentions(&mut self, conv: &str, seq: i64, mentions: &[String]) -> PgResult<()> {
+        let st = self
+            .st("DELETE FROM mentions WHERE conv = $1 AND seq = $2")
+            .await?;
+        self.tx.execute(&st, &[&conv, &seq]).await?;
+        if !mentions.is_empty() {
+            let st = self
+                .st(
+                    "INSERT INTO mentions (user_name, conv, seq) SELECT u, $2, $3 \
+                     FROM unnest($1::text[]) AS u ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            self.tx.execute(&st, &[&mentions, &conv, &seq]).await?;
+        }
+        let list =
+            (!mentions.is_empty()).then(|| serde_json::to_string(mentions).unwrap_or_default());
+        let st = self
+            .st("UPDATE messages SET mentions = $3 WHERE conv = $1 AND seq = $2")
+            .await?;
+        self.tx.execute(&st, &[&conv, &seq, &list]).await?;
+        Ok(())
+    }
+
+    /// Sets or clears a reaction (see `Store::react`).
+    #[allow(clippy::too_many_arguments)]
+    async fn react(
+        &mut self,
+        conv: &str,
+        seq: u64,
+        user: &str,
+        emoji: &str,
+        on: bool,
+        origin: u64,
+    ) -> PgResult<StoreResult<Outcome>> {
+        let now = self.now;
+        let seq_i = seq as i64;
+        let st = self
+            .st("SELECT recalled FROM messages WHERE conv = $1 AND seq = $2 FOR UPDATE")
+            .await?;
+        match self
+            .tx
+            .query_opt(&st, &[&conv, &seq_i])
+            .await?
+            .map(|r| r.get::<_, bool>(0))
+        {
+            None => {
+                return Ok(Err(StoreError::NotFound(format!(
+                    "no message {seq} in {conv}"
+                ))))
+            }
+            Some(true) => {
+                return Ok(Err(StoreError::Conflict(format!(
+                    "message {seq} in {conv} was recalled"
+                ))))
+            }
+            Some(false) => {}
+        }
+        let changed = if on {
+            let st = self
+                .st(
+                    "SELECT coalesce(bool_or(emoji = $3 AND user_name = $4), false), \
+                       coalesce(bool_or(emoji = $3), false), count(DISTINCT emoji) \
+                     FROM reactions WHERE conv = $1 AND seq = $2",
+                )
+                .await?;
+            let r = self
+                .tx
+                .query_one(&st, &[&conv, &seq_i, &emoji, &user])
+                .await?;
+            let (set, known, distinct): (bool, bool, i64) = (r.get(0), r.get(1), r.get(2));
+            if set {
+                false
+            } else if !known && distinct as usize >= MAX_EMOJI_PER_MESSAGE {
+                return Ok(Err(StoreError::Invalid(format!(
+                    "a message holds at most {MAX_EMOJI_PER_MESSAGE} different emoji"
+                ))));
+            } else {
+                let st = self
+                    .st("INSERT INTO reactions (conv, seq, emoji, user_name, at) VALUES ($1, $2, $3, $4, $5)")
+                    .await?;
+                self.tx
+                    .execute(&st, &[&conv, &seq_i, &emoji, &user, &now])
+                    .await?;
+                true
+            }
+        } else {
+            let st = self
+                .st("DELETE FROM reactions WHERE conv = $1 AND seq = $2 AND emoji = $3 AND user_name = $4")
+                .await?;
+            self.tx
+                .execute(&st, &[&conv, &seq_i, &emoji, &user])
+                .await?
+                == 1
+        };
+        if changed {
+            let st = self
+                .st("UPDATE messages SET reacted_at = $3 WHERE conv = $1 AND seq = $2")
+                .await?;
+            self.tx.execute(&st, &[&conv, &seq_i, &now]).await?;
+            self.changes.push(Committed::Reaction {
+                conv: conv.to_string(),
+                seq,
+                user: user.to_string(),
+                emoji: emoji.to_string(),
+                on,
+                origin,
+            });
+        }
+        Ok(Ok(Outcome::Reacted(changed)))
+    }
+
     async fn unshare_message(&mut self, conv: &str, seq: i64) -> PgResult<()> {
         let st = self
             .st("DELETE FROM message_files WHERE conv = $1 AND seq = $2")
@@ -970,8 +1191,8 @@ fn select_stored_sql() -> &'static str {
     SQL.get_or_init(|| {
         format!(
             "SELECT m.* FROM unnest($1::text[], $2::text[]) AS k(s, c) \
-             CROSS JOIN LATERAL (SELECT {MESSAGE_COLUMNS} FROM messages \
-                                 WHERE sender = k.s AND client_msg_id = k.c LIMIT 1) AS m"
+             CROSS JOIN LATERAL (SELECT {MESSAGE_COLUMNS} FROM messages m {REPLIED} \
+                                 WHERE m.sender = k.s AND m.client_msg_id = k.c LIMIT 1) AS m"
         )
     })
 }
@@ -1001,6 +1222,10 @@ struct NewRows {
     client_msg_id: Vec<String>,
     content_type: Vec<&'static str>,
     content: Vec<String>,
+    reply_to: Vec<Option<i64>>,
+    mentions: Vec<Option<String>>,
+    /// (user, conv, seq) of each mention.
+    mentioned: Vec<(String, String, i64)>,
 }
 
 impl NewRows {
@@ -1013,6 +1238,17 @@ impl NewRows {
         self.content_type.push(m.content_type.as_str());
         self.content
             .push(serde_json::to_string(content).unwrap_or_else(|_| "null".into()));
+        self.reply_to
+            .push(m.reply_to.as_ref().map(|r| r.seq as i64));
+        self.mentions.push(
+            (!m.mentions.is_empty())
+                .then(|| serde_json::to_string(&m.mentions).unwrap_or_default()),
+        );
+        self.mentioned.extend(
+            m.mentions
+                .iter()
+                .map(|u| (u.clone(), m.conv.clone(), m.seq as i64)),
+        );
     }
 
     fn is_empty(&self) -> bool {

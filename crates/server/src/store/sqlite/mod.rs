@@ -16,7 +16,8 @@ use crate::metrics::Metrics;
 
 use super::{
     Appended, CommitHook, Committed, ConvSummary, FileMeta, HistoryPage, HistoryQuery, JoinOutcome,
-    Membership, NewMessage, RoomSummary, Store, StoreError, StoreResult,
+    Membership, NewMessage, RoomMember, RoomSummary, SearchQuery, SearchResult, Store, StoreError,
+    StoreResult,
 };
 
 mod reads;
@@ -120,12 +121,54 @@ impl Store for SqliteStore {
         })
     }
 
-    fn leave_room(&self, conv: &str, user: &str) -> BoxFuture<'static, StoreResult<Option<u64>>> {
-        let (conv, user) = (conv.to_string(), user.to_string());
-        self.write(WriteOp::Leave { conv, user }, |a| match a {
+    fn leave_room(
+        &self,
+        conv: &str,
+        user: &str,
+        by: Option<&str>,
+    ) -> BoxFuture<'static, StoreResult<Option<u64>>> {
+        let (conv, user, by) = (conv.to_string(), user.to_string(), by.map(str::to_string));
+        self.write(WriteOp::Leave { conv, user, by }, |a| match a {
             Answer::Left(was_member) => Some(was_member),
             _ => None,
         })
+    }
+
+    fn room_members(&self, conv: &str) -> BoxFuture<'static, StoreResult<Vec<RoomMember>>> {
+        let conv = conv.to_string();
+        self.read(move |c| reads::room_members(c, &conv))
+    }
+
+    fn react(
+        &self,
+        conv: &str,
+        seq: u64,
+        user: &str,
+        emoji: &str,
+        on: bool,
+        origin: u64,
+    ) -> BoxFuture<'static, StoreResult<bool>> {
+        let op = WriteOp::React {
+            conv: conv.to_string(),
+            seq,
+            user: user.to_string(),
+            emoji: emoji.to_string(),
+            on,
+            origin,
+        };
+        self.write(op, |a| match a {
+            Answer::Reacted(changed) => Some(changed),
+            _ => None,
+        })
+    }
+
+    fn search(
+        &self,
+        user: &str,
+        q: SearchQuery,
+    ) -> BoxFuture<'static, StoreResult<Vec<SearchResult>>> {
+        let user = user.to_string();
+        self.read(move |c| reads::search(c, &user, &q))
     }
 
     fn members(&self, conv: &str) -> BoxFuture<'static, StoreResult<Vec<String>>> {
@@ -194,6 +237,7 @@ impl Store for SqliteStore {
         conv: &str,
         seq: u64,
         content: serde_json::Value,
+        mentions: Vec<String>,
         origin: u64,
     ) -> BoxFuture<'static, StoreResult<i64>> {
         let conv = conv.to_string();
@@ -201,6 +245,7 @@ impl Store for SqliteStore {
             conv,
             seq,
             content,
+            mentions,
             origin,
         };
         self.write(op, |a| match a {

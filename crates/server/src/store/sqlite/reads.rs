@@ -8,15 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use hubbub_protocol::{ContentType, Message};
+use std::collections::BTreeMap;
+
+use hubbub_protocol::{excerpt_of, ContentType, Message, Reactions, ReplyRef};
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::schema::open_conn;
 use super::unavailable;
 use crate::store::{
-    Committed, ConvSummary, FileMeta, HistoryPage, HistoryQuery, Membership, RoomSummary,
-    StoreError, StoreResult,
+    Committed, ConvSummary, FileMeta, HistoryPage, HistoryQuery, Membership, RoomMember,
+    RoomSummary, SearchQuery, SearchResult, StoreError, StoreResult,
 };
 
 /// Read-only connections in the pool.
@@ -69,8 +71,38 @@ impl Readers {
     }
 }
 
+/// The columns [`row_to_message`] reads, of `messages m` joined with the message it
+/// replies to ([`MESSAGE_FROM`]).
 pub(super) const MESSAGE_COLUMNS: &str =
-    "conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, recalled, edited_at";
+    "m.conv, m.seq, m.msg_id, m.sender, m.client_msg_id, m.content_type, m.content, m.ts, \
+     m.recalled, m.edited_at, m.reply_to, r.sender, r.content_type, r.content, r.recalled, \
+     m.mentions, m.reacted_at";
+
+/// The tables of [`MESSAGE_COLUMNS`].
+pub(super) const MESSAGE_FROM: &str =
+    "messages m LEFT JOIN messages r ON r.conv = m.conv AND r.seq = m.reply_to";
+
+/// The reply reference of a message from its columns 10 to 14.
+fn reply_ref(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<ReplyRef>> {
+    let Some(seq) = row.get::<_, Option<u64>>(10)? else {
+        return Ok(None);
+    };
+    let from: Option<String> = row.get(11)?;
+    let kind: Option<String> = row.get(12)?;
+    let content: Option<String> = row.get(13)?;
+    let recalled: Option<bool> = row.get(14)?;
+    let excerpt = match (kind.as_deref(), recalled, content) {
+        (Some("text"), Some(false), Some(c)) => serde_json::from_str::<String>(&c)
+            .ok()
+            .map(|t| excerpt_of(&t)),
+        _ => None,
+    };
+    Ok(Some(ReplyRef {
+        seq,
+        from: from.unwrap_or_default(),
+        excerpt,
+    }))
+}
 
 pub(super) fn row_to_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     let content_type: String = row.get(5)?;
@@ -101,7 +133,76 @@ pub(super) fn row_to_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Messag
         ts: row.get(7)?,
         recalled,
         edited_at: row.get(9)?,
+        reply_to: reply_ref(row)?.map(Box::new),
+        // Filled in by `with_reactions` when `reacted_at` (column 16) says there may be
+        // some.
+        reactions: Default::default(),
+        mentions: match row.get::<_, Option<String>>(15)? {
+            Some(m) if !recalled => serde_json::from_str(&m).unwrap_or_default(),
+            _ => Vec::new(),
+        },
     })
+}
+
+/// A message and whether it may have reactions.
+fn row_to_message_flagged(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Message, bool)> {
+    Ok((
+        row_to_message(row)?,
+        row.get::<_, Option<i64>>(16)?.is_some(),
+    ))
+}
+
+/// The reactions of `conv`'s messages with seqs from `first` to `last`.
+pub(super) fn reactions_between(
+    c: &Connection,
+    conv: &str,
+    first: u64,
+    last: u64,
+) -> rusqlite::Result<BTreeMap<u64, Reactions>> {
+    let mut s = c.prepare_cached(
+        "SELECT seq, emoji, user FROM reactions WHERE conv = ?1 AND seq BETWEEN ?2 AND ?3 \
+         ORDER BY seq, emoji, user",
+    )?;
+    let mut out: BTreeMap<u64, Reactions> = BTreeMap::new();
+    let rows = s.query_map(params![conv, first, last], |r| {
+        Ok((
+            r.get::<_, u64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (seq, emoji, user) = row?;
+        out.entry(seq)
+            .or_default()
+            .entry(emoji)
+            .or_default()
+            .push(user);
+    }
+    Ok(out)
+}
+
+/// Messages of one conversation with their reactions read (one query for those that
+/// may have some).
+fn with_reactions(c: &Connection, rows: Vec<(Message, bool)>) -> rusqlite::Result<Vec<Message>> {
+    let flagged: Vec<u64> = rows
+        .iter()
+        .filter(|(_, f)| *f)
+        .map(|(m, _)| m.seq)
+        .collect();
+    let mut found = match (flagged.iter().min(), flagged.iter().max(), rows.first()) {
+        (Some(&first), Some(&last), Some((m, _))) => reactions_between(c, &m.conv, first, last)?,
+        _ => BTreeMap::new(),
+    };
+    Ok(rows
+        .into_iter()
+        .map(|(mut m, _)| {
+            if let Some(r) = found.remove(&m.seq) {
+                m.reactions = r;
+            }
+            m
+        })
+        .collect())
 }
 
 pub(super) fn row_to_file(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileMeta> {
@@ -149,33 +250,39 @@ pub(super) fn history(
 ) -> rusqlite::Result<HistoryPage> {
     let (sql, bound, limit, descending) = match q {
         HistoryQuery::Latest { limit } => (
-            format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND seq > ?2 ORDER BY seq DESC LIMIT ?3"),
+            format!("SELECT {MESSAGE_COLUMNS} FROM {MESSAGE_FROM} WHERE m.conv = ?1 AND m.seq > ?2 ORDER BY m.seq DESC LIMIT ?3"),
             0,
             limit,
             true,
         ),
         HistoryQuery::Before { before, limit } => (
-            format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"),
+            format!("SELECT {MESSAGE_COLUMNS} FROM {MESSAGE_FROM} WHERE m.conv = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT ?3"),
             before,
             limit,
             true,
         ),
         HistoryQuery::After { after, limit } => (
-            format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND seq > ?2 ORDER BY seq ASC LIMIT ?3"),
+            format!("SELECT {MESSAGE_COLUMNS} FROM {MESSAGE_FROM} WHERE m.conv = ?1 AND m.seq > ?2 ORDER BY m.seq ASC LIMIT ?3"),
             after,
             limit,
             false,
         ),
     };
     let mut s = c.prepare_cached(&sql)?;
-    let rows = s.query_map(params![conv, bound, i64::from(limit) + 1], row_to_message)?;
-    let mut messages: Vec<Message> = rows.collect::<rusqlite::Result<_>>()?;
+    let rows = s.query_map(
+        params![conv, bound, i64::from(limit) + 1],
+        row_to_message_flagged,
+    )?;
+    let mut messages: Vec<(Message, bool)> = rows.collect::<rusqlite::Result<_>>()?;
     let has_more = messages.len() > limit as usize;
     messages.truncate(limit as usize);
     if descending {
         messages.reverse();
     }
-    Ok(HistoryPage { messages, has_more })
+    Ok(HistoryPage {
+        messages: with_reactions(c, messages)?,
+        has_more,
+    })
 }
 
 pub(super) fn conversations(c: &Connection, user: &str) -> rusqlite::Result<Vec<ConvSummary>> {
@@ -191,18 +298,25 @@ pub(super) fn conversations(c: &Connection, user: &str) -> rusqlite::Result<Vec<
     let mut unread = c.prepare_cached(
         "SELECT count(*) FROM messages WHERE conv = ?1 AND seq > ?2 AND sender != ?3",
     )?;
+    let mut mentions = c.prepare_cached(
+        "SELECT count(*) FROM mentions WHERE user = ?3 AND conv = ?1 AND seq > ?2",
+    )?;
     rows.into_iter()
         .map(|(conv, last_seq, read_seq)| {
-            let n: u64 = if last_seq > read_seq {
-                unread.query_row(params![conv, read_seq, user], |r| r.get(0))?
+            let (n, m): (u64, u64) = if last_seq > read_seq {
+                (
+                    unread.query_row(params![conv, read_seq, user], |r| r.get(0))?,
+                    mentions.query_row(params![conv, read_seq, user], |r| r.get(0))?,
+                )
             } else {
-                0
+                (0, 0)
             };
             Ok(ConvSummary {
                 conv,
                 last_seq,
                 read_seq,
                 unread: n,
+                mentions: m,
             })
         })
         .collect()
@@ -223,11 +337,16 @@ pub(super) fn memberships(c: &Connection, user: &str) -> rusqlite::Result<Vec<Me
 }
 
 pub(super) fn message(c: &Connection, conv: &str, seq: u64) -> rusqlite::Result<Option<Message>> {
-    c.prepare_cached(&format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND seq = ?2"
-    ))?
-    .query_row(params![conv, seq], row_to_message)
-    .optional()
+    let found = c
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM {MESSAGE_FROM} WHERE m.conv = ?1 AND m.seq = ?2"
+        ))?
+        .query_row(params![conv, seq], row_to_message_flagged)
+        .optional()?;
+    Ok(match found {
+        Some(row) => with_reactions(c, vec![row])?.pop(),
+        None => None,
+    })
 }
 
 pub(super) fn member_role(
@@ -311,6 +430,96 @@ pub(super) fn changes_since(
             })
         }
     })?;
+    let mut out: Vec<Committed> = rows.collect::<rusqlite::Result<_>>()?;
+    let reacted: Vec<u64> = c
+        .prepare_cached(
+            "SELECT seq FROM messages WHERE conv = ?1 AND reacted_at > ?2 AND seq <= ?3 \
+             AND recalled = 0 ORDER BY seq",
+        )?
+        .query_map(params![conv, since, up_to], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if let (Some(&first), Some(&last)) = (reacted.first(), reacted.last()) {
+        let mut now = reactions_between(c, conv, first, last)?;
+        out.extend(reacted.into_iter().map(|seq| Committed::Reactions {
+            conv: conv.to_string(),
+            seq,
+            reactions: now.remove(&seq).unwrap_or_default(),
+        }));
+    }
+    Ok(out)
+}
+
+pub(super) fn room_members(c: &Connection, conv: &str) -> rusqlite::Result<Vec<RoomMember>> {
+    c.prepare_cached("SELECT user, role, joined_at FROM members WHERE conv = ?1 ORDER BY user")?
+        .query_map([conv], |r| {
+            Ok(RoomMember {
+                user: r.get(0)?,
+                role: r.get(1)?,
+                joined_at: r.get(2)?,
+            })
+        })?
+        .collect()
+}
+
+/// The FTS5 query of `words`: each a quoted phrase, the last one also a prefix.
+fn fts_query(words: &[String]) -> String {
+    let n = words.len();
+    words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let quoted = format!("\"{}\"", w.replace('"', "\"\""));
+            if i + 1 == n {
+                quoted + "*"
+            } else {
+                quoted
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub(super) fn search(
+    c: &Connection,
+    user: &str,
+    q: &SearchQuery,
+) -> rusqlite::Result<Vec<SearchResult>> {
+    let (ts, conv_before, seq) = match &q.before {
+        Some(b) => (b.ts, b.conv.clone(), b.seq as i64),
+        None => (i64::MAX, String::new(), 0),
+    };
+    let mut s = c.prepare_cached(
+        "SELECT m.conv, m.seq, m.msg_id, m.sender, m.ts, t.body, \
+           highlight(message_text, 0, '[', ']') \
+         FROM message_text t JOIN messages m ON m.conv = t.conv AND m.seq = t.seq \
+         WHERE message_text MATCH ?1 \
+           AND t.conv IN (SELECT conv FROM members WHERE user = ?2) \
+           AND (?3 IS NULL OR t.conv = ?3) \
+           AND (?4 = 9223372036854775807 OR (m.ts, m.conv, m.seq) < (?4, ?5, ?6)) \
+         ORDER BY m.ts DESC, m.conv DESC, m.seq DESC LIMIT ?7",
+    )?;
+    let rows = s.query_map(
+        params![
+            fts_query(&q.words),
+            user,
+            q.conv,
+            ts,
+            conv_before,
+            seq,
+            q.limit
+        ],
+        |r| {
+            Ok(SearchResult {
+                conv: r.get(0)?,
+                seq: r.get(1)?,
+                msg_id: r.get(2)?,
+                from: r.get(3)?,
+                ts: r.get(4)?,
+                text: r.get(5)?,
+                highlight: r.get(6)?,
+            })
+        },
+    )?;
     rows.collect()
 }
 

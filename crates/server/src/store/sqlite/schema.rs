@@ -122,6 +122,41 @@ INSERT OR IGNORE INTO guest_names (name, first_seen)
         UNION SELECT sender FROM messages
     ) WHERE name NOT IN (SELECT name FROM users);
 "#,
+    // Version 1.1: replies, mentions, reactions and full-text search. `search_id` is the
+    // message's row in `message_text` (text messages that are not recalled), so an edit
+    // or a recall finds it; `reacted_at` is when its reactions last changed (for `sync`
+    // with `since`).
+    r#"
+ALTER TABLE messages ADD COLUMN reply_to INTEGER;
+ALTER TABLE messages ADD COLUMN mentions TEXT;
+ALTER TABLE messages ADD COLUMN reacted_at INTEGER;
+ALTER TABLE messages ADD COLUMN search_id INTEGER;
+CREATE INDEX messages_reacted ON messages (conv, reacted_at) WHERE reacted_at IS NOT NULL;
+CREATE TABLE reactions (
+    conv        TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    emoji       TEXT NOT NULL,
+    user        TEXT NOT NULL,
+    at          INTEGER NOT NULL,
+    PRIMARY KEY (conv, seq, emoji, user)
+) WITHOUT ROWID;
+CREATE TABLE mentions (
+    user        TEXT NOT NULL,
+    conv        TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    PRIMARY KEY (user, conv, seq)
+) WITHOUT ROWID;
+CREATE INDEX mentions_by_message ON mentions (conv, seq);
+CREATE VIRTUAL TABLE message_text USING fts5(
+    body, conv UNINDEXED, seq UNINDEXED, tokenize = 'unicode61 remove_diacritics 2'
+);
+INSERT INTO message_text (body, conv, seq)
+    SELECT json_extract(content, '$'), conv, seq FROM messages
+    WHERE content_type = 'text' AND recalled = 0 AND json_valid(content);
+UPDATE messages SET search_id = (
+    SELECT t.rowid FROM message_text t WHERE t.conv = messages.conv AND t.seq = messages.seq
+) WHERE content_type = 'text' AND recalled = 0;
+"#,
 ];
 
 /// Opens a connection to the database file with the store's settings.

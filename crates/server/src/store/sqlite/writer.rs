@@ -10,17 +10,19 @@ use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use hubbub_protocol::Message;
+use hubbub_protocol::{excerpt_of, ContentType, Message, ReplyRef};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::reads::{last_seq, may_read_file, row_to_file, row_to_message, MESSAGE_COLUMNS};
+use super::reads::{
+    last_seq, may_read_file, row_to_file, row_to_message, MESSAGE_COLUMNS, MESSAGE_FROM,
+};
 use super::unavailable;
 use crate::auth::name_skeleton;
 use crate::metrics::Metrics;
 use crate::store::{
     attachment_file_id, now_ms, Appended, CommitHook, Committed, FileMeta, JoinOutcome, NewMessage,
-    StoreError, StoreResult,
+    StoreError, StoreResult, MAX_EMOJI_PER_MESSAGE,
 };
 
 /// Most write operations committed in one transaction. Large: under load, a commit's cost
@@ -39,6 +41,15 @@ pub(super) enum WriteOp {
     Leave {
         conv: String,
         user: String,
+        by: Option<String>,
+    },
+    React {
+        conv: String,
+        seq: u64,
+        user: String,
+        emoji: String,
+        on: bool,
+        origin: u64,
     },
     Recall {
         conv: String,
@@ -50,6 +61,7 @@ pub(super) enum WriteOp {
         conv: String,
         seq: u64,
         content: serde_json::Value,
+        mentions: Vec<String>,
         origin: u64,
     },
     MarkRead {
@@ -81,12 +93,15 @@ pub(super) enum WriteOp {
 
 /// A write's answer, one variant per operation.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // messages travel by value: boxing would allocate once more per message
 pub(super) enum Answer {
     Appended(Appended),
     Joined(JoinOutcome),
     /// Whether the user was a member.
     Left(Option<u64>),
     Recalled,
+    /// Whether the reaction changed.
+    Reacted(bool),
     /// The edit's `edited_at`.
     Edited(i64),
     /// The read position after the call.
@@ -324,7 +339,15 @@ impl Writer {
         match op {
             WriteOp::Append(msg) => self.append(msg, now),
             WriteOp::Join { conv, user } => self.join(conv, user, now),
-            WriteOp::Leave { conv, user } => self.leave(conv, user),
+            WriteOp::Leave { conv, user, by } => self.leave(conv, user, by),
+            WriteOp::React {
+                conv,
+                seq,
+                user,
+                emoji,
+                on,
+                origin,
+            } => self.react(conv, seq, user, emoji, on, origin, now),
             WriteOp::Recall {
                 conv,
                 seq,
@@ -335,8 +358,9 @@ impl Writer {
                 conv,
                 seq,
                 content,
+                mentions,
                 origin,
-            } => self.edit(conv, seq, content, origin, now),
+            } => self.edit(conv, seq, content, mentions, origin, now),
             WriteOp::MarkRead {
                 conv,
                 user,
@@ -389,14 +413,32 @@ impl Writer {
             None => last_seq(&self.conn, &msg.conv)?,
         };
         let seq = last + 1;
+        let reply_to = match msg.reply_to {
+            None => None,
+            Some(to) => match self.reply_ref(&msg.conv, to)? {
+                Some(r) => Some(r),
+                None => {
+                    // A retry of a send that was stored finds it even so.
+                    return match self.stored_already(&msg).optional()? {
+                        Some(found) => Ok(found),
+                        None => Ok(Err(StoreError::Invalid(format!(
+                            "reply_to: no message {to} in {}",
+                            msg.conv
+                        )))),
+                    };
+                }
+            },
+        };
         let msg_id = ulid::Ulid::new().to_string();
         let content = serde_json::to_string(&msg.content).unwrap_or_else(|_| "null".into());
+        let mentions = (!msg.mentions.is_empty())
+            .then(|| serde_json::to_string(&msg.mentions).unwrap_or_default());
         // The insert itself finds a retried send in the (sender, client_msg_id) index: a
         // lookup before it would search that index twice for every new message.
         let inserted = self
             .conn
             .prepare_cached(
-                "INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                "INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, reply_to, mentions) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
                  ON CONFLICT (sender, client_msg_id) DO NOTHING",
             )?
             .execute(params![
@@ -407,11 +449,27 @@ impl Writer {
                 msg.client_msg_id,
                 msg.content_type.as_str(),
                 content,
-                now
+                now,
+                msg.reply_to,
+                mentions
             ])?;
         if inserted == 0 {
             return self.stored_already(&msg);
         }
+        if let Some(text) = msg
+            .content
+            .as_str()
+            .filter(|_| msg.content_type == ContentType::Text)
+        {
+            self.index_text(&msg.conv, seq, text)?;
+        }
+        let mut mention = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO mentions (user, conv, seq) VALUES (?1, ?2, ?3)",
+        )?;
+        for user in &msg.mentions {
+            mention.execute(params![user, msg.conv, seq])?;
+        }
+        drop(mention);
         // A DM exists from its first message on (the first one this writer sees suffices).
         if let (None, Some((a, b))) = (cached, &msg.dm_members) {
             self.conn
@@ -443,6 +501,9 @@ impl Writer {
             ts: now,
             recalled: false,
             edited_at: None,
+            reply_to: reply_to.map(Box::new),
+            reactions: Default::default(),
+            mentions: msg.mentions,
         };
         Ok(Ok(Applied {
             change: Some(Committed::Message {
@@ -456,6 +517,157 @@ impl Writer {
         }))
     }
 
+    /// The reference of a reply to message `seq` of `conv`, if it exists.
+    fn reply_ref(&mut self, conv: &str, seq: u64) -> rusqlite::Result<Option<ReplyRef>> {
+        self.conn
+            .prepare_cached(
+                "SELECT sender, content_type, content, recalled FROM messages WHERE conv = ?1 AND seq = ?2",
+            )?
+            .query_row(params![conv, seq], |r| {
+                let (from, kind, content, recalled): (String, String, String, bool) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+                let excerpt = (kind == "text" && !recalled)
+                    .then(|| serde_json::from_str::<String>(&content).ok())
+                    .flatten()
+                    .map(|t| excerpt_of(&t));
+                Ok(ReplyRef { seq, from, excerpt })
+            })
+            .optional()
+    }
+
+    /// Makes `text` the searchable text of message `seq` of `conv`.
+    fn index_text(&mut self, conv: &str, seq: u64, text: &str) -> rusqlite::Result<()> {
+        self.unindex_text(conv, seq)?;
+        self.conn
+            .prepare_cached("INSERT INTO message_text (body, conv, seq) VALUES (?1, ?2, ?3)")?
+            .execute(params![text, conv, seq])?;
+        let id = self.conn.last_insert_rowid();
+        self.conn
+            .prepare_cached("UPDATE messages SET search_id = ?3 WHERE conv = ?1 AND seq = ?2")?
+            .execute(params![conv, seq, id])?;
+        Ok(())
+    }
+
+    /// Takes message `seq` of `conv` out of the search index.
+    fn unindex_text(&mut self, conv: &str, seq: u64) -> rusqlite::Result<()> {
+        let id: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT search_id FROM messages WHERE conv = ?1 AND seq = ?2")?
+            .query_row(params![conv, seq], |r| r.get(0))
+            .optional()?
+            .flatten();
+        if let Some(id) = id {
+            self.conn
+                .prepare_cached("DELETE FROM message_text WHERE rowid = ?1")?
+                .execute([id])?;
+            self.conn
+                .prepare_cached(
+                    "UPDATE messages SET search_id = NULL WHERE conv = ?1 AND seq = ?2",
+                )?
+                .execute(params![conv, seq])?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the mentions of message `seq` of `conv`.
+    fn set_mentions(&mut self, conv: &str, seq: u64, mentions: &[String]) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM mentions WHERE conv = ?1 AND seq = ?2")?
+            .execute(params![conv, seq])?;
+        let mut add = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO mentions (user, conv, seq) VALUES (?1, ?2, ?3)",
+        )?;
+        for user in mentions {
+            add.execute(params![user, conv, seq])?;
+        }
+        let list =
+            (!mentions.is_empty()).then(|| serde_json::to_string(mentions).unwrap_or_default());
+        self.conn
+            .prepare_cached("UPDATE messages SET mentions = ?3 WHERE conv = ?1 AND seq = ?2")?
+            .execute(params![conv, seq, list])?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn react(
+        &mut self,
+        conv: String,
+        seq: u64,
+        user: String,
+        emoji: String,
+        on: bool,
+        origin: u64,
+        now: i64,
+    ) -> Outcome {
+        let recalled: Option<bool> = self
+            .conn
+            .prepare_cached("SELECT recalled FROM messages WHERE conv = ?1 AND seq = ?2")?
+            .query_row(params![conv, seq], |r| r.get(0))
+            .optional()?;
+        match recalled {
+            None => {
+                return Ok(Err(StoreError::NotFound(format!(
+                    "no message {seq} in {conv}"
+                ))))
+            }
+            Some(true) => {
+                return Ok(Err(StoreError::Conflict(format!(
+                    "message {seq} in {conv} was recalled"
+                ))))
+            }
+            Some(false) => {}
+        }
+        let changed = if on {
+            let (set, known, distinct): (bool, bool, usize) = self
+                .conn
+                .prepare_cached(
+                    "SELECT coalesce(max(emoji = ?3 AND user = ?4), 0), coalesce(max(emoji = ?3), 0), \
+                     count(DISTINCT emoji) FROM reactions WHERE conv = ?1 AND seq = ?2",
+                )?
+                .query_row(params![conv, seq, emoji, user], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+            if set {
+                false
+            } else if !known && distinct >= MAX_EMOJI_PER_MESSAGE {
+                return Ok(Err(StoreError::Invalid(format!(
+                    "a message holds at most {MAX_EMOJI_PER_MESSAGE} different emoji"
+                ))));
+            } else {
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO reactions (conv, seq, emoji, user, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute(params![conv, seq, emoji, user, now])?;
+                true
+            }
+        } else {
+            self.conn
+                .prepare_cached(
+                    "DELETE FROM reactions WHERE conv = ?1 AND seq = ?2 AND emoji = ?3 AND user = ?4",
+                )?
+                .execute(params![conv, seq, emoji, user])?
+                == 1
+        };
+        if !changed {
+            return Ok(Ok(Applied::quiet(Answer::Reacted(false))));
+        }
+        self.conn
+            .prepare_cached("UPDATE messages SET reacted_at = ?3 WHERE conv = ?1 AND seq = ?2")?
+            .execute(params![conv, seq, now])?;
+        Ok(Ok(Applied {
+            answer: Answer::Reacted(true),
+            change: Some(Committed::Reaction {
+                conv,
+                seq,
+                user,
+                emoji,
+                on,
+                origin,
+            }),
+        }))
+    }
+
     /// The answer to a retried send: the message stored the first time, or a conflict if
     /// its `client_msg_id` was used in another conversation.
     /// (`QueryReturnedNoRows` when nothing was stored under that id.)
@@ -463,7 +675,7 @@ impl Writer {
         let message = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender = ?1 AND client_msg_id = ?2"
+                "SELECT {MESSAGE_COLUMNS} FROM {MESSAGE_FROM} WHERE m.sender = ?1 AND m.client_msg_id = ?2"
             ))?
             .query_row(params![msg.from, msg.client_msg_id], row_to_message)?;
         if message.conv != msg.conv {
@@ -506,11 +718,12 @@ impl Writer {
                 user,
                 joined: true,
                 at: last_seq,
+                by: None,
             }),
         }))
     }
 
-    fn leave(&mut self, conv: String, user: String) -> Outcome {
+    fn leave(&mut self, conv: String, user: String, by: Option<String>) -> Outcome {
         let left = self
             .conn
             .prepare_cached("DELETE FROM members WHERE conv = ?1 AND user = ?2")?
@@ -524,6 +737,7 @@ impl Writer {
                 user,
                 joined: false,
                 at,
+                by,
             }),
         }))
     }
@@ -549,6 +763,11 @@ impl Writer {
                     )?
                     .execute(params![conv, seq, by, now])?;
                 self.unshare_message(&conv, seq)?;
+                self.unindex_text(&conv, seq)?;
+                self.set_mentions(&conv, seq, &[])?;
+                self.conn
+                    .prepare_cached("DELETE FROM reactions WHERE conv = ?1 AND seq = ?2")?
+                    .execute(params![conv, seq])?;
                 Some(Committed::Recalled {
                     conv,
                     seq,
@@ -568,26 +787,31 @@ impl Writer {
         conv: String,
         seq: u64,
         content: serde_json::Value,
+        mentions: Vec<String>,
         origin: u64,
         now: i64,
     ) -> Outcome {
-        let found: Option<(bool, String)> = self
+        let found: Option<(bool, String, String)> = self
             .conn
-            .prepare_cached("SELECT recalled, sender FROM messages WHERE conv = ?1 AND seq = ?2")?
-            .query_row(params![conv, seq], |r| Ok((r.get(0)?, r.get(1)?)))
+            .prepare_cached(
+                "SELECT recalled, sender, content_type FROM messages WHERE conv = ?1 AND seq = ?2",
+            )?
+            .query_row(params![conv, seq], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()?;
-        let sender = match found {
+        let (sender, kind) = match found {
             None => {
                 return Ok(Err(StoreError::NotFound(format!(
                     "no message {seq} in {conv}"
                 ))))
             }
-            Some((true, _)) => {
+            Some((true, _, _)) => {
                 return Ok(Err(StoreError::Conflict(format!(
                     "message {seq} in {conv} was recalled"
                 ))))
             }
-            Some((false, sender)) => sender,
+            Some((false, sender, kind)) => (sender, kind),
         };
         let text = serde_json::to_string(&content).unwrap_or_else(|_| "null".into());
         self.conn
@@ -597,6 +821,11 @@ impl Writer {
             .execute(params![conv, seq, text, now])?;
         self.unshare_message(&conv, seq)?;
         self.share_file(&conv, seq, &sender, &content)?;
+        match content.as_str().filter(|_| kind == "text") {
+            Some(text) => self.index_text(&conv, seq, text)?,
+            None => self.unindex_text(&conv, seq)?,
+        }
+        self.set_mentions(&conv, seq, &mentions)?;
         Ok(Ok(Applied {
             answer: Answer::Edited(now),
             change: Some(Committed::Edited {
