@@ -22,7 +22,7 @@ let conn = null;
 /** conv id -> conversation state */
 const convs = new Map();
 let current = null;
-/** user -> online (true/false); unknown users are absent */
+/** user -> online (true/false; null while disconnected); users never asked are absent */
 const online = new Map();
 let lastTypingSent = 0;
 let editing = null; // { conv, seq }
@@ -121,9 +121,42 @@ function toast(text) {
   toastTimer = setTimeout(() => { t.hidden = true; }, 4000);
 }
 
+/** The local calendar day of a time: `YYYY-M-D`. */
+function dayKey(ts) {
+  const d = new Date(ts);
+  return `${d.getFullYear()}-${d.getMonth() + 1}-${d.getDate()}`;
+}
+
+/** Whole local days between the day of `ts` and today (0 today, 1 yesterday). */
+function daysAgo(ts) {
+  const a = new Date(ts);
+  const b = new Date();
+  const da = Date.UTC(a.getFullYear(), a.getMonth(), a.getDate());
+  const db = Date.UTC(b.getFullYear(), b.getMonth(), b.getDate());
+  return Math.round((db - da) / 86400000);
+}
+
+/** "Today", "Yesterday", or the date: "Mon, 23 Nov 2026". */
+function dayLabel(ts) {
+  const ago = daysAgo(ts);
+  if (ago === 0) return 'Today';
+  if (ago === 1) return 'Yesterday';
+  return new Date(ts).toLocaleDateString([], { weekday: 'short', day: 'numeric', month: 'short', year: 'numeric' });
+}
+
+/** The time of a message; messages of earlier days carry a short date too. */
 function timeText(ts) {
   const d = new Date(ts);
-  return d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  const time = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  if (daysAgo(ts) === 0) return time;
+  const sameYear = d.getFullYear() === new Date().getFullYear();
+  const date = d.toLocaleDateString([], sameYear ? { day: 'numeric', month: 'short' } : { day: 'numeric', month: 'short', year: 'numeric' });
+  return `${date}, ${time}`;
+}
+
+/** "1 member", "2 members". */
+function plural(n, one, many = one + 's') {
+  return `${n} ${n === 1 ? one : many}`;
 }
 
 function sizeText(n) {
@@ -214,9 +247,39 @@ function showSignin(error) {
   (GUEST ? $('guest-name') : $('acct-user')).focus();
 }
 
+// The sign-in is kept in localStorage: every tab of this browser shares it, and signing
+// out (or an expired session) clears it in all of them (the `storage` event below).
+const AUTH_KEY = 'hubbub.auth';
+
 function saveAuth() {
-  sessionStorage.setItem('hubbub.auth', JSON.stringify(auth));
+  localStorage.setItem(AUTH_KEY, JSON.stringify(auth));
 }
+
+function forgetAuth() {
+  localStorage.removeItem(AUTH_KEY);
+}
+
+function loadAuth() {
+  try {
+    return JSON.parse(localStorage.getItem(AUTH_KEY) || 'null');
+  } catch {
+    return null;
+  }
+}
+
+window.addEventListener('storage', (ev) => {
+  if (ev.storageArea !== localStorage || (ev.key !== AUTH_KEY && ev.key !== null)) return;
+  const now = loadAuth();
+  if (auth && (!now || now.user !== auth.user)) {
+    // Signed out (or in as someone else) in another tab.
+    if (calls.active) calls.hangup();
+    if (conn) conn.stop();
+    location.reload();
+  } else if (!auth && now && now.user && (now.token || GUEST)) {
+    // Signed in in another tab.
+    location.reload();
+  }
+});
 
 $('guest-form').addEventListener('submit', (ev) => {
   ev.preventDefault();
@@ -248,9 +311,11 @@ async function login(register) {
   const json = { 'Content-Type': 'application/json' };
   const body = JSON.stringify({ username, password });
   try {
-    if (register) await api('/api/register', { method: 'POST', headers: json, body });
-    const r = await api('/api/login', { method: 'POST', headers: json, body });
-    auth = { user: username, token: r.token, expires_at: r.expires_at };
+    // Registering answers with a token (servers before that answered `{"user"}` only:
+    // then log in).
+    let r = register ? await api('/api/register', { method: 'POST', headers: json, body }) : null;
+    if (!r || !r.token) r = await api('/api/login', { method: 'POST', headers: json, body });
+    auth = { user: (r && r.user) || username, token: r.token, expires_at: r.expires_at };
     saveAuth();
     startChat();
   } catch (e) {
@@ -266,13 +331,22 @@ async function login(register) {
 
 $('account-form').addEventListener('submit', (ev) => { ev.preventDefault(); login(false); });
 $('register-btn').addEventListener('click', () => {
+  $('signin-error').textContent = '';
   if ($('account-form').reportValidity()) login(true);
 });
+// An error is about what was sent: editing the form (or sending it again) clears it, so
+// it never stands next to the browser's own validation message.
+for (const form of [$('account-form'), $('guest-form')]) {
+  form.addEventListener('input', () => { $('signin-error').textContent = ''; });
+  form.addEventListener('invalid', () => { $('signin-error').textContent = ''; }, true);
+  form.querySelector('[type="submit"]').addEventListener('click', () => { $('signin-error').textContent = ''; });
+}
 
 $('signout').addEventListener('click', async () => {
   if (calls.active) calls.hangup();
   if (conn) conn.stop();
-  sessionStorage.clear();
+  forgetAuth();
+  sessionStorage.removeItem('hubbub.current');
   try { await fetch('/api/files/pass', { method: 'DELETE' }); } catch { /* offline */ }
   location.reload();
 });
@@ -299,11 +373,22 @@ function setConnState(state, delay) {
   else if (state === 'reconnecting') s.textContent = 'Reconnecting…';
   else s.textContent = 'Connecting…';
   document.body.classList.toggle('offline', state !== 'online');
+  if (state !== 'online' && [...online.values()].some((v) => v !== null)) {
+    // Nobody's presence is known while we are away: grey, until asked again on reconnect.
+    for (const u of online.keys()) online.set(u, null);
+    renderPresence();
+  }
+}
+
+/** `on`, `off`, or `unknown` (while disconnected, or not asked yet). */
+function presenceOf(user) {
+  const v = online.get(user);
+  return v === true ? 'on' : v === false ? 'off' : 'unknown';
 }
 
 function startChat() {
   if (auth.expires_at && auth.expires_at < Date.now()) {
-    sessionStorage.removeItem('hubbub.auth');
+    forgetAuth();
     showSignin('Your session expired. Please log in again.');
     return;
   }
@@ -318,7 +403,7 @@ function startChat() {
     onState: setConnState,
     onFatal: (code, why) => {
       if (code === 4003) {
-        sessionStorage.removeItem('hubbub.auth');
+        forgetAuth();
         location.reload();
         return;
       }
@@ -332,14 +417,27 @@ function startChat() {
     refreshConversations().then(() => {
       const saved = sessionStorage.getItem('hubbub.current');
       if (saved && !current) openConv(saved);
+      else focusStart();
     }).catch((e) => {
       if (e.status === 401) {
-        sessionStorage.removeItem('hubbub.auth');
+        forgetAuth();
         showSignin('Please sign in again.');
       }
     });
     refreshRooms();
   });
+}
+
+/**
+ * Where the keyboard starts after sign-in when nothing has focus yet: the message input
+ * of the open conversation, else the first conversation of the list, else the room box.
+ */
+function focusStart() {
+  const active = document.activeElement;
+  if (active && active !== document.body && !$('signin').contains(active)) return;
+  if (current && !$('composer').hidden) { $('message-input').focus(); return; }
+  const first = document.querySelector('#room-list .conv-item, #dm-list .conv-item');
+  (first || $('room-input')).focus();
 }
 
 window.addEventListener('online', () => conn && conn.kick());
@@ -353,6 +451,8 @@ window.addEventListener('online', () => conn && conn.kick());
 let syncedAt = null;
 
 async function onOpen(welcome, reconnect) {
+  // STUN/TURN servers for calls (absent from older servers: none, host candidates only).
+  calls.iceServers = Array.isArray(welcome.ice_servers) ? welcome.ice_servers : [];
   // After a sleep the renewal timer may be late: renew a pass that is (nearly) over.
   if (Date.now() > filePassExpires - 60000) refreshFilePass();
   const opened = conn.opens;
@@ -439,7 +539,7 @@ async function refreshRooms() {
     b.type = 'button';
     b.append(el('span', 'hash', '#'));
     const txt = el('span', 'conv-text');
-    txt.append(el('span', 'conv-name', room.name), el('span', 'conv-sub', `${room.members} members · ${room.online} online`));
+    txt.append(el('span', 'conv-name', room.name), el('span', 'conv-sub', `${plural(room.members, 'member')} · ${room.online} online`));
     b.append(txt);
     b.addEventListener('click', () => joinRoom(room.name));
     li.append(b);
@@ -486,6 +586,7 @@ function onFrame(f) {
     }
     case 'presence':
       online.set(f.user, !!f.online);
+      if (!f.online) calls.peerOffline(f.user);
       renderPresence();
       refreshRoomsSoon();
       break;
@@ -658,7 +759,7 @@ function addMessage(c, m) {
   if (m.from === me && m.client_msg_id && c.pending.has(m.client_msg_id)) {
     const p = c.pending.get(m.client_msg_id);
     c.pending.delete(m.client_msg_id);
-    p.li.remove();
+    removeMsgLi(p.li);
   }
   if (c === current) {
     const stick = atBottom();
@@ -675,16 +776,68 @@ function place(c, m) {
   let node = log.lastElementChild;
   while (node && (node.dataset.seq === undefined || Number(node.dataset.seq) > m.seq)) node = node.previousElementSibling;
   log.insertBefore(li, node ? node.nextElementSibling : log.firstElementChild);
-  regroup(li);
-  if (li.nextElementSibling) regroup(li.nextElementSibling);
+  settle(li);
 }
 
+/** The next message element after `li` (skipping day separators), or null. */
+function nextMsg(li) {
+  let n = li.nextElementSibling;
+  while (n && !n.classList.contains('msg')) n = n.nextElementSibling;
+  return n;
+}
+
+/**
+ * Puts the day separator before `li` right (one where the previous message is of
+ * another local day, or there is none) and its grouping, then the next message's.
+ */
+function settle(li) {
+  fixDay(li);
+  regroup(li);
+  const next = nextMsg(li);
+  if (next) { fixDay(next); regroup(next); }
+}
+
+function fixDay(li) {
+  if (!li.classList.contains('msg')) return;
+  let n = li.previousElementSibling;
+  while (n && n.classList.contains('day-sep')) { const p = n.previousElementSibling; n.remove(); n = p; }
+  const ts = Number(li.dataset.ts);
+  if (n && n.classList.contains('msg') && dayKey(Number(n.dataset.ts)) === dayKey(ts)) return;
+  const sep = el('li', 'day-sep');
+  sep.setAttribute('role', 'separator');
+  sep.dataset.ts = String(ts);
+  sep.append(el('span', null, dayLabel(ts)));
+  li.before(sep);
+}
+
+/** Takes a message element out of the log, keeping separators and groups right. */
+function removeMsgLi(li) {
+  if (!li.isConnected) return;
+  const next = nextMsg(li);
+  const prev = li.previousElementSibling;
+  if (prev && prev.classList.contains('day-sep')) prev.remove();
+  li.remove();
+  if (next) { fixDay(next); regroup(next); }
+}
+
+/** Relabels day separators once the day changes ("Today" becomes "Yesterday"). */
+let labelledDay = dayKey(Date.now());
+setInterval(() => {
+  const today = dayKey(Date.now());
+  if (today === labelledDay) return;
+  labelledDay = today;
+  for (const sep of document.querySelectorAll('#log .day-sep')) {
+    sep.firstElementChild.textContent = dayLabel(Number(sep.dataset.ts));
+  }
+}, 60000);
+
+/** A message continues its sender's group: same sender, same day, within GROUP_MS. */
 function regroup(li) {
   if (!li.classList.contains('msg')) return;
   const prev = li.previousElementSibling;
-  const cont = prev && prev.classList.contains('msg') && !prev.classList.contains('recalled')
-    && !li.classList.contains('recalled')
+  const cont = prev && prev.classList.contains('msg')
     && prev.dataset.from === li.dataset.from
+    && dayKey(Number(prev.dataset.ts)) === dayKey(Number(li.dataset.ts))
     && Math.abs(Number(li.dataset.ts) - Number(prev.dataset.ts)) < GROUP_MS;
   li.classList.toggle('cont', !!cont);
 }
@@ -697,7 +850,8 @@ function rerender(c, m) {
   old.replaceWith(li);
   c.els.set(m.seq, li);
   regroup(li);
-  if (li.nextElementSibling) regroup(li.nextElementSibling);
+  const next = nextMsg(li);
+  if (next) regroup(next);
   renderReceipts(c);
 }
 
@@ -714,7 +868,7 @@ function renderMessage(c, m, pending = false) {
   const t = el('time', 'time', m.ts ? timeText(m.ts) : '');
   if (m.ts) {
     t.dateTime = new Date(m.ts).toISOString();
-    t.title = new Date(m.ts).toLocaleString();
+    t.title = new Date(m.ts).toLocaleString([], { dateStyle: 'full', timeStyle: 'short' });
   }
   meta.append(t);
   if (m.edited_at && !m.recalled) meta.append(el('span', 'edited', '(edited)'));
@@ -856,7 +1010,7 @@ async function sendMessage(c, contentType, content) {
   c.pending.set(cmid, p);
   if (c === current) {
     $('log').append(p.li);
-    regroup(p.li);
+    settle(p.li);
     scrollToBottom();
   }
   trySend(c, p);
@@ -870,7 +1024,7 @@ async function trySend(c, p) {
     const ok = await conn.request(p.frame);
     p.inflight = false;
     c.pending.delete(p.frame.client_msg_id);
-    p.li.remove();
+    removeMsgLi(p.li);
     addMessage(c, {
       conv: c.id, seq: ok.seq, msg_id: ok.msg_id, from: me, client_msg_id: p.frame.client_msg_id,
       content_type: p.frame.content_type, content: p.frame.content, ts: ok.ts,
@@ -916,7 +1070,44 @@ function stopEdit() {
   autoGrow();
 }
 
+/**
+ * Asks in the page (never `window.confirm`): resolves true when `okLabel` is chosen,
+ * false on Cancel or Escape. Focus starts on Cancel and stays in the box.
+ */
+function confirmInPage(text, okLabel) {
+  return new Promise((resolve) => {
+    const box = $('confirm');
+    const ok = $('confirm-ok');
+    const cancel = $('confirm-cancel');
+    const back = document.activeElement;
+    $('confirm-text').textContent = text;
+    ok.textContent = okLabel;
+    box.hidden = false;
+    cancel.focus();
+    const done = (yes) => {
+      box.hidden = true;
+      ok.onclick = null;
+      cancel.onclick = null;
+      box.onkeydown = null;
+      if (back && back.isConnected && typeof back.focus === 'function') back.focus();
+      resolve(yes);
+    };
+    ok.onclick = () => done(true);
+    cancel.onclick = () => done(false);
+    box.onkeydown = (ev) => {
+      if (ev.key === 'Escape') {
+        ev.preventDefault();
+        done(false);
+      } else if (ev.key === 'Tab') {
+        ev.preventDefault();
+        (document.activeElement === ok ? cancel : ok).focus();
+      }
+    };
+  });
+}
+
 async function recall(c, m) {
+  if (!(await confirmInPage('Recall this message? Everyone in the conversation will see that it was recalled.', 'Recall'))) return;
   try {
     await conn.request({ type: 'recall', conv: c.id, seq: m.seq });
     m.recalled = true;
@@ -979,6 +1170,9 @@ $('message-input').addEventListener('input', () => {
   }
 });
 
+// A real button (reachable with Tab, Enter and Space) opens the file picker.
+$('attach-btn').addEventListener('click', () => $('file-input').click());
+
 $('file-input').addEventListener('change', async () => {
   const input = $('file-input');
   const file = input.files && input.files[0];
@@ -1029,6 +1223,21 @@ $('log').addEventListener('scroll', () => {
   if (atBottom()) markRead(c);
 });
 
+// The message list takes focus (tabindex=0) and scrolls with the keyboard.
+$('log').addEventListener('keydown', (ev) => {
+  if (ev.target !== $('log') || ev.altKey || ev.ctrlKey || ev.metaKey) return;
+  const log = $('log');
+  const page = Math.max(40, log.clientHeight * 0.9);
+  let to = null;
+  if (ev.key === 'PageUp') to = log.scrollTop - page;
+  else if (ev.key === 'PageDown') to = log.scrollTop + page;
+  else if (ev.key === 'Home') to = 0;
+  else if (ev.key === 'End') to = log.scrollHeight;
+  if (to === null) return;
+  ev.preventDefault();
+  log.scrollTop = to;
+});
+
 document.addEventListener('visibilitychange', () => { if (current) markRead(current); });
 
 // ---------------------------------------------------------------- navigation
@@ -1052,16 +1261,17 @@ async function openConv(id) {
     li.dataset.seq = String(s);
     c.els.set(s, li);
     log.append(li);
+    fixDay(li);
     regroup(li);
   }
-  for (const p of c.pending.values()) { log.append(p.li); regroup(p.li); }
+  for (const p of c.pending.values()) { log.append(p.li); fixDay(p.li); regroup(p.li); }
   renderReceipts(c);
   renderHeader();
   renderPeople();
   renderTyping();
   renderConvList();
   scrollToBottom();
-  if (window.matchMedia('(min-width: 721px)').matches) $('message-input').focus();
+  if (window.matchMedia('(min-width: 721px)').matches || document.activeElement === document.body) $('message-input').focus();
   try {
     await loadLatest(c);
   } catch (e) {
@@ -1087,6 +1297,7 @@ function renderHeader() {
     sub.textContent = on === true ? 'Online' : on === false ? 'Offline' : '';
   }
   $('call-btn').hidden = c.kind !== 'dm' || calls.active;
+  $('audio-call-btn').hidden = $('call-btn').hidden;
 }
 
 function renderPeople() {
@@ -1101,10 +1312,10 @@ function renderPeople() {
     const b = el('button', 'chip');
     b.type = 'button';
     b.title = `Direct message ${u}`;
-    const dot = el('span', 'dot ' + (online.get(u) ? 'on' : 'off'));
+    const dot = el('span', 'dot ' + presenceOf(u));
     dot.setAttribute('aria-hidden', 'true');
     b.append(dot, el('span', null, u));
-    b.addEventListener('click', () => openDm(u));
+    b.addEventListener('click', () => openDm(u, true));
     box.append(b);
   }
 }
@@ -1146,15 +1357,19 @@ function renderConvItem(c) {
   } else {
     const p = peerOf(c);
     const av = avatar(p, 'avatar sm');
-    const dot = el('span', 'dot presence ' + (online.get(p) ? 'on' : 'off'));
-    dot.title = online.get(p) ? 'online' : 'offline';
+    const state = presenceOf(p);
+    const dot = el('span', 'dot presence ' + state);
+    dot.title = state === 'on' ? 'online' : state === 'off' ? 'offline' : 'presence unknown';
     av.append(dot);
     b.append(av);
   }
   const txt = el('span', 'conv-text');
   txt.append(el('span', 'conv-name', title(c)));
   if (c.kind === 'room' && typeof c.online === 'number') txt.append(el('span', 'conv-sub', `${c.online} online`));
-  else if (c.kind === 'dm') txt.append(el('span', 'conv-sub', online.get(peerOf(c)) ? 'online' : 'offline'));
+  else if (c.kind === 'dm') {
+    const state = presenceOf(peerOf(c));
+    txt.append(el('span', 'conv-sub', state === 'on' ? 'online' : state === 'off' ? 'offline' : 'presence unknown'));
+  }
   b.append(txt);
   if (c.unread > 0 && c !== current) {
     const badge = el('span', 'badge', c.unread > 99 ? '99+' : String(c.unread));
@@ -1180,11 +1395,49 @@ async function joinRoom(name) {
   }
 }
 
-function openDm(user) {
-  if (!NAME_RE.test(user)) { toast('That is not a valid user name.'); return; }
-  if (user === me) { toast('That is you.'); return; }
+/**
+ * Opens the DM with `user`. A new one is opened only for someone who exists: with
+ * accounts the server says `not_found` for an unknown name; with guests allowed any name
+ * may be written to, so it takes an earlier conversation or the person being online.
+ * `known`: the name comes from a room's member list (no check needed). True when opened.
+ */
+async function openDm(user, known = false) {
+  if (!NAME_RE.test(user)) { toast('That is not a valid user name.'); return false; }
+  if (user === me) { toast('That is you.'); return false; }
+  const id = dmId(me, user);
+  if (!known && !convs.has(id)) {
+    if (!conn || !conn.open) { toast('Not connected yet; try again in a moment.'); return false; }
+    let exists;
+    try {
+      exists = await dmPeerExists(user, id);
+    } catch (e) {
+      toast(`Could not start a conversation with ${user}: ${e.message}`);
+      return false;
+    }
+    if (!exists) {
+      toast(GUEST ? `${user} is not online, and you have no conversation with them yet.` : `There is no user named ${user}.`);
+      return false;
+    }
+  }
   queryPresence([user], true);
-  openConv(dmId(me, user));
+  openConv(id);
+  return true;
+}
+
+async function dmPeerExists(user, id) {
+  let page;
+  try {
+    page = await conn.request({ type: 'history', conv: id, limit: 1 });
+  } catch (e) {
+    if (e.code === 'not_found') return false;
+    throw e;
+  }
+  if (page.messages && page.messages.length) return true;
+  if (!GUEST) return true;
+  const ok = await conn.request({ type: 'presence', users: [user] });
+  const on = !!(ok.online && ok.online[user]);
+  online.set(user, on);
+  return on;
 }
 
 $('join-form').addEventListener('submit', (ev) => {
@@ -1194,11 +1447,10 @@ $('join-form').addEventListener('submit', (ev) => {
   joinRoom(name);
 });
 
-$('dm-form').addEventListener('submit', (ev) => {
+$('dm-form').addEventListener('submit', async (ev) => {
   ev.preventDefault();
   const name = $('dm-input').value.trim().replace(/^@/, '');
-  $('dm-input').value = '';
-  openDm(name);
+  if (await openDm(name)) $('dm-input').value = '';
 });
 
 $('back').addEventListener('click', () => {
@@ -1214,14 +1466,23 @@ const calls = new Calls({
     setTimeout(() => signalPeers.delete(id), 10000);
     if (!conn || !conn.send({ ...frame, id })) throw new Error('not connected');
   },
-  setState(text, phase) {
+  setState(text, phase, info = {}) {
+    const over = phase === 'ended' || phase === 'failed';
     $('call').hidden = false;
     $('call').dataset.phase = phase;
+    $('call').dataset.audio = String(info.video === false);
     $('call-state').textContent = text;
     $('call-accept').hidden = phase !== 'incoming';
     $('call-decline').hidden = phase !== 'incoming';
-    $('call-hangup').hidden = phase === 'incoming' || phase === 'ended' || phase === 'failed';
+    $('call-hangup').hidden = phase === 'incoming' || over;
+    // A call that is still ringing is cancelled, not hung up.
+    $('call-hangup').textContent = phase === 'calling' ? 'Cancel' : 'Hang up';
+    $('call-mute').hidden = over || !info.hasAudio;
+    $('call-camera').hidden = over || !info.hasVideo;
+    setToggle($('call-mute'), !!info.muted, 'Unmute', 'Mute');
+    setToggle($('call-camera'), !!info.cameraOff, 'Camera on', 'Camera off');
     $('call-btn').hidden = true;
+    $('audio-call-btn').hidden = true;
     $('app').classList.add('show-main');
   },
   showVideo(local, remote) {
@@ -1245,20 +1506,27 @@ const calls = new Calls({
   },
 });
 
+function setToggle(b, pressed, onText, offText) {
+  b.setAttribute('aria-pressed', String(pressed));
+  b.textContent = pressed ? onText : offText;
+}
+
 $('call-btn').addEventListener('click', () => {
   const c = current;
   if (c && c.kind === 'dm') calls.start(peerOf(c), true);
 });
+$('audio-call-btn').addEventListener('click', () => {
+  const c = current;
+  if (c && c.kind === 'dm') calls.start(peerOf(c), false);
+});
+$('call-mute').addEventListener('click', () => calls.toggleMute());
+$('call-camera').addEventListener('click', () => calls.toggleCamera());
 $('call-accept').addEventListener('click', () => calls.accept());
 $('call-decline').addEventListener('click', () => calls.decline());
 $('call-hangup').addEventListener('click', () => calls.hangup());
 
 // ---------------------------------------------------------------- boot
 
-try {
-  auth = JSON.parse(sessionStorage.getItem('hubbub.auth') || 'null');
-} catch {
-  auth = null;
-}
+auth = loadAuth();
 if (auth && auth.user && (auth.token || GUEST)) startChat();
 else showSignin();

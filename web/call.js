@@ -1,23 +1,69 @@
 // A 1:1 voice/video call over WebRTC. Offer, answer, ICE candidates and hangup travel as
 // `signal` frames through the server (`kind`: ring, offer, answer, candidate, hangup);
-// media flows peer to peer. No ICE servers: host candidates suffice on one network.
+// media flows peer to peer, through the STUN/TURN servers of the server's `welcome`
+// (`ice_servers`) when it names any.
+//
+// A call rings for at most RING_MS: then the caller sees "No answer", its camera and
+// microphone stop, and the callee's ringing ends. It also ends at once when the other
+// side goes offline before it is connected, and either side may end it while it rings
+// (the caller cancels, the callee declines: both send `hangup`).
+
+/** How long a call rings before it is given up. */
+const RING_MS = 40000;
+
+/** The ring time: RING_MS, or a shorter one a test sets on `window.HUBBUB_RING_MS`. */
+function ringMs() {
+  const t = Number(window.HUBBUB_RING_MS);
+  return Number.isFinite(t) && t > 0 ? Math.min(t, RING_MS) : RING_MS;
+}
 
 export class Calls {
   /**
-   * @param {object} ui { send(frame) -> Promise|void, setState(text, phase), showVideo(local, remote), onEnd() }
+   * @param {object} ui { send(frame) -> Promise|void, setState(text, phase, info), showVideo(local, remote), onEnd() }
    */
   constructor(ui) {
     this.ui = ui;
-    this.call = null; // { id, peer, pc, local, role, queued: [], remoteSet, incomingOffer }
+    /** RTCIceServer list from the server's `welcome`. */
+    this.iceServers = [];
+    // { id, peer, pc, local, role, video, phase, text, queued: [], remoteSet, incomingOffer,
+    //   accepted, answered, connected, muted, cameraOff, ringTimer }
+    this.call = null;
   }
 
   get active() { return this.call !== null; }
 
+  isCurrent(id) { return this.call && this.call.id === id; }
+
+  /** Shows the call's state (and what its toggles can do). */
+  show(text, phase) {
+    const call = this.call;
+    call.text = text;
+    call.phase = phase;
+    this.ui.setState(text, phase, this.info(call));
+  }
+
+  info(call) {
+    const tracks = call.local ? call.local.getTracks() : [];
+    return {
+      video: call.video,
+      hasAudio: tracks.some((t) => t.kind === 'audio'),
+      hasVideo: tracks.some((t) => t.kind === 'video'),
+      muted: !!call.muted,
+      cameraOff: !!call.cameraOff,
+    };
+  }
+
+  refresh() {
+    if (this.call) this.show(this.call.text, this.call.phase);
+  }
+
+  /** Starts a call: with the camera when `video`, else audio only (no camera asked for). */
   async start(peer, video = true) {
     if (this.call) return;
     const id = 'c-' + randomId();
-    this.call = { id, peer, pc: null, local: null, role: 'caller', queued: [], remoteSet: false };
-    this.ui.setState(`Calling ${peer}…`, 'calling');
+    this.call = { id, peer, pc: null, local: null, role: 'caller', video, queued: [], remoteSet: false };
+    this.show(video ? `Calling ${peer}…` : `Calling ${peer} (audio)…`, 'calling');
+    this.call.ringTimer = setTimeout(() => this.noAnswer(id), ringMs());
     try {
       await this.ui.send({ type: 'signal', to: peer, call_id: id, kind: 'ring', data: { video } });
       const local = await navigator.mediaDevices.getUserMedia({ audio: true, video });
@@ -26,6 +72,7 @@ export class Calls {
       const pc = this.makePeer(id, peer);
       for (const t of local.getTracks()) pc.addTrack(t, local);
       this.ui.showVideo(local, null);
+      this.refresh();
       const offer = await pc.createOffer();
       await pc.setLocalDescription(offer);
       await this.ui.send({ type: 'signal', to: peer, call_id: id, kind: 'offer', data: { type: offer.type, sdp: offer.sdp } });
@@ -34,10 +81,31 @@ export class Calls {
     }
   }
 
-  isCurrent(id) { return this.call && this.call.id === id; }
+  /** Nobody answered in time: give up, and stop the callee's ringing. */
+  noAnswer(id) {
+    const call = this.call;
+    if (!this.isCurrent(id) || call.answered || call.connected) return;
+    this.tell(call, 'hangup', { reason: 'timeout' });
+    this.end('No answer', false);
+  }
+
+  /** An incoming call nobody accepted in time (the caller's own timer normally ends it first). */
+  missed(id) {
+    const call = this.call;
+    if (!this.isCurrent(id) || call.accepted) return;
+    this.tell(call, 'hangup', { reason: 'timeout' });
+    this.end(`Missed call from ${call.peer}`, false);
+  }
+
+  /** `user` went offline: a call with them that is not connected yet is over. */
+  peerOffline(user) {
+    const call = this.call;
+    if (!call || call.peer !== user || call.connected) return;
+    this.end(`${user} is offline`, false);
+  }
 
   makePeer(id, peer) {
-    const pc = new RTCPeerConnection({ iceServers: [] });
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
     this.call.pc = pc;
     pc.onicecandidate = (ev) => {
       if (!ev.candidate || !this.isCurrent(id)) return;
@@ -52,10 +120,13 @@ export class Calls {
     pc.onconnectionstatechange = () => {
       if (!this.isCurrent(id)) return;
       const s = pc.connectionState;
-      if (s === 'connected') this.ui.setState(`Call connected with ${peer}`, 'connected');
-      else if (s === 'connecting') this.ui.setState('Connecting…', 'connecting');
+      if (s === 'connected') {
+        this.call.connected = true;
+        clearTimeout(this.call.ringTimer);
+        this.show(`Call connected with ${peer}`, 'connected');
+      } else if (s === 'connecting') this.show('Connecting…', 'connecting');
       else if (s === 'failed') this.end('Call failed', true);
-      else if (s === 'disconnected') this.ui.setState('Reconnecting call…', 'connecting');
+      else if (s === 'disconnected') this.show('Reconnecting call…', 'connecting');
     };
     return pc;
   }
@@ -70,8 +141,10 @@ export class Calls {
         return;
       }
       if (!this.call) {
-        this.call = { id, peer: from, pc: null, local: null, role: 'callee', queued: [], remoteSet: false, incomingOffer: null };
-        this.ui.setState(`Incoming call from ${from}`, 'incoming');
+        const video = !(data && data.video === false) && !(kind === 'offer' && data && typeof data.sdp === 'string' && !/\nm=video /.test(data.sdp));
+        this.call = { id, peer: from, pc: null, local: null, role: 'callee', video, queued: [], remoteSet: false, incomingOffer: null };
+        this.show(video ? `Incoming call from ${from}` : `Incoming audio call from ${from}`, 'incoming');
+        this.call.ringTimer = setTimeout(() => this.missed(id), ringMs() + 5000);
       }
       if (kind === 'offer') {
         this.call.incomingOffer = data;
@@ -83,16 +156,24 @@ export class Calls {
     const call = this.call;
     try {
       if (kind === 'answer' && call.pc) {
+        call.answered = true;
+        clearTimeout(call.ringTimer);
         await call.pc.setRemoteDescription({ type: 'answer', sdp: data.sdp });
         call.remoteSet = true;
         await this.flushCandidates();
         // The connection may already be up by now; never step back from "connected".
-        if (this.isCurrent(id) && call.pc.connectionState !== 'connected') this.ui.setState('Connecting…', 'connecting');
+        if (this.isCurrent(id) && call.pc.connectionState !== 'connected') this.show('Connecting…', 'connecting');
       } else if (kind === 'candidate') {
         if (call.pc && call.remoteSet) await call.pc.addIceCandidate(data);
         else call.queued.push(data);
       } else if (kind === 'hangup') {
-        const why = data && data.reason === 'busy' ? `${call.peer} is busy` : data && data.reason === 'declined' ? `${call.peer} declined` : 'Call ended';
+        const reason = data && data.reason;
+        const why = reason === 'busy' ? `${call.peer} is busy`
+          : reason === 'declined' ? `${call.peer} declined`
+            : reason === 'cancelled' ? `${call.peer} cancelled the call`
+              : reason === 'timeout' && call.role === 'callee' ? `Missed call from ${call.peer}`
+                : reason === 'timeout' ? 'No answer'
+                  : 'Call ended';
         this.end(why, false);
       }
     } catch (e) {
@@ -113,7 +194,8 @@ export class Calls {
   async accept() {
     if (!this.call || this.call.role !== 'callee' || this.call.accepted) return;
     this.call.accepted = true;
-    this.ui.setState('Connecting…', 'connecting');
+    clearTimeout(this.call.ringTimer);
+    this.show('Connecting…', 'connecting');
     if (this.call.incomingOffer) await this.answer();
   }
 
@@ -122,13 +204,13 @@ export class Calls {
     const id = call.id;
     if (call.pc) return;
     try {
-      const video = true;
-      const local = await navigator.mediaDevices.getUserMedia({ audio: true, video });
+      const local = await navigator.mediaDevices.getUserMedia({ audio: true, video: call.video });
       if (!this.isCurrent(id)) { stopStream(local); return; }
       call.local = local;
       const pc = this.makePeer(id, call.peer);
       for (const t of local.getTracks()) pc.addTrack(t, local);
       this.ui.showVideo(local, null);
+      this.refresh();
       await pc.setRemoteDescription({ type: 'offer', sdp: call.incomingOffer.sdp });
       call.remoteSet = true;
       await this.flushCandidates();
@@ -140,24 +222,49 @@ export class Calls {
     }
   }
 
+  /** Microphone on/off (the track stays: unmuting needs no new permission). */
+  toggleMute() {
+    const call = this.call;
+    if (!call || !call.local) return;
+    call.muted = !call.muted;
+    for (const t of call.local.getAudioTracks()) t.enabled = !call.muted;
+    this.refresh();
+  }
+
+  /** Camera on/off: the other side sees no picture while it is off. */
+  toggleCamera() {
+    const call = this.call;
+    if (!call || !call.local) return;
+    call.cameraOff = !call.cameraOff;
+    for (const t of call.local.getVideoTracks()) t.enabled = !call.cameraOff;
+    this.refresh();
+  }
+
   decline() {
     if (!this.call) return;
     this.hangup('declined');
   }
 
-  /** Ends the call and tells the peer. */
-  hangup(reason = 'hangup') {
+  /** Ends the call and tells the peer (a call still ringing is cancelled). */
+  hangup(reason) {
     const call = this.call;
     if (!call) return;
-    Promise.resolve(this.ui.send({ type: 'signal', to: call.peer, call_id: call.id, kind: 'hangup', data: { reason } })).catch(() => {});
-    this.end('Call ended', false);
+    const ringing = call.role === 'caller' && !call.answered && !call.connected;
+    const why = reason || (ringing ? 'cancelled' : 'hangup');
+    this.tell(call, 'hangup', { reason: why });
+    this.end(why === 'cancelled' ? 'Call cancelled' : why === 'declined' ? 'Call declined' : 'Call ended', false);
+  }
+
+  tell(call, kind, data) {
+    try {
+      Promise.resolve(this.ui.send({ type: 'signal', to: call.peer, call_id: call.id, kind, data })).catch(() => {});
+    } catch { /* not connected: the other side's ring times out */ }
   }
 
   fail(id, e) {
     if (!this.isCurrent(id)) return;
     console.warn('call failed', e);
-    const call = this.call;
-    Promise.resolve(this.ui.send({ type: 'signal', to: call.peer, call_id: call.id, kind: 'hangup', data: { reason: 'error' } })).catch(() => {});
+    this.tell(this.call, 'hangup', { reason: 'error' });
     this.end(`Call failed: ${e && e.message ? e.message : e}`, true);
   }
 
@@ -165,9 +272,10 @@ export class Calls {
     const call = this.call;
     if (!call) return;
     this.call = null;
+    clearTimeout(call.ringTimer);
     if (call.pc) { try { call.pc.close(); } catch { /* closed */ } }
     stopStream(call.local);
-    this.ui.setState(text, failed ? 'failed' : 'ended');
+    this.ui.setState(text, failed ? 'failed' : 'ended', { video: call.video });
     this.ui.onEnd();
   }
 }

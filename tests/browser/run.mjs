@@ -127,6 +127,44 @@ function assertNoDuplicates(list, who) {
   for (let i = 1; i < seqs.length; i++) assert(seqs[i] === seqs[i - 1] + 1, `${who}: seqs ascending without gaps (${seqs[i - 1]} then ${seqs[i]})`);
 }
 
+/** The log's items in order: day separators as {sep}, messages as {text, cont}. */
+async function logItems(page) {
+  return page.getByRole('log').locator(':scope > li.day-sep, :scope > li.msg').evaluateAll((lis) => lis.map((li) => (
+    li.classList.contains('day-sep') ? { sep: li.textContent }
+      : { text: li.querySelector('.bubble')?.textContent, cont: li.classList.contains('cont'), time: li.querySelector('time')?.textContent, title: li.querySelector('time')?.title })));
+}
+
+/** Records what a page asks getUserMedia for, and the streams it gets. */
+async function recordMedia(context) {
+  await context.addInitScript(() => {
+    window.__gum = [];
+    window.__streams = [];
+    const md = navigator.mediaDevices;
+    const orig = md.getUserMedia.bind(md);
+    md.getUserMedia = async (c) => {
+      window.__gum.push(c);
+      const stream = await orig(c);
+      window.__streams.push(stream);
+      return stream;
+    };
+    // What the call bar said, in order (a failing step shows it).
+    window.__callTexts = [];
+    document.addEventListener('DOMContentLoaded', () => {
+      const state = document.getElementById('call-state');
+      new MutationObserver(() => window.__callTexts.push(state.textContent)).observe(state, { childList: true, characterData: true, subtree: true });
+    });
+  });
+}
+
+async function callTexts(page) {
+  return (await page.evaluate(() => window.__callTexts.slice(-6))).join(' | ');
+}
+
+/** Whether every camera and microphone track a page got has stopped. */
+async function mediaStopped(page) {
+  return page.evaluate(() => window.__streams.length > 0 && window.__streams.every((s) => s.getTracks().every((t) => t.readyState === 'ended')));
+}
+
 // ------------------------------------------------------------------ the tests
 
 /** A small gradient PNG (w x h), encoded here so that no fixture file is needed. */
@@ -238,6 +276,61 @@ async function main() {
     delete pages.impostor;
   });
 
+  await test('registering right after failed logins signs in; an old error never stays on screen', async () => {
+    const { page } = await newUser(browser, 'lena');
+    await page.goto(BASE + '/');
+    await page.getByRole('textbox', { name: 'Username', exact: true }).fill('dora');
+    const pass = page.getByLabel('Password', { exact: true });
+    // Five wrong passwords from this address: logins from it are slowed down now.
+    for (let i = 0; i < 5; i++) {
+      await pass.fill(`wrong password ${i}`);
+      const answered = page.waitForResponse((r) => r.url().endsWith('/api/login'));
+      await page.getByRole('button', { name: 'Log in', exact: true }).click();
+      assert((await answered).status() === 401, 'a wrong password is refused');
+      await until(async () => (await page.locator('#signin-error').textContent()) === 'Wrong username or password.', 'the error shown');
+    }
+    // Editing the form clears the error; a too-short password is the browser's to say.
+    await pass.fill('short');
+    await page.getByRole('button', { name: 'Register', exact: true }).click();
+    assert((await page.locator('#signin-error').textContent()) === '', 'no old error next to the validation bubble');
+    assert(await pass.evaluate((i) => !i.validity.valid), 'the browser refuses the short password');
+    // Registering from the same address signs the new account in.
+    await page.getByRole('textbox', { name: 'Username', exact: true }).fill('lena');
+    await pass.fill('correct horse');
+    await page.getByRole('button', { name: 'Register', exact: true }).click();
+    await connected(page, 30000);
+    assert((await page.locator('#me-name').textContent()) === 'lena', 'signed in as lena');
+    await page.context().close();
+    delete pages.lena;
+  });
+
+  await test('a sign-in is kept by every tab and signing out ends it in all of them', async () => {
+    const kate = await newUser(browser, 'kate');
+    await signInGuest(kate.page, 'kate');
+    // After sign-in the keyboard starts in the page, not on its body.
+    await until(async () => (await kate.page.evaluate(() => document.activeElement && document.activeElement.id)) === 'room-input', 'focus on the room box after sign-in');
+    // attic has one member: "1 member", never "1 members".
+    const attic = kate.page.locator('#public-list').getByRole('button', { name: /attic/ });
+    await until(async () => (await attic.count()) === 1, 'attic listed');
+    const sub = await attic.locator('.conv-sub').textContent();
+    assert(/^1 member ·/.test(sub), `singular member count (${sub})`);
+    // A second tab is signed in already.
+    const tab = await kate.context.newPage();
+    pages.kateTab = tab;
+    await tab.goto(BASE + '/');
+    await connected(tab);
+    assert((await tab.locator('#me-name').textContent()) === 'kate', 'the second tab is kate');
+    assert(await tab.locator('#signin').isHidden(), 'no sign-in asked');
+    // Signing out in one tab signs out the other.
+    await tab.getByRole('button', { name: 'Sign out', exact: true }).click();
+    await until(async () => kate.page.locator('#signin').isVisible(), 'the first tab back at sign-in');
+    await until(async () => tab.locator('#signin').isVisible(), 'the second tab at sign-in');
+    assert(await kate.page.evaluate(() => localStorage.getItem('hubbub.auth')) === null, 'the sign-in is forgotten');
+    await kate.context.close();
+    delete pages.kate;
+    delete pages.kateTab;
+  });
+
   await test('two users chat in a room', async () => {
     alice = await newUser(browser, 'alice');
     bob = await newUser(browser, 'bob');
@@ -295,6 +388,7 @@ async function main() {
     const fixed = alice.page.getByRole('log').locator('li.msg', { hasText: 'typo fixed' });
     await fixed.hover();
     await fixed.getByRole('button', { name: 'Recall message' }).click();
+    await alice.page.getByRole('alertdialog').getByRole('button', { name: 'Recall', exact: true }).click();
     await until(async () => (await bob.page.getByRole('log').textContent()).includes('Message recalled'), 'recalled on the other side');
     assert(!(await bob.page.getByRole('log').textContent()).includes('typo fixed'), 'recalled text gone');
 
@@ -339,6 +433,32 @@ async function main() {
     await until(async () => (await bob.page.getByRole('log').textContent()).includes('This is the beginning of #lobby'), 'beginning marker');
   });
 
+  await test('the keyboard reaches the attach button and scrolls the message list', async () => {
+    const page = bob.page;
+    const log = page.getByRole('log');
+    assert((await log.getAttribute('tabindex')) === '0', 'the message list is focusable');
+    await log.focus();
+    assert(await page.evaluate(() => document.activeElement.id === 'log'), 'the message list has focus');
+    const top = () => log.evaluate((l) => l.scrollTop);
+    await page.keyboard.press('End');
+    await until(async () => log.evaluate((l) => l.scrollHeight - l.scrollTop - l.clientHeight < 2), 'End goes to the bottom');
+    const bottom = await top();
+    await page.keyboard.press('PageUp');
+    await until(async () => (await top()) < bottom - 100, 'PageUp scrolls up');
+    const up = await top();
+    await page.keyboard.press('PageDown');
+    await until(async () => (await top()) > up + 100, 'PageDown scrolls down');
+    await page.keyboard.press('Home');
+    await until(async () => (await top()) === 0, 'Home goes to the top');
+    await page.keyboard.press('End');
+    // Shift+Tab from the message box reaches the attach button; Enter opens the picker.
+    await composer(page).focus();
+    await page.keyboard.press('Shift+Tab');
+    assert(await page.evaluate(() => document.activeElement.id === 'attach-btn'), 'the attach button takes focus');
+    const [chooser] = await Promise.all([page.waitForEvent('filechooser', { timeout: 5000 }), page.keyboard.press('Enter')]);
+    assert(chooser, 'Enter opens the file picker');
+  });
+
   await test('message text is rendered as text, never HTML', async () => {
     const evil = '<img src=x onerror=alert(1)>';
     await say(alice.page, evil);
@@ -350,6 +470,71 @@ async function main() {
       assert(await p.locator('img[src="x"]').count() === 0, 'no injected img element');
     }
     assert(dialogs.length === 0, `no dialog fired (${dialogs.join('; ')})`);
+  });
+
+  await test('day separators and dates, grouping kept by them and by a confirmed recall', async () => {
+    await joinRoom(alice.page, 'days');
+    const texts = ['old 1', 'old 2', 'yesterday 1', 'yesterday 2', 'today 1', 'today 2', 'today 3'];
+    for (const t of texts) { await say(alice.page, t); await seeMessage(alice.page, t); }
+    // bob's history says the first two were written nine days ago and the next two
+    // yesterday (the server stamps messages itself: the test changes the page it reads).
+    const at = await bob.page.evaluate(() => {
+      const day = (ago) => { const d = new Date(); d.setDate(d.getDate() - ago); d.setHours(10, 37, 0, 0); return d.getTime(); };
+      return { old: day(9), yesterday: day(1) };
+    });
+    const stamps = { 1: at.old, 2: at.old + 60000, 3: at.yesterday, 4: at.yesterday + 60000 };
+    await bob.page.route((u) => u.pathname.includes('room%3Adays'), async (route) => {
+      const res = await route.fetch();
+      const body = await res.json();
+      for (const m of body.messages || []) if (stamps[m.seq]) m.ts = stamps[m.seq];
+      await route.fulfill({ response: res, json: body });
+    });
+    await joinRoom(bob.page, 'days');
+    await seeMessage(bob.page, 'today 3');
+    const items = await logItems(bob.page);
+    const shape = items.map((i) => (i.sep !== undefined ? `[${i.sep}]` : `${i.text}${i.cont ? '+' : ''}`));
+    assert(shape.length === 10 && /^\[(?!Today|Yesterday).*\d{4}\]$/.test(shape[0]), `a dated separator first (${shape.join(' ')})`);
+    assert(shape.slice(1).join(' ') === 'old 1 old 2+ [Yesterday] yesterday 1 yesterday 2+ [Today] today 1 today 2+ today 3+', `separators between days, groups within them (${shape.join(' ')})`);
+    const old = items[1];
+    const year = String(new Date(at.old).getFullYear());
+    assert(old.title.includes(year), `the date in the time's tooltip (${old.title})`);
+    const today = items[8];
+    assert(!today.time.includes(',') && old.time.length > today.time.length, `a date next to older times (${old.time} / ${today.time})`);
+    await bob.page.unroute((u) => u.pathname.includes('room%3Adays'));
+
+    // Recall asks first, in the page; Cancel keeps the message.
+    const middle = alice.page.getByRole('log').locator('li.msg', { hasText: 'today 2' });
+    await middle.hover();
+    await middle.getByRole('button', { name: 'Recall message' }).click();
+    const ask = alice.page.getByRole('alertdialog');
+    await ask.waitFor({ timeout: 3000 });
+    await ask.getByRole('button', { name: 'Cancel', exact: true }).click();
+    await alice.page.waitForTimeout(300);
+    assert(!(await alice.page.getByRole('log').textContent()).includes('Message recalled'), 'Cancel recalls nothing');
+    await middle.hover();
+    await middle.getByRole('button', { name: 'Recall message' }).click();
+    await ask.getByRole('button', { name: 'Recall', exact: true }).click();
+    // For alice every message is of today; for bob the last three follow "Today".
+    for (const [p, want] of [[alice.page, 'true,true,true'], [bob.page, 'false,true,true']]) {
+      await until(async () => (await p.getByRole('log').textContent()).includes('Message recalled'), 'recalled');
+      const after = (await logItems(p)).filter((i) => i.sep === undefined).slice(-3);
+      assert(after.map((i) => i.cont).join() === want, `the group stays whole after a recall (${JSON.stringify(after)})`);
+    }
+    assert(dialogs.length === 0, `no browser dialog (${dialogs.join('; ')})`);
+    for (const p of [alice.page, bob.page]) {
+      await p.locator('#room-list').getByRole('button', { name: /lobby/ }).click();
+      await until(async () => (await p.locator('#conv-title').textContent()) === '# lobby', 'back in the lobby');
+      await seeMessage(p, '<img src=x onerror=alert(1)>');
+    }
+  });
+
+  await test('a DM with someone who does not exist is refused, not listed', async () => {
+    const page = alice.page;
+    await page.getByRole('textbox', { name: 'DM user', exact: true }).fill('nobody-here');
+    await page.getByRole('button', { name: 'Start DM', exact: true }).click();
+    await until(async () => /nobody-here/.test(await page.locator('#toast').textContent()), 'an error shown');
+    await page.waitForTimeout(300);
+    assert((await page.locator('#dm-list').getByRole('button', { name: /nobody-here/ }).count()) === 0, 'no DM entry for nobody-here');
   });
 
   await test('attachment URLs carry no credential and a foreign URL is never ours', async () => {
@@ -430,6 +615,21 @@ async function main() {
     await seeMessage(bob.page, 'back online');
   });
 
+  await test('presence is unknown while disconnected and asked again after reconnecting', async () => {
+    const bobDot = alice.page.locator('#dm-list').getByRole('button', { name: /bob/ }).locator('.dot.presence');
+    await until(async () => (await bobDot.getAttribute('class')).includes(' on'), 'bob online at first');
+    await alice.context.setOffline(true);
+    const answer = await control('RESTART');
+    assert(answer === 'RESTARTED', `server restarted (${answer})`);
+    await until(async () => (await alice.page.locator('#conn-status').textContent()) !== 'Connected', 'alice sees the disconnect');
+    await until(async () => (await bobDot.getAttribute('class')).includes('unknown'), 'bob grey while alice is away');
+    assert((await alice.page.locator('#people .chip .dot.on').count()) === 0, 'nobody green in the room while away');
+    await alice.context.setOffline(false);
+    await connected(alice.page, 20000);
+    await connected(bob.page, 20000);
+    await until(async () => (await bobDot.getAttribute('class')).includes(' on'), 'bob online again after the reconnect', 15000);
+  });
+
   await test('an edit made while away is shown after a catch-up that was first cut short', async () => {
     // gwen's socket runs through a route this test controls: it cuts the socket, keeps
     // gwen away for a while, then cuts the first `sync` of her next connection.
@@ -502,6 +702,99 @@ async function main() {
     await shot(alice.page, 'desktop-call');
     await alice.page.getByRole('button', { name: 'Hang up', exact: true }).click();
     await bob.page.getByText('Call ended').waitFor({ timeout: 8000 });
+  });
+
+  let ivan; let judy;
+  await test('an audio call never asks for the camera; mute and camera off', async () => {
+    ivan = await newUser(browser, 'ivan');
+    judy = await newUser(browser, 'judy');
+    await recordMedia(ivan.context);
+    await recordMedia(judy.context);
+    await signInGuest(ivan.page, 'ivan');
+    await signInGuest(judy.page, 'judy');
+    await ivan.page.getByRole('textbox', { name: 'DM user', exact: true }).fill('judy');
+    await ivan.page.getByRole('button', { name: 'Start DM', exact: true }).click();
+    await until(async () => (await ivan.page.locator('#conv-title').textContent()) === 'judy', 'DM open');
+    await say(ivan.page, 'call you?');
+    await judy.page.locator('#dm-list').getByRole('button', { name: /ivan/ }).click();
+    await seeMessage(judy.page, 'call you?');
+
+    await ivan.page.getByRole('button', { name: 'Audio call', exact: true }).click();
+    await judy.page.getByText('Incoming audio call from ivan').waitFor({ timeout: 8000 });
+    await judy.page.getByRole('button', { name: 'Accept', exact: true }).click();
+    for (const p of [ivan.page, judy.page]) await p.getByText(/Call connected/).waitFor({ timeout: 15000 });
+    for (const p of [ivan.page, judy.page]) {
+      const asked = await p.evaluate(() => window.__gum);
+      assert(asked.length === 1 && asked.every((c) => c.audio && !c.video), `audio only asked for (${JSON.stringify(asked)})`);
+    }
+    assert(await ivan.page.locator('#call-camera').isHidden(), 'no camera button in an audio call');
+    await ivan.page.getByRole('button', { name: 'Mute', exact: true }).click();
+    await ivan.page.getByRole('button', { name: 'Unmute', exact: true }).waitFor();
+    assert(await ivan.page.evaluate(() => window.__streams[0].getAudioTracks().every((t) => !t.enabled)), 'the microphone is muted');
+    await ivan.page.getByRole('button', { name: 'Hang up', exact: true }).click();
+    await judy.page.getByText('Call ended').waitFor({ timeout: 8000 });
+
+    // A video call: the camera can be turned off and the microphone muted.
+    await until(async () => ivan.page.getByRole('button', { name: 'Video call', exact: true }).isVisible(), 'call button back');
+    await ivan.page.getByRole('button', { name: 'Video call', exact: true }).click();
+    await judy.page.getByText('Incoming call from ivan').waitFor({ timeout: 8000 });
+    await judy.page.getByRole('button', { name: 'Accept', exact: true }).click();
+    for (const p of [ivan.page, judy.page]) await p.getByText(/Call connected/).waitFor({ timeout: 15000 });
+    await ivan.page.getByRole('button', { name: 'Camera off', exact: true }).click();
+    await ivan.page.getByRole('button', { name: 'Camera on', exact: true }).waitFor();
+    await ivan.page.getByRole('button', { name: 'Mute', exact: true }).click();
+    const tracks = await ivan.page.evaluate(() => window.__streams.at(-1).getTracks().map((t) => `${t.kind}:${t.enabled}`).sort().join());
+    assert(tracks === 'audio:false,video:false', `camera and microphone off (${tracks})`);
+    await ivan.page.getByRole('button', { name: 'Camera on', exact: true }).click();
+    assert(await ivan.page.evaluate(() => window.__streams.at(-1).getVideoTracks().every((t) => t.enabled)), 'camera on again');
+    await judy.page.getByRole('button', { name: 'Hang up', exact: true }).click();
+    await ivan.page.getByText('Call ended').waitFor({ timeout: 8000 });
+    await until(() => mediaStopped(ivan.page), 'ivan\'s camera and microphone stopped');
+  });
+
+  await test('a ringing call is cancelled by the caller or declined by the callee', async () => {
+    await until(async () => ivan.page.getByRole('button', { name: 'Video call', exact: true }).isVisible(), 'call button back');
+    await ivan.page.getByRole('button', { name: 'Video call', exact: true }).click();
+    await judy.page.getByText('Incoming call from ivan').waitFor({ timeout: 8000 });
+    await ivan.page.getByRole('button', { name: 'Cancel', exact: true }).click();
+    await judy.page.getByText('ivan cancelled the call').waitFor({ timeout: 8000 });
+    assert(await judy.page.getByRole('button', { name: 'Accept', exact: true }).isHidden(), 'the ringing is over for judy');
+    await until(() => mediaStopped(ivan.page), 'the caller\'s camera stopped');
+
+    await until(async () => ivan.page.getByRole('button', { name: 'Video call', exact: true }).isVisible(), 'call button back');
+    await ivan.page.getByRole('button', { name: 'Video call', exact: true }).click();
+    await judy.page.getByText('Incoming call from ivan').waitFor({ timeout: 8000 });
+    await judy.page.getByRole('button', { name: 'Decline', exact: true }).click();
+    await ivan.page.getByText('judy declined').waitFor({ timeout: 8000 });
+    await until(() => mediaStopped(ivan.page), 'the caller\'s camera stopped');
+  });
+
+  await test('an unanswered call stops ringing after the ring time', async () => {
+    // The ring time is 40 s; the test shortens it for this page only.
+    await ivan.page.evaluate(() => { window.HUBBUB_RING_MS = 1500; });
+    await until(async () => ivan.page.getByRole('button', { name: 'Video call', exact: true }).isVisible(), 'call button back');
+    await ivan.page.getByRole('button', { name: 'Video call', exact: true }).click();
+    await judy.page.getByText('Incoming call from ivan').waitFor({ timeout: 8000 });
+    await until(async () => (await callTexts(ivan.page)).endsWith('No answer'), 'No answer', 8000)
+      .catch(async (e) => { throw new Error(`${e.message}: ivan saw ${await callTexts(ivan.page)}`); });
+    await until(() => mediaStopped(ivan.page), 'the camera and microphone stopped');
+    assert(await ivan.page.evaluate(() => document.getElementById('local-video').srcObject === null), 'no local picture');
+    await until(async () => judy.page.getByRole('button', { name: 'Accept', exact: true }).isHidden(), 'the callee stops ringing');
+    await ivan.page.evaluate(() => { delete window.HUBBUB_RING_MS; });
+  });
+
+  await test('a ringing call ends at once when the callee goes offline', async () => {
+    await until(async () => ivan.page.getByRole('button', { name: 'Video call', exact: true }).isVisible(), 'call button back');
+    await ivan.page.getByRole('button', { name: 'Video call', exact: true }).click();
+    await judy.page.getByText('Incoming call from ivan').waitFor({ timeout: 8000 });
+    await judy.context.close();
+    delete pages.judy;
+    // The call bar says it for a moment only: read what it said.
+    await until(async () => (await callTexts(ivan.page)).endsWith('judy is offline'), 'judy is offline', 8000)
+      .catch(async (e) => { throw new Error(`${e.message}: ivan saw ${await callTexts(ivan.page)}`); });
+    await until(() => mediaStopped(ivan.page), 'the camera and microphone stopped');
+    await ivan.context.close();
+    delete pages.ivan;
   });
 
   await test('phone layout', async () => {

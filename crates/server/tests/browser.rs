@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
 /// Bound for the whole browser run.
-const RUN_LIMIT: Duration = Duration::from_secs(150);
+const RUN_LIMIT: Duration = Duration::from_secs(300);
 
 const INSTALL_HELP: &str = "the browser tests need node, npm packages and chromium. On Debian: \
      `apt-get install -y chromium nodejs npm` (or set HUBBUB_CHROMIUM / HUBBUB_NODE to the \

@@ -109,6 +109,31 @@ async fn repeated_failed_logins_are_slowed_down_with_429() {
 }
 
 #[tokio::test]
+async fn a_registration_after_failed_logins_from_its_address_gives_a_working_token() {
+    let server = accounts_server().await;
+    register_and_login(&server, "alice").await;
+    let bad = json!({"username": "alice", "password": "not the password"});
+    for _ in 0..5 {
+        assert_eq!(post_json(&server, "/api/login", &bad).await.0, 401);
+    }
+    // The same address now registers: it is signed in at once, with no login to throttle.
+    let creds = json!({"username": "newcomer", "password": "correct horse"});
+    let (status, v) = post_json(&server, "/api/register", &creds).await;
+    assert_eq!((status, &v["user"]), (201, &json!("newcomer")), "{v}");
+    let token = v["token"].as_str().expect("a token").to_string();
+    assert!(v["expires_at"].as_i64().unwrap() > hubbub_server::store::now_ms());
+    let client = server.connect_opts(token_opts(server.url(), &token)).await;
+    assert_eq!(client.welcome().user, "newcomer");
+    let r = http()
+        .get(server.http("/api/conversations"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
 async fn forged_alg_none_and_expired_tokens_are_refused_with_401() {
     let server = accounts_server().await;
     let ttl = Duration::from_secs(60);

@@ -47,7 +47,7 @@ fn busy(e: HashBusy) -> ApiError {
 
 /// Create an account.
 #[utoipa::path(post, path = "/api/register", request_body = Credentials, responses(
-    (status = 201, description = "the account was created", body = Registered),
+    (status = 201, description = "the account was created, with a token for it", body = Registered),
     (status = 400, description = "invalid name or password", body = super::docs::ErrorBody),
     (status = 409, description = "the name is taken, too similar to a taken name, or used by a guest", body = super::docs::ErrorBody),
     (status = 429, description = "too many requests from this address (Retry-After)", body = super::docs::ErrorBody),
@@ -75,8 +75,17 @@ pub async fn register(
     state.store.create_user(&body.username, &hash).await?;
     state.node.account_created(&body.username);
     tracing::info!(user = %body.username, "account created");
+    // A token as a login would give: the new user is signed in without a second request,
+    // which earlier failed logins from the same address could throttle.
+    let (token, expires_at) = state
+        .auth
+        .tokens()
+        .issue(&body.username, None)
+        .map_err(ApiError::internal)?;
     let created = Registered {
         user: body.username,
+        token,
+        expires_at,
     };
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
@@ -86,6 +95,10 @@ pub async fn register(
 pub struct Registered {
     /// The new account's name.
     pub user: String,
+    /// A signed token for the new account, as `POST /api/login` gives.
+    pub token: String,
+    /// When it expires (Unix ms).
+    pub expires_at: i64,
 }
 
 /// The answer to `POST /api/login`.
