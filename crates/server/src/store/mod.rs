@@ -524,6 +524,23 @@ pub fn attachment_file_id(content: &serde_json::Value) -> Option<&str> {
     }
 }
 
+/// The reference a reply keeps to message `seq` from `from`, as stored: its
+/// `content_type`, its content (JSON text) and whether it was recalled. Only a text that
+/// is not recalled gives an excerpt.
+pub(crate) fn reply_ref(
+    seq: u64,
+    from: String,
+    content_type: &str,
+    content: &str,
+    recalled: bool,
+) -> hubbub_protocol::ReplyRef {
+    let excerpt = (content_type == "text" && !recalled)
+        .then(|| serde_json::from_str::<String>(content).ok())
+        .flatten()
+        .map(|t| hubbub_protocol::excerpt_of(&t));
+    hubbub_protocol::ReplyRef { seq, from, excerpt }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -21,7 +21,7 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use std::collections::BTreeMap;
 
-use hubbub_protocol::{excerpt_of, ContentType, Message, Reactions, ReplyRef};
+use hubbub_protocol::{ContentType, Message, Reactions};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Row};
@@ -283,19 +283,14 @@ fn row_to_message(row: &Row) -> Result<Message, String> {
     };
     let reply_to = row.get::<_, Option<i64>>(10).map(|seq| {
         let kind: Option<String> = row.get(12);
-        let recalled: Option<bool> = row.get(14);
-        let excerpt = match (kind.as_deref(), recalled) {
-            (Some("text"), Some(false)) => row
-                .get::<_, Option<String>>(13)
-                .and_then(|c| serde_json::from_str::<String>(&c).ok())
-                .map(|t| excerpt_of(&t)),
-            _ => None,
-        };
-        ReplyRef {
-            seq: seq as u64,
-            from: row.get::<_, Option<String>>(11).unwrap_or_default(),
-            excerpt,
-        }
+        let content: Option<String> = row.get(13);
+        crate::store::reply_ref(
+            seq as u64,
+            row.get::<_, Option<String>>(11).unwrap_or_default(),
+            kind.as_deref().unwrap_or(""),
+            content.as_deref().unwrap_or("null"),
+            row.get::<_, Option<bool>>(14).unwrap_or(true),
+        )
     });
     Ok(Message {
         conv: row.get(0),

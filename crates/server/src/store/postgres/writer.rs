@@ -501,17 +501,9 @@ impl Batch<'_> {
                 let seq = r.get::<_, i64>(1) as u64;
                 let (kind, content, recalled): (String, String, bool) =
                     (r.get(3), r.get(4), r.get(5));
-                let excerpt = (kind == "text" && !recalled)
-                    .then(|| serde_json::from_str::<String>(&content).ok())
-                    .flatten()
-                    .map(|t| excerpt_of(&t));
                 replied.insert(
                     (r.get(0), seq),
-                    ReplyRef {
-                        seq,
-                        from: r.get(2),
-                        excerpt,
-                    },
+                    crate::store::reply_ref(seq, r.get(2), &kind, &content, recalled),
                 );
             }
         }

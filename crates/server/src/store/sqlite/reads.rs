@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use std::collections::BTreeMap;
 
-use hubbub_protocol::{excerpt_of, ContentType, Message, Reactions, ReplyRef};
+use hubbub_protocol::{ContentType, Message, Reactions, ReplyRef};
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -91,17 +91,13 @@ fn reply_ref(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<ReplyRef>> {
     let kind: Option<String> = row.get(12)?;
     let content: Option<String> = row.get(13)?;
     let recalled: Option<bool> = row.get(14)?;
-    let excerpt = match (kind.as_deref(), recalled, content) {
-        (Some("text"), Some(false), Some(c)) => serde_json::from_str::<String>(&c)
-            .ok()
-            .map(|t| excerpt_of(&t)),
-        _ => None,
-    };
-    Ok(Some(ReplyRef {
+    Ok(Some(crate::store::reply_ref(
         seq,
-        from: from.unwrap_or_default(),
-        excerpt,
-    }))
+        from.unwrap_or_default(),
+        kind.as_deref().unwrap_or(""),
+        content.as_deref().unwrap_or("null"),
+        recalled.unwrap_or(true),
+    )))
 }
 
 pub(super) fn row_to_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use hubbub_protocol::{excerpt_of, ContentType, Message, ReplyRef};
+use hubbub_protocol::{ContentType, Message, ReplyRef};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
@@ -526,11 +526,7 @@ impl Writer {
             .query_row(params![conv, seq], |r| {
                 let (from, kind, content, recalled): (String, String, String, bool) =
                     (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
-                let excerpt = (kind == "text" && !recalled)
-                    .then(|| serde_json::from_str::<String>(&content).ok())
-                    .flatten()
-                    .map(|t| excerpt_of(&t));
-                Ok(ReplyRef { seq, from, excerpt })
+                Ok(crate::store::reply_ref(seq, from, &kind, &content, recalled))
             })
             .optional()
     }
