@@ -13,6 +13,7 @@ use clap::Args;
 use crossterm::event::{Event as TermEvent, EventStream, KeyCode, KeyEvent, KeyModifiers};
 use futures_util::StreamExt;
 use hubbub_client::{ClientError, ConnectOptions, Session, SessionEvent};
+use hubbub_protocol::reply::{SearchHit, SearchPage};
 use hubbub_protocol::{ClientFrame, Conv, MemberEvent, Message, ServerFrame};
 use ratatui::layout::{Constraint, Direction, Layout};
 use ratatui::style::{Color, Modifier, Style};
@@ -40,11 +41,25 @@ pub(crate) struct ChatArgs {
 /// What the UI asks the network task to do.
 #[derive(Debug)]
 enum Command {
-    Send { conv: String, text: String },
+    Send {
+        conv: String,
+        text: String,
+        reply_to: Option<u64>,
+    },
+    React {
+        conv: String,
+        seq: u64,
+        emoji: String,
+        on: bool,
+    },
+    Search(String),
     Join(String),
     Leave(String),
     Typing(String),
-    Older { conv: String, before: u64 },
+    Older {
+        conv: String,
+        before: u64,
+    },
     Open(String),
 }
 
@@ -57,6 +72,15 @@ enum NetEvent {
     Left(String),
     Status(String),
     Error(String),
+    /// Our own reaction, set (or cleared) once the server said ok.
+    Reacted {
+        conv: String,
+        seq: u64,
+        emoji: String,
+        on: bool,
+    },
+    /// Search results: the query and one line per hit.
+    Found(String, Vec<SearchHit>),
 }
 
 pub(crate) fn run(args: ChatArgs) -> anyhow::Result<()> {
@@ -80,7 +104,8 @@ pub(crate) fn run(args: ChatArgs) -> anyhow::Result<()> {
             .unwrap_or_default();
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        tokio::spawn(network(session, cmd_rx, ev_tx));
+        let search = Searcher::new(&args.url, args.user.as_deref(), args.token.as_deref());
+        tokio::spawn(network(session, search, cmd_rx, ev_tx));
         if let Some(room) = &args.room {
             let _ = cmd_tx.send(Command::Join(room.clone()));
         }
@@ -95,6 +120,7 @@ pub(crate) fn run(args: ChatArgs) -> anyhow::Result<()> {
 /// Owns the session: forwards pushes to the UI and runs the UI's commands.
 async fn network(
     mut session: Session,
+    search: Searcher,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<NetEvent>,
 ) {
@@ -114,7 +140,7 @@ async fn network(
     }
     loop {
         while let Ok(cmd) = commands.try_recv() {
-            if let Err(e) = command(&mut session, cmd, &events).await {
+            if let Err(e) = command(&mut session, &search, cmd, &events).await {
                 let _ = events.send(NetEvent::Error(e));
             }
         }
@@ -161,19 +187,120 @@ async fn newest_page(session: &mut Session, conv: &str) -> Result<Vec<Message>, 
     Ok(page.messages)
 }
 
+/// `GET /api/search` of the server the chat connects to (HTTP beside its WebSocket).
+struct Searcher {
+    http: reqwest::Client,
+    /// `http://HOST:PORT/api/search`, or why there is none.
+    url: Result<String, String>,
+    user: Option<String>,
+    token: Option<String>,
+}
+
+impl Searcher {
+    fn new(ws_url: &str, user: Option<&str>, token: Option<&str>) -> Searcher {
+        let base = ws_url.trim_end_matches('/').trim_end_matches("/ws");
+        let url = match base.split_once("://") {
+            Some(("ws", rest)) => Ok(format!("http://{rest}/api/search")),
+            Some((scheme, _)) => Err(format!(
+                "/search needs a ws:// server URL (this one is {scheme}://)"
+            )),
+            None => Err(format!("/search: cannot read the server URL {ws_url}")),
+        };
+        Searcher {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
+            url,
+            user: user.map(String::from),
+            token: token.map(String::from),
+        }
+    }
+
+    async fn search(&self, q: &str, conv: Option<&str>) -> Result<Vec<SearchHit>, String> {
+        let url = self.url.clone()?;
+        let mut query: Vec<(&str, &str)> = vec![("q", q), ("limit", "50")];
+        if let Some(conv) = conv {
+            query.push(("conv", conv));
+        }
+        if let (None, Some(user)) = (&self.token, &self.user) {
+            query.push(("user", user));
+        }
+        let mut req = self.http.get(url).query(&query);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let r = req
+            .send()
+            .await
+            .map_err(|e| format!("search failed: {e}"))?;
+        if !r.status().is_success() {
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            return Err(format!(
+                "search: {}",
+                body["message"].as_str().unwrap_or("refused")
+            ));
+        }
+        let page: SearchPage = r.json().await.map_err(|e| format!("search: {e}"))?;
+        Ok(page.results)
+    }
+}
+
 async fn command(
     session: &mut Session,
+    search: &Searcher,
     cmd: Command,
     events: &mpsc::UnboundedSender<NetEvent>,
 ) -> Result<(), String> {
+    if let Command::Search(q) = cmd {
+        let hits = search.search(&q, None).await?;
+        let _ = events.send(NetEvent::Found(q, hits));
+        return Ok(());
+    }
     let Some(client) = session.client() else {
         return Err(NOT_CONNECTED.into());
     };
     let err = |e: ClientError| e.to_string();
     match cmd {
-        Command::Send { conv, text } => {
+        Command::Search(_) => {}
+        Command::React {
+            conv,
+            seq,
+            emoji,
+            on,
+        } => {
+            client.react(&conv, seq, &emoji, on).await.map_err(err)?;
+            let _ = events.send(NetEvent::Reacted {
+                conv,
+                seq,
+                emoji,
+                on,
+            });
+        }
+        Command::Send {
+            conv,
+            text,
+            reply_to,
+        } => {
             // The sending session gets only the `ok`: show the message from it.
-            let sent = client.send_text(&conv, &text).await.map_err(err)?;
+            let cid = client.new_client_msg_id();
+            let content = serde_json::Value::String(text.clone());
+            let sent = client
+                .send_full(
+                    &conv,
+                    &cid,
+                    hubbub_protocol::ContentType::Text,
+                    content,
+                    reply_to,
+                )
+                .await
+                .map_err(err)?;
+            // Its reply reference and mentions as stored.
+            let stored = client
+                .history(&conv, None, Some(sent.seq - 1), Some(1))
+                .await
+                .ok()
+                .and_then(|p| p.messages.into_iter().next());
             let mine = Message {
                 conv: sent.conv,
                 seq: sent.seq,
@@ -185,9 +312,9 @@ async fn command(
                 ts: sent.ts,
                 recalled: false,
                 edited_at: None,
-                reply_to: None,
+                reply_to: stored.as_ref().and_then(|m| m.reply_to.clone()),
                 reactions: Default::default(),
-                mentions: Vec::new(),
+                mentions: stored.map(|m| m.mentions).unwrap_or_default(),
             };
             session.saw(std::slice::from_ref(&mine));
             let _ = events.send(NetEvent::Frame(ServerFrame::Message(mine)));
@@ -244,6 +371,8 @@ struct App {
     /// Lines scrolled up from the bottom of the message pane.
     scroll: u16,
     last_typing_sent: Option<Instant>,
+    /// Search results on screen instead of the conversation (Esc closes them).
+    found: Option<(String, Vec<SearchHit>)>,
     quit: bool,
 }
 
@@ -260,6 +389,7 @@ impl App {
             online_users: HashSet::new(),
             scroll: 0,
             last_typing_sent: None,
+            found: None,
             quit: false,
         }
     }
@@ -295,6 +425,35 @@ impl App {
             }
             NetEvent::Status(s) => self.status = s,
             NetEvent::Error(e) => self.notice = Some(e),
+            NetEvent::Reacted {
+                conv,
+                seq,
+                emoji,
+                on,
+            } => {
+                let me = self.me.clone();
+                self.reaction(&conv, seq, &me, &emoji, on);
+            }
+            NetEvent::Found(q, hits) => {
+                self.notice = Some(format!("{} found for {q:?}; Esc closes", hits.len()));
+                self.found = Some((q, hits));
+            }
+        }
+    }
+
+    /// `user` set (`on`) or cleared `emoji` on message `seq` of `conv`.
+    fn reaction(&mut self, conv: &str, seq: u64, user: &str, emoji: &str, on: bool) {
+        let Some(m) = self.message(conv, seq) else {
+            return;
+        };
+        let users = m.reactions.entry(emoji.to_string()).or_default();
+        users.retain(|u| u != user);
+        if on {
+            users.push(user.to_string());
+            users.sort();
+        }
+        if users.is_empty() {
+            m.reactions.remove(emoji);
         }
     }
 
@@ -342,6 +501,22 @@ impl App {
                     }
                 });
             }
+            ServerFrame::Reaction {
+                conv,
+                seq,
+                user,
+                emoji,
+                on,
+            } => self.reaction(&conv, seq, &user, &emoji, on),
+            ServerFrame::Reactions {
+                conv,
+                seq,
+                reactions,
+            } => {
+                if let Some(m) = self.message(&conv, seq) {
+                    m.reactions = reactions;
+                }
+            }
             ServerFrame::Presence { user, online } => {
                 if online {
                     self.online_users.insert(user);
@@ -371,6 +546,11 @@ impl App {
         match k.code {
             KeyCode::Char('c') | KeyCode::Char('d') if ctrl => {
                 self.quit = true;
+                None
+            }
+            KeyCode::Esc if self.found.is_some() => {
+                self.found = None;
+                self.notice = None;
                 None
             }
             KeyCode::Esc => {
@@ -446,6 +626,7 @@ impl App {
             return Some(Command::Send {
                 conv,
                 text: line.to_string(),
+                reply_to: None,
             });
         };
         let (cmd, arg) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -468,6 +649,51 @@ impl App {
                     None
                 }
             },
+            ("search", false) => Some(Command::Search(arg.to_string())),
+            ("reply", false) => {
+                let conv = self.current.clone()?;
+                match arg
+                    .split_once(' ')
+                    .map(|(s, t)| (s.parse::<u64>(), t.trim()))
+                {
+                    Some((Ok(seq), text)) if !text.is_empty() => Some(Command::Send {
+                        conv,
+                        text: text.to_string(),
+                        reply_to: Some(seq),
+                    }),
+                    _ => {
+                        self.notice = Some("/reply SEQ TEXT".into());
+                        None
+                    }
+                }
+            }
+            ("react", false) => {
+                let conv = self.current.clone()?;
+                match arg
+                    .split_once(' ')
+                    .map(|(s, e)| (s.parse::<u64>(), e.trim()))
+                {
+                    Some((Ok(seq), emoji)) if !emoji.is_empty() => {
+                        // Reacting again with the same emoji takes it back.
+                        let on = !self
+                            .convs
+                            .get(&conv)
+                            .and_then(|v| v.messages.get(&seq))
+                            .and_then(|m| m.reactions.get(emoji))
+                            .is_some_and(|users| users.contains(&self.me));
+                        Some(Command::React {
+                            conv,
+                            seq,
+                            emoji: emoji.to_string(),
+                            on,
+                        })
+                    }
+                    _ => {
+                        self.notice = Some("/react SEQ EMOJI".into());
+                        None
+                    }
+                }
+            }
             ("dm", false) => {
                 let conv = Conv::dm_id(&self.me, arg);
                 self.convs.entry(conv.clone()).or_default();
@@ -476,7 +702,7 @@ impl App {
             }
             _ => {
                 self.notice = Some(
-                    "commands: /join ROOM, /dm USER, /leave [ROOM], /quit; Tab switches, PgUp loads older"
+                    "commands: /join ROOM, /dm USER, /leave [ROOM], /reply SEQ TEXT, /react SEQ EMOJI, /search WORDS, /quit; Tab switches, PgUp loads older"
                         .into(),
                 );
                 None
@@ -545,11 +771,28 @@ fn describe(m: &Message) -> String {
         }
         None => String::new(),
     };
-    if m.edited_at.is_some() {
-        format!("{body} (edited)")
-    } else {
-        body
+    let mut out = String::new();
+    if let Some(r) = &m.reply_to {
+        let quoted = r
+            .excerpt
+            .as_deref()
+            .map(clean)
+            .unwrap_or_else(|| "…".into());
+        out.push_str(&format!("[↪ #{} {}: {}] ", r.seq, clean(&r.from), quoted));
     }
+    out.push_str(&body);
+    if m.edited_at.is_some() {
+        out.push_str(" (edited)");
+    }
+    if !m.reactions.is_empty() {
+        let counts: Vec<String> = m
+            .reactions
+            .iter()
+            .map(|(e, users)| format!("{}{}", clean(e), users.len()))
+            .collect();
+        out.push_str(&format!("  [{}]", counts.join(" ")));
+    }
+    out
 }
 
 fn title(conv: &str, me: &str) -> String {
@@ -609,37 +852,68 @@ fn draw(f: &mut Frame, app: &App) {
             Constraint::Length(3),
         ])
         .split(cols[1]);
-    let (heading, lines) = match app
-        .current
-        .as_ref()
-        .and_then(|c| app.convs.get(c).map(|v| (c, v)))
-    {
-        Some((conv, v)) => {
-            let online = v
-                .online
-                .map(|n| format!(" · {n} online"))
-                .unwrap_or_default();
-            let lines: Vec<Line> = v
-                .messages
-                .values()
-                .map(|m| {
+    let (heading, lines) = match (
+        &app.found,
+        app.current
+            .as_ref()
+            .and_then(|c| app.convs.get(c).map(|v| (c, v))),
+    ) {
+        (Some((q, hits)), _) => (
+            format!(" search: {} ", clean(q)),
+            hits.iter()
+                .map(|h| {
                     Line::from(vec![
-                        Span::styled(hhmm(m.ts), Style::default().fg(Color::DarkGray)),
+                        Span::styled(
+                            format!("{} #{}", title(&h.conv, &app.me), h.seq),
+                            Style::default().fg(Color::DarkGray),
+                        ),
                         Span::raw(" "),
                         Span::styled(
-                            format!("{}:", clean(&m.from)),
+                            format!("{}:", clean(&h.from)),
                             Style::default().add_modifier(Modifier::BOLD),
                         ),
-                        Span::raw(format!(" {}", describe(m))),
+                        Span::raw(format!(" {}", clean(&h.highlight))),
                     ])
                 })
-                .collect();
-            (format!(" {}{online} ", title(conv, &app.me)), lines)
-        }
-        None => (
-            " no conversation ".to_string(),
-            vec![Line::from("Type /join ROOM or /dm USER to start.")],
+                .collect(),
         ),
+        (None, found) => match found {
+            Some((conv, v)) => {
+                let online = v
+                    .online
+                    .map(|n| format!(" · {n} online"))
+                    .unwrap_or_default();
+                let lines: Vec<Line> = v
+                    .messages
+                    .values()
+                    .map(|m| {
+                        // Messages that mention me stand out.
+                        let body = if m.mentions.contains(&app.me) {
+                            Style::default().fg(Color::Yellow)
+                        } else {
+                            Style::default()
+                        };
+                        Line::from(vec![
+                            Span::styled(
+                                format!("{} #{}", hhmm(m.ts), m.seq),
+                                Style::default().fg(Color::DarkGray),
+                            ),
+                            Span::raw(" "),
+                            Span::styled(
+                                format!("{}:", clean(&m.from)),
+                                Style::default().add_modifier(Modifier::BOLD),
+                            ),
+                            Span::styled(format!(" {}", describe(m)), body),
+                        ])
+                    })
+                    .collect();
+                (format!(" {}{online} ", title(conv, &app.me)), lines)
+            }
+            None => (
+                " no conversation ".to_string(),
+                vec![Line::from("Type /join ROOM or /dm USER to start.")],
+            ),
+        },
     };
     let height = rows[0].height.saturating_sub(2);
     let total = lines.len() as u16;
@@ -690,6 +964,54 @@ mod tests {
     }
 
     #[test]
+    fn replies_and_reactions_are_shown_and_a_second_react_takes_it_back() {
+        let mut app = App::new("alice".into());
+        app.net(NetEvent::Joined("room:t".into()));
+        let msg = |seq: u64| Message {
+            conv: "room:t".into(),
+            seq,
+            msg_id: format!("m{seq}"),
+            from: "bob".into(),
+            client_msg_id: format!("c{seq}"),
+            content_type: hubbub_protocol::ContentType::Text,
+            content: Some(serde_json::json!("hi")),
+            ts: 0,
+            recalled: false,
+            edited_at: None,
+            reply_to: None,
+            reactions: Default::default(),
+            mentions: Vec::new(),
+        };
+        let mut reply = msg(2);
+        reply.reply_to = Some(Box::new(hubbub_protocol::ReplyRef {
+            seq: 1,
+            from: "bob".into(),
+            excerpt: Some("hi".into()),
+        }));
+        app.net(NetEvent::Page("room:t".into(), vec![msg(1), reply]));
+        app.frame(ServerFrame::Reaction {
+            conv: "room:t".into(),
+            seq: 1,
+            user: "bob".into(),
+            emoji: "👍".into(),
+            on: true,
+        });
+        app.net(NetEvent::Reacted {
+            conv: "room:t".into(),
+            seq: 1,
+            emoji: "👍".into(),
+            on: true,
+        });
+        let v = &app.convs["room:t"];
+        assert_eq!(describe(&v.messages[&1]), "hi  [👍2]");
+        assert_eq!(describe(&v.messages[&2]), "[↪ #1 bob: hi] hi");
+        assert!(matches!(
+            app.submit("/react 1 👍"),
+            Some(Command::React { on: false, .. })
+        ));
+    }
+
+    #[test]
     fn slash_commands() {
         let mut app = App::new("alice".into());
         assert!(matches!(app.submit("/join lobby"), Some(Command::Join(r)) if r == "lobby"));
@@ -698,6 +1020,18 @@ mod tests {
         assert!(
             matches!(app.submit("hello"), Some(Command::Send { conv, .. }) if conv == "dm:alice:bob")
         );
+        assert!(matches!(
+            app.submit("/reply 3 sure"),
+            Some(Command::Send { reply_to: Some(3), text, .. }) if text == "sure"
+        ));
+        assert!(matches!(
+            app.submit("/react 2 👍"),
+            Some(Command::React { seq: 2, on: true, emoji, .. }) if emoji == "👍"
+        ));
+        assert!(
+            matches!(app.submit("/search deploy plan"), Some(Command::Search(q)) if q == "deploy plan")
+        );
+        assert!(app.submit("/reply x").is_none());
         assert!(app.submit("/nonsense").is_none());
         assert!(app.notice.is_some());
         app.submit("/quit");

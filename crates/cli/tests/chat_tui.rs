@@ -136,6 +136,44 @@ async fn typed_text_reaches_another_client_and_theirs_appears_on_screen() {
         "{screen}"
     );
 
+    // 1.1 from the terminal: a reply to bob's message (seq 2), a reaction on it that
+    // bob is pushed, and a search whose results show the matches.
+    tui.keys(&["/reply 2 glad you came", "Enter"]);
+    let got = bob
+        .wait_for(WAIT, |f| matches!(f, ServerFrame::Message(_)))
+        .await
+        .unwrap();
+    let ServerFrame::Message(m) = got else {
+        unreachable!()
+    };
+    assert_eq!(m.reply_to.map(|r| r.seq), Some(2));
+    tui.wait_for("the quote", |s| {
+        s.contains("[↪ #2 bob: hi alice, bob here] glad you came")
+    });
+    tui.keys(&["/react 2 ok", "Enter"]);
+    let got = bob
+        .wait_for(WAIT, |f| matches!(f, ServerFrame::Reaction { .. }))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            got,
+            ServerFrame::Reaction {
+                seq: 2,
+                on: true,
+                ..
+            }
+        ),
+        "{got:?}"
+    );
+    tui.wait_for("the reaction count", |s| s.contains("[ok1]"));
+    tui.keys(&["/search termin", "Enter"]);
+    tui.wait_for("the search results", |s| {
+        s.contains("search: termin") && s.contains("[terminal]")
+    });
+    tui.keys(&["Escape"]);
+    tui.wait_for("the room again", |s| s.contains("glad you came"));
+
     // The server goes away and comes back on the same address: the client reconnects
     // and catches up what was sent meanwhile.
     let addr = server.addr.clone();
@@ -153,7 +191,12 @@ async fn typed_text_reaches_another_client_and_theirs_appears_on_screen() {
     let screen = tui.wait_for("the catch-up", |s| {
         s.contains("bob: sent while you were away") && s.contains("caught up")
     });
-    assert_eq!(screen.matches("hi alice, bob here").count(), 1, "{screen}");
+    // Once, not repeated by the catch-up (the reply quotes it, on its own line).
+    let shown = screen
+        .lines()
+        .filter(|l| l.contains("#2 bob: hi alice, bob here") && !l.contains('↪'))
+        .count();
+    assert_eq!(shown, 1, "{screen}");
 
     // Slash commands: a DM, then quitting restores the terminal and ends the process.
     tui.keys(&["/dm bob", "Enter"]);
