@@ -618,7 +618,7 @@ function onFrame(f) {
       if (typeof f.id === 'string' && signalPeers.has(f.id)) {
         const peer = signalPeers.get(f.id);
         signalPeers.delete(f.id);
-        if (calls.active) calls.end(f.code === 'not_found' ? `${peer} is not online` : `Call failed: ${f.message}`, true);
+        if (calls.active) calls.end(f.code === 'not_found' ? `${peer} is offline` : `Call failed: ${f.message}`, true);
       } else if (f.message) {
         toast(f.message);
       }
