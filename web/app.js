@@ -6,7 +6,7 @@
 import { Connection } from './conn.js';
 import { Calls } from './call.js';
 import { richText } from './render.js';
-import { askOnGesture, notify, setUnreadTitle } from './notify.js';
+import { notify, permissionButton, setUnreadTitle } from './notify.js';
 import { initSearch } from './search.js';
 
 const $ = (id) => document.getElementById(id);
@@ -402,7 +402,7 @@ function startChat() {
     return;
   }
   me = auth.user;
-  askOnGesture();
+  permissionButton($('notify-btn'));
   $('signin').hidden = true;
   $('app').hidden = false;
   $('me-name').textContent = me;

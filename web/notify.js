@@ -1,5 +1,5 @@
-// Desktop notifications and the unread total in the tab title. Permission is asked after
-// the first click or form submission in the page (browsers refuse, or nag, when asked on
+// Desktop notifications and the unread total in the tab title. Permission is asked by a
+// button in the sidebar ("Turn on notifications"; browsers refuse, or nag, when asked on
 // load), and a notification is shown only while the page is hidden.
 
 const BASE_TITLE = 'hubbub';
@@ -14,24 +14,17 @@ function supported() {
 }
 
 /**
- * Asks for permission after the first click or form submission of the page. The request
- * waits until the gesture's own handlers ran, so that it never takes the user activation
- * another control needs (a file picker opens only with one).
+ * The button that asks for permission: shown while the browser has not been asked yet,
+ * so that the request always comes from a click meant for it (never on load, and never
+ * taking the user activation another control needs, such as a file picker).
  */
-export function askOnGesture() {
-  const events = ['click', 'submit'];
-  const ask = (ev) => {
-    if (ev.target instanceof Element && ev.target.closest('#attach-btn, input[type="file"]')) return;
-    for (const e of events) window.removeEventListener(e, ask, true);
-    setTimeout(() => {
-      if (!supported() || Notification.permission !== 'default') return;
-      try {
-        const r = Notification.requestPermission();
-        if (r && typeof r.catch === 'function') r.catch(() => {});
-      } catch { /* old browsers: callback form only */ }
-    }, 0);
-  };
-  for (const e of events) window.addEventListener(e, ask, true);
+export function permissionButton(btn) {
+  const show = () => { btn.hidden = !supported() || Notification.permission !== 'default'; };
+  btn.addEventListener('click', async () => {
+    try { await Notification.requestPermission(); } catch { /* dismissed */ }
+    show();
+  });
+  show();
 }
 
 /**

@@ -534,19 +534,26 @@ async function main() {
     await quinn.context.addInitScript(() => {
       window.__notes = [];
       window.__asked = 0;
-      let perm = 'default';
+      // The answer is kept across reloads, as a browser keeps it.
+      const kept = () => { try { return localStorage.getItem('test.permission') || 'default'; } catch { return 'default'; } };
       class FakeNotification {
         constructor(title, opts) { window.__notes.push({ title, body: opts && opts.body }); }
-        static get permission() { return perm; }
-        static requestPermission() { window.__asked++; perm = 'granted'; return Promise.resolve(perm); }
+        static get permission() { return kept(); }
+        static requestPermission() {
+          window.__asked++;
+          localStorage.setItem('test.permission', 'granted');
+          return Promise.resolve('granted');
+        }
         close() {}
       }
       window.Notification = FakeNotification;
     });
     for (const [u, n] of [[pat, 'pat'], [quinn, 'quinn'], [rita, 'rita']]) await signInGuest(u.page, n);
-    assert(await quinn.page.evaluate(() => window.__asked) === 0, 'no notification permission asked on load');
     for (const u of [pat, quinn, rita]) await joinRoom(u.page, 'crew');
-    assert(await quinn.page.evaluate(() => window.__asked) === 1, 'permission asked on the first click');
+    assert(await quinn.page.evaluate(() => window.__asked) === 0, 'no notification permission asked on load or by other clicks');
+    await quinn.page.getByRole('button', { name: 'Turn on notifications', exact: true }).click();
+    await until(async () => (await quinn.page.evaluate(() => window.__asked)) === 1, 'permission asked by the button');
+    await until(async () => quinn.page.getByRole('button', { name: 'Turn on notifications', exact: true }).isHidden(), 'the button gone once allowed');
     await say(pat.page, 'the plan is ready');
     await seeMessage(quinn.page, 'the plan is ready');
     // Reply, then cancel with Escape: nothing is quoted.
