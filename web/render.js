@@ -85,7 +85,7 @@ function inline(parent, text, opts, depth = 0) {
       if (name) {
         flush();
         const span = document.createElement('span');
-        span.className = name === opts.me ? 'mention me' : 'mention';
+        span.className = name === opts.me ? 'mention to-me' : 'mention';
         span.textContent = '@' + name;
         parent.append(span);
         i += 1 + name.length;

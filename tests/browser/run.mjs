@@ -628,6 +628,7 @@ async function main() {
     quinnLink.away = false;
     await connected(quinn.page, 20000);
     await until(async () => (await on(quinn.page, 'sounds good').allTextContents()).sort().join(' ') === ['👍1', '🎉1'].sort().join(' '), 'the reaction made while away', 15000);
+    await shot(quinn.page, 'desktop-replies-reactions');
   });
 
   await test('mentions: autocomplete from the members, highlighted, counted apart; notifications and the title while hidden; a New messages divider', async () => {
@@ -647,11 +648,12 @@ async function main() {
     assert(await list.isHidden() && await input.inputValue() === 'hi @rita and @p', 'Escape closes the list only');
     await input.pressSequentially('a');
     await until(async () => (await list.getByRole('option').allTextContents()).join() === 'pat', 'pat offered');
+    await shot(quinn.page, 'desktop-mention');
     await input.press('Enter');
     assert(await input.inputValue() === 'hi @rita and @pat ', 'Enter picks');
     await input.press('Enter');
     const sent = msgLi(pat.page, 'hi @rita and @pat');
-    await until(async () => (await sent.locator('.mention.me').textContent()) === '@pat', 'pat sees the mention of pat highlighted');
+    await until(async () => (await sent.locator('.mention.to-me').textContent()) === '@pat', 'pat sees the mention of pat highlighted');
     assert(await sent.locator('.mention').count() === 2, 'both mentions shown');
 
     // quinn looks at another room; the mentions of crew are counted apart.
@@ -684,7 +686,7 @@ async function main() {
     await until(async () => (await divider.count()) === 1, 'a New messages divider');
     assert((await divider.locator('.bubble').textContent()) === 'plain news', 'at the first unread message');
     assert((await divider.locator('.new-divider').textContent()) === 'New messages', 'the divider says so');
-    assert(await msgLi(quinn.page, 'over to you @quinn.').locator('.mention.me').count() === 1, 'the mention of quinn highlighted');
+    assert(await msgLi(quinn.page, 'over to you @quinn.').locator('.mention.to-me').count() === 1, 'the mention of quinn highlighted');
     await until(async () => (await crewItem.locator('.mention-badge').count()) === 0, 'the mention badge gone once read');
     await until(async () => (await quinn.page.title()) === '(1) hubbub', 'the title counts what is left unread');
   });
@@ -712,6 +714,7 @@ async function main() {
     assert((await hits.first().locator('.hit-conv').textContent()) === '#side', 'newest first, every conversation');
     await page.getByRole('button', { name: 'More results' }).click();
     await until(async () => (await hits.count()) === 40, 'the next page');
+    await shot(page, 'desktop-search');
     await page.locator('#room-list').getByRole('button', { name: /crew/ }).click();
     await page.getByLabel('This conversation only').check();
     await page.getByRole('button', { name: 'Search', exact: true }).click();
@@ -737,6 +740,7 @@ async function main() {
     assert(await quinn.page.getByRole('button', { name: /^Remove / }).count() === 0, 'no Remove for a member');
     await pat.page.locator('#room-list').getByRole('button', { name: /crew/ }).click();
     await pat.page.getByRole('button', { name: 'Members', exact: true }).click();
+    await shot(pat.page, 'desktop-members');
     await pat.page.getByRole('button', { name: 'Remove rita' }).click();
     await pat.page.getByRole('alertdialog').getByRole('button', { name: 'Remove', exact: true }).click();
     await until(async () => /removed from #crew by pat/.test(await rita.page.locator('#toast').textContent()), 'rita is told');
