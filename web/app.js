@@ -1911,7 +1911,8 @@ async function openAt(id, seq) {
 initSearch({
   api,
   el,
-  timeText,
+  // Results always carry their day: "Today, 10:37", "Yesterday, 10:37", "3 Nov, 10:37".
+  timeText: (ts) => (daysAgo(ts) <= 1 ? `${dayLabel(ts)}, ${timeText(ts)}` : timeText(ts)),
   convTitle: (id) => {
     const c = convs.get(id) || { id, kind: id.startsWith('room:') ? 'room' : 'dm' };
     return c.kind === 'room' ? `#${id.slice(5)}` : peerOf(c);

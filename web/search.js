@@ -50,6 +50,9 @@ export function initSearch(ui) {
       ui.el('span', 'hit-from', hit.from),
       ui.el('time', 'hit-time', ui.timeText(hit.ts)),
     );
+    const t = head.lastElementChild;
+    t.dateTime = new Date(hit.ts).toISOString();
+    t.title = new Date(hit.ts).toLocaleString([], { dateStyle: 'full', timeStyle: 'short' });
     const text = ui.el('span', 'hit-text');
     text.append(highlighted(typeof hit.highlight === 'string' ? hit.highlight : String(hit.content || '')));
     b.append(head, text);

@@ -706,7 +706,7 @@ async function main() {
     assert(await hits.locator('.hit-text').textContent() === '<b>deploy</b> tonight', 'the text shown as text');
     assert(await page.locator('#search-results b').count() === 0, 'no element from the message');
     assert((await hits.locator('.hit-conv').textContent()) === '#crew' && (await hits.locator('.hit-from').textContent()) === 'pat', 'conversation and sender');
-    assert(/\d/.test(await hits.locator('.hit-time').textContent()), 'a date');
+    assert(/^Today, .*\d/.test(await hits.locator('.hit-time').textContent()), `a date (${await hits.locator('.hit-time').textContent()})`);
     // More than a page, then only this conversation.
     await page.getByRole('searchbox', { name: 'Search messages' }).fill('crew filler');
     await page.getByRole('button', { name: 'Search', exact: true }).click();
