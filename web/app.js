@@ -1,9 +1,13 @@
 // hubbub web UI: sign-in, conversations, messages, presence, typing, receipts,
-// attachments and calls, over the wire protocol in docs/PROTOCOL.md only.
-// Every piece of user-provided text is put in the page with textContent, never as HTML.
+// attachments, replies, reactions, mentions, members and calls, over the wire protocol
+// in docs/PROTOCOL.md only. Every piece of user-provided text is put in the page with
+// textContent (rich text: render.js builds nodes), never as HTML.
 
 import { Connection } from './conn.js';
 import { Calls } from './call.js';
+import { richText } from './render.js';
+import { notify, permissionButton, setUnreadTitle } from './notify.js';
+import { initSearch } from './search.js';
 
 const $ = (id) => document.getElementById(id);
 const GUEST = document.querySelector('meta[name="hubbub-guest"]')?.content === 'on';
@@ -26,6 +30,8 @@ let current = null;
 const online = new Map();
 let lastTypingSent = 0;
 let editing = null; // { conv, seq }
+let replying = null; // { conv, seq, from, excerpt }
+const REACTIONS = ['👍', '❤️', '😂', '🎉', '😮', '😢'];
 let sigId = 0;
 const signalPeers = new Map(); // signal request id -> peer
 
@@ -204,6 +210,9 @@ function convOf(id) {
       lastSeq: 0, // newest seq the server told us of
       maxSeen: 0, // newest seq held in `msgs` (loaded conversations)
       unread: 0,
+      mentions: 0, // unread messages that mention me
+      dividerSeq: null, // the first unread message when the conversation was opened
+      members: null, // [{user, role, online}] from the members endpoint
       msgs: new Map(), // seq -> message
       els: new Map(), // seq -> <li>
       pending: new Map(), // client_msg_id -> { frame, li }
@@ -393,6 +402,7 @@ function startChat() {
     return;
   }
   me = auth.user;
+  permissionButton($('notify-btn'));
   $('signin').hidden = true;
   $('app').hidden = false;
   $('me-name').textContent = me;
@@ -509,7 +519,10 @@ async function refreshConversations() {
   for (const info of r.conversations) {
     const c = convOf(info.conv);
     c.lastSeq = Math.max(c.lastSeq, info.last_seq);
-    if (c !== current) c.unread = info.unread;
+    if (c !== current) {
+      c.unread = info.unread;
+      c.mentions = info.mentions || 0;
+    }
   }
   renderConvList();
 }
@@ -572,7 +585,19 @@ function queryPresence(users, now = false) {
 function onFrame(f) {
   switch (f.type) {
     case 'message': onMessage(f); break;
+    case 'reaction': {
+      const c = convs.get(f.conv);
+      if (c) setReaction(c, f.seq, f.user, f.emoji, f.on !== false);
+      break;
+    }
+    case 'reactions': {
+      const c = convs.get(f.conv);
+      const m = c && c.msgs.get(f.seq);
+      if (m && !m.recalled) { m.reactions = f.reactions || {}; rerender(c, m); }
+      break;
+    }
     case 'member': {
+      if (f.event === 'removed') { onRemoved(f); break; }
       const c = convOf(f.conv);
       if (typeof f.online === 'number') c.online = f.online;
       if (f.event === 'joined') {
@@ -581,6 +606,8 @@ function onFrame(f) {
       } else if (f.event === 'left') {
         c.people.delete(f.user);
       }
+      c.members = null;
+      if (c === current && !$('members').hidden) loadMembers(c);
       renderPresence();
       break;
     }
@@ -604,12 +631,18 @@ function onFrame(f) {
       const c = convs.get(f.conv);
       const m = c && c.msgs.get(f.seq);
       if (m) { m.recalled = true; m.content = null; rerender(c, m); }
+      if (c) rerenderReplies(c, f.seq);
       break;
     }
     case 'edited': {
       const c = convs.get(f.conv);
       const m = c && c.msgs.get(f.seq);
-      if (m) { m.content = f.content; m.edited_at = f.edited_at; rerender(c, m); }
+      if (m) {
+        m.content = f.content;
+        m.edited_at = f.edited_at;
+        if ('mentions' in f || Array.isArray(m.mentions)) m.mentions = f.mentions || [];
+        rerender(c, m);
+      }
       break;
     }
     case 'signal': calls.onSignal(f); break;
@@ -633,8 +666,14 @@ function onMessage(m) {
   clearTyping(c, m.from);
   const isNew = m.seq > c.lastSeq;
   c.lastSeq = Math.max(c.lastSeq, m.seq);
+  const mentionsMe = m.from !== me && Array.isArray(m.mentions) && m.mentions.includes(me);
+  if (isNew && m.from !== me && (c.kind === 'dm' || mentionsMe)) {
+    const text = m.content_type === 'text' && typeof m.content === 'string' ? m.content : `[${m.content_type}]`;
+    notify(c.kind === 'dm' ? m.from : `${m.from} in #${title(c)}`, text.slice(0, 200), c.id, () => openAt(c.id, m.seq));
+  }
   if (!c.loaded) {
     if (isNew && m.from !== me) c.unread++;
+    if (isNew && mentionsMe) c.mentions++;
     renderConvItem(c);
     return;
   }
@@ -643,9 +682,54 @@ function onMessage(m) {
     fillGap(c);
   }
   const added = addMessage(c, m);
-  if (added && m.from !== me && !(c === current && atBottom() && !document.hidden)) c.unread++;
+  if (added && m.from !== me && !(c === current && atBottom() && !document.hidden)) {
+    c.unread++;
+    if (mentionsMe) c.mentions++;
+  }
   if (c === current) markRead(c);
   renderConvItem(c);
+}
+
+/** `member` with `removed`: the removed user loses the room; the others are told. */
+function onRemoved(f) {
+  const c = convs.get(f.conv);
+  const room = f.conv.slice(5);
+  if (f.user === me) {
+    toast(`You were removed from #${room}${f.by ? ` by ${f.by}` : ''}.`);
+    if (!c) return;
+    if (replying && replying.conv === c.id) stopReply();
+    convs.delete(c.id);
+    if (current === c) {
+      current = null;
+      sessionStorage.removeItem('hubbub.current');
+      closeMembers();
+      $('log').hidden = true;
+      $('composer').hidden = true;
+      $('empty').hidden = false;
+      $('people').hidden = true;
+      $('conv-title').textContent = 'Welcome';
+      $('conv-sub').textContent = '';
+      $('members-btn').hidden = true;
+      $('typing').textContent = '';
+      $('app').classList.remove('show-main');
+    }
+    renderConvList();
+    refreshRoomsSoon();
+    return;
+  }
+  if (!c) return;
+  if (typeof f.online === 'number') c.online = f.online;
+  c.people.delete(f.user);
+  c.members = null;
+  if (c === current) {
+    const note = el('li', 'event', `${f.user} was removed by ${f.by || 'an admin'}`);
+    note.dataset.seq = String(c.maxSeen);
+    note.setAttribute('role', 'status');
+    $('log').append(note);
+    if (atBottom(200)) scrollToBottom();
+    if (!$('members').hidden) loadMembers(c);
+  }
+  renderPresence();
 }
 
 function onTyping(f) {
@@ -698,14 +782,14 @@ function loadLatest(c) {
   return c.loading;
 }
 
-async function loadOlder(c) {
+async function loadOlder(c, limit = PAGE) {
   if (c.loadingOlder || !c.hasMore || !c.loaded) return;
   const min = Math.min(...c.msgs.keys());
   if (!Number.isFinite(min) || min <= 1) { c.hasMore = false; renderTop(c); return; }
   c.loadingOlder = true;
   renderTop(c);
   try {
-    const page = await fetchPage(c, { before_seq: min });
+    const page = await fetchPage(c, { before_seq: min, limit });
     const log = $('log');
     const before = log.scrollHeight - log.scrollTop;
     for (const m of page.messages) addMessage(c, m);
@@ -801,6 +885,7 @@ function fixDay(li) {
   if (!li.classList.contains('msg')) return;
   let n = li.previousElementSibling;
   while (n && n.classList.contains('day-sep')) { const p = n.previousElementSibling; n.remove(); n = p; }
+  while (n && n.classList.contains('event')) n = n.previousElementSibling;
   const ts = Number(li.dataset.ts);
   if (n && n.classList.contains('msg') && dayKey(Number(n.dataset.ts)) === dayKey(ts)) return;
   const sep = el('li', 'day-sep');
@@ -861,6 +946,13 @@ function renderMessage(c, m, pending = false) {
   if (!pending) li.dataset.seq = String(m.seq);
   li.dataset.from = m.from;
   li.dataset.ts = String(m.ts || Date.now());
+  if (!pending && c.dividerSeq === m.seq) {
+    li.classList.add('unread-start');
+    const d = el('div', 'new-divider');
+    d.setAttribute('role', 'separator');
+    d.append(el('span', null, 'New messages'));
+    li.append(d);
+  }
   li.append(avatar(m.from));
   const wrap = el('div', 'wrap');
   const meta = el('div', 'meta');
@@ -873,41 +965,163 @@ function renderMessage(c, m, pending = false) {
   meta.append(t);
   if (m.edited_at && !m.recalled) meta.append(el('span', 'edited', '(edited)'));
   wrap.append(meta);
+  if (m.reply_to && !m.recalled) wrap.append(renderQuote(c, m.reply_to));
   const bubble = el('div', m.content_type === 'image' && !m.recalled ? 'bubble media' : 'bubble');
-  if (mine && !pending && !m.recalled) bubble.tabIndex = 0; // a tap shows the actions on touch screens
+  if (!pending && !m.recalled) bubble.tabIndex = 0; // a tap shows the actions on touch screens
   if (m.recalled) {
     bubble.append(el('span', 'recalled-text', 'Message recalled'));
   } else {
     bubble.append(renderContent(m));
   }
+  if (!m.recalled && Array.isArray(m.mentions) && m.mentions.includes(me) && !mine) li.classList.add('mentions-me');
   wrap.append(bubble);
+  if (!pending && !m.recalled && m.reactions && Object.keys(m.reactions).length) wrap.append(renderReactions(c, m));
   if (pending) {
     wrap.append(el('div', 'state', 'Sending…'));
-  } else if (mine && !m.recalled) {
+  } else if (!m.recalled) {
     const actions = el('div', 'actions');
-    if (m.content_type === 'text') {
-      const e = el('button', 'link', 'Edit');
-      e.type = 'button';
-      e.setAttribute('aria-label', 'Edit message');
-      e.addEventListener('click', () => startEdit(c, m));
-      actions.append(e);
-    }
-    const r = el('button', 'link', 'Recall');
-    r.type = 'button';
-    r.setAttribute('aria-label', 'Recall message');
-    r.addEventListener('click', () => recall(c, m));
-    actions.append(r);
+    const action = (label, aria, fn) => {
+      const b = el('button', 'link', label);
+      b.type = 'button';
+      b.setAttribute('aria-label', aria);
+      b.addEventListener('click', fn);
+      actions.append(b);
+      return b;
+    };
+    action('Reply', 'Reply to message', () => startReply(c, m));
+    const react = action('React', 'Add reaction', () => togglePicker(c, m, react));
+    react.setAttribute('aria-expanded', 'false');
+    if (mine && m.content_type === 'text') action('Edit', 'Edit message', () => startEdit(c, m));
+    if (mine) action('Recall', 'Recall message', () => recall(c, m));
     wrap.append(actions);
   }
   li.append(wrap);
   return li;
 }
 
+/** Shows the replies to message `seq` again (their quote follows a recall). */
+function rerenderReplies(c, seq) {
+  for (const r of c.msgs.values()) if (r.reply_to && r.reply_to.seq === seq) rerender(c, r);
+}
+
+/** The quote of a reply: who wrote the answered message and how it starts. */
+function renderQuote(c, r) {
+  const q = el('button', 'quote');
+  q.type = 'button';
+  q.setAttribute('aria-label', `Replying to ${r.from}: show the message`);
+  q.append(el('span', 'quote-from', r.from));
+  const held = c.msgs.get(r.seq);
+  const gone = held ? held.recalled : typeof r.excerpt !== 'string';
+  const text = held && held.recalled ? 'Message recalled'
+    : typeof r.excerpt === 'string' ? r.excerpt
+      : held && held.content_type !== 'text' ? `[${held.content_type}]` : 'Message recalled';
+  q.append(el('span', gone ? 'quote-text gone' : 'quote-text', text));
+  q.addEventListener('click', () => jumpTo(c, r.seq));
+  return q;
+}
+
+/** Counts per emoji under a message; the title says who; a click toggles one's own. */
+function renderReactions(c, m) {
+  const box = el('div', 'reactions');
+  for (const [emoji, users] of Object.entries(m.reactions)) {
+    if (!Array.isArray(users) || users.length === 0) continue;
+    const mineToo = users.includes(me);
+    const b = el('button', mineToo ? 'reaction mine' : 'reaction');
+    b.type = 'button';
+    b.append(el('span', 'emoji', emoji), el('span', 'count', String(users.length)));
+    b.title = users.join(', ');
+    b.setAttribute('aria-pressed', String(mineToo));
+    b.setAttribute('aria-label', `${emoji} ${users.length}: ${users.join(', ')}`);
+    b.addEventListener('click', () => react(c, m, emoji, !mineToo));
+    box.append(b);
+  }
+  return box;
+}
+
+function togglePicker(c, m, anchor) {
+  const open = document.querySelector('.picker');
+  if (open) {
+    const same = open.dataset.seq === String(m.seq);
+    closePicker();
+    if (same) return;
+  }
+  const p = el('div', 'picker');
+  p.dataset.seq = String(m.seq);
+  p.setAttribute('role', 'group');
+  p.setAttribute('aria-label', 'Reactions');
+  for (const emoji of REACTIONS) {
+    const b = el('button', 'pick', emoji);
+    b.type = 'button';
+    b.setAttribute('aria-label', `React with ${emoji}`);
+    b.addEventListener('click', () => {
+      closePicker();
+      const users = (m.reactions && m.reactions[emoji]) || [];
+      react(c, m, emoji, !users.includes(me));
+    });
+    p.append(b);
+  }
+  anchor.setAttribute('aria-expanded', 'true');
+  anchor.closest('.wrap').append(p);
+  p.firstElementChild.focus();
+}
+
+function closePicker() {
+  for (const p of document.querySelectorAll('.picker')) {
+    const b = p.parentElement && p.parentElement.querySelector('[aria-label="Add reaction"]');
+    if (b) b.setAttribute('aria-expanded', 'false');
+    p.remove();
+  }
+}
+
+document.addEventListener('click', (ev) => {
+  if (!ev.target.closest('.picker') && !ev.target.closest('[aria-label="Add reaction"]')) closePicker();
+});
+document.addEventListener('keydown', (ev) => { if (ev.key === 'Escape') closePicker(); });
+
+/** Applies a reaction change to a held message. */
+function setReaction(c, seq, user, emoji, on) {
+  const m = c.msgs.get(seq);
+  if (!m || m.recalled) return;
+  const r = { ...(m.reactions || {}) };
+  const users = new Set(r[emoji] || []);
+  if (on) users.add(user); else users.delete(user);
+  if (users.size) r[emoji] = [...users].sort(); else delete r[emoji];
+  m.reactions = r;
+  rerender(c, m);
+}
+
+async function react(c, m, emoji, on) {
+  try {
+    await conn.request({ type: 'react', conv: c.id, seq: m.seq, emoji, on });
+    setReaction(c, m.seq, me, emoji, on);
+  } catch (e) {
+    toast(`Could not react: ${e.message}`);
+  }
+}
+
+/** Scrolls to message `seq` (loading older pages until it is held) and flashes it. */
+async function jumpTo(c, seq) {
+  for (let i = 0; i < 50 && c === current && !c.els.has(seq) && c.hasMore; i++) {
+    if (c.loadingOlder) { await new Promise((r) => setTimeout(r, 100)); continue; }
+    const min = Math.min(...c.msgs.keys());
+    if (!Number.isFinite(min) || min <= seq) break;
+    await loadOlder(c, Math.min(200, min - seq + 10));
+  }
+  const li = c.els.get(seq);
+  if (!li || c !== current) { if (c === current) toast('That message is not available.'); return; }
+  li.scrollIntoView({ block: 'center' });
+  li.classList.remove('flash');
+  void li.offsetWidth;
+  li.classList.add('flash');
+  setTimeout(() => li.classList.remove('flash'), 2000);
+}
+
 function renderContent(m) {
   const ct = m.content_type;
   if (ct === 'text' || ct === 'system' || typeof m.content === 'string') {
     const d = el('div', ct === 'system' ? 'text system' : 'text');
-    d.textContent = typeof m.content === 'string' ? m.content : JSON.stringify(m.content);
+    if (ct === 'text' && typeof m.content === 'string') d.append(richText(m.content, { me, mentions: m.mentions }));
+    else d.textContent = typeof m.content === 'string' ? m.content : JSON.stringify(m.content);
     return d;
   }
   const c = m.content || {};
@@ -1005,8 +1219,15 @@ function renderTyping() {
 async function sendMessage(c, contentType, content) {
   const cmid = uid('w-');
   const frame = { type: 'send', conv: c.id, client_msg_id: cmid, content_type: contentType, content };
-  const p = { frame, li: null, inflight: false };
-  p.li = renderMessage(c, { from: me, content_type: contentType, content, ts: Date.now() }, true);
+  let reply = null;
+  if (replying && replying.conv === c.id) {
+    frame.reply_to = replying.seq;
+    reply = { seq: replying.seq, from: replying.from };
+    if (typeof replying.excerpt === 'string') reply.excerpt = replying.excerpt;
+    stopReply();
+  }
+  const p = { frame, li: null, inflight: false, reply };
+  p.li = renderMessage(c, { from: me, content_type: contentType, content, ts: Date.now(), reply_to: reply }, true);
   c.pending.set(cmid, p);
   if (c === current) {
     $('log').append(p.li);
@@ -1028,6 +1249,8 @@ async function trySend(c, p) {
     addMessage(c, {
       conv: c.id, seq: ok.seq, msg_id: ok.msg_id, from: me, client_msg_id: p.frame.client_msg_id,
       content_type: p.frame.content_type, content: p.frame.content, ts: ok.ts,
+      ...(p.reply ? { reply_to: p.reply } : {}),
+      ...(Array.isArray(ok.mentions) ? { mentions: ok.mentions } : {}),
     });
     if (c === current) { scrollToBottom(); markRead(c); }
     renderConvItem(c);
@@ -1052,7 +1275,32 @@ function setPendingState(p, text) {
   if (s) s.textContent = text;
 }
 
+/** The start of a message's text as a reply shows it (at most 140 characters). */
+function excerptOf(m) {
+  if (m.recalled || m.content_type !== 'text' || typeof m.content !== 'string') return undefined;
+  return [...m.content].slice(0, 140).join('');
+}
+
+function startReply(c, m) {
+  if (editing) stopEdit();
+  replying = { conv: c.id, seq: m.seq, from: m.from, excerpt: excerptOf(m) };
+  const t = $('reply-text');
+  t.replaceChildren(el('span', null, 'Replying to '), el('strong', null, m.from));
+  const ex = replying.excerpt !== undefined ? replying.excerpt : m.content_type !== 'text' ? `[${m.content_type}]` : '';
+  if (ex) t.append(el('span', 'reply-excerpt', ex));
+  $('reply-bar').hidden = false;
+  $('message-input').focus();
+}
+
+function stopReply() {
+  replying = null;
+  $('reply-bar').hidden = true;
+}
+
+$('reply-cancel').addEventListener('click', () => { stopReply(); $('message-input').focus(); });
+
 async function startEdit(c, m) {
+  if (replying) stopReply();
   editing = { conv: c.id, seq: m.seq };
   $('edit-bar').hidden = false;
   $('send-btn').textContent = 'Save';
@@ -1113,6 +1361,7 @@ async function recall(c, m) {
     m.recalled = true;
     m.content = null;
     rerender(c, m);
+    rerenderReplies(c, m.seq);
   } catch (e) {
     toast(`Could not recall: ${e.message}`);
   }
@@ -1145,11 +1394,14 @@ $('composer').addEventListener('submit', async (ev) => {
 });
 
 $('message-input').addEventListener('keydown', (ev) => {
+  if (mentionKey(ev)) return;
   if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
     ev.preventDefault();
     $('composer').requestSubmit();
   } else if (ev.key === 'Escape' && editing) {
     stopEdit();
+  } else if (ev.key === 'Escape' && replying) {
+    stopReply();
   }
 });
 
@@ -1161,6 +1413,7 @@ function autoGrow() {
 
 $('message-input').addEventListener('input', () => {
   autoGrow();
+  updateMentions();
   const c = current;
   if (!c || editing || !$('message-input').value) return;
   const now = Date.now();
@@ -1209,6 +1462,7 @@ function markRead(c) {
   if (!atBottom(120)) return;
   const seq = c.maxSeen;
   c.unread = 0;
+  c.mentions = 0;
   renderConvItem(c);
   if (seq > c.readSent && conn && conn.open) {
     c.readSent = seq;
@@ -1245,6 +1499,11 @@ document.addEventListener('visibilitychange', () => { if (current) markRead(curr
 async function openConv(id) {
   const c = convOf(id);
   if (editing) stopEdit();
+  if (replying && replying.conv !== id) stopReply();
+  closeMentions();
+  if (current !== c) closeMembers();
+  const unreadAtOpen = c.unread;
+  c.dividerSeq = null;
   current = c;
   sessionStorage.setItem('hubbub.current', id);
   $('app').classList.add('show-main');
@@ -1279,10 +1538,27 @@ async function openConv(id) {
     return;
   }
   if (c !== current) return;
+  placeDivider(c, unreadAtOpen);
   renderReceipts(c);
   markRead(c);
   // Fill the screen so that scrolling up is possible.
   if (c.hasMore && log.scrollHeight <= log.clientHeight) loadOlder(c);
+}
+
+/** Marks the first of the `unread` newest messages of others with "New messages". */
+function placeDivider(c, unread) {
+  if (unread <= 0) return;
+  const seqs = [...c.msgs.keys()].sort((a, b) => b - a);
+  let left = unread;
+  let first = null;
+  for (const s of seqs) {
+    if (c.msgs.get(s).from === me) continue;
+    first = s;
+    if (--left === 0) break;
+  }
+  if (first == null) return;
+  c.dividerSeq = first;
+  rerender(c, c.msgs.get(first));
 }
 
 function renderHeader() {
@@ -1296,6 +1572,7 @@ function renderHeader() {
     const on = online.get(peerOf(c));
     sub.textContent = on === true ? 'Online' : on === false ? 'Offline' : '';
   }
+  $('members-btn').hidden = c.kind !== 'room';
   $('call-btn').hidden = c.kind !== 'dm' || calls.active;
   $('audio-call-btn').hidden = $('call-btn').hidden;
 }
@@ -1371,11 +1648,19 @@ function renderConvItem(c) {
     txt.append(el('span', 'conv-sub', state === 'on' ? 'online' : state === 'off' ? 'offline' : 'presence unknown'));
   }
   b.append(txt);
+  if (c.mentions > 0 && c !== current) {
+    const at = el('span', 'mention-badge', `@${c.mentions > 99 ? '99+' : c.mentions}`);
+    at.setAttribute('aria-label', `${c.mentions} ${c.mentions === 1 ? 'mention' : 'mentions'}`);
+    b.append(at);
+  }
   if (c.unread > 0 && c !== current) {
     const badge = el('span', 'badge', c.unread > 99 ? '99+' : String(c.unread));
     badge.setAttribute('aria-label', `${c.unread} unread`);
     b.append(badge);
   }
+  let total = 0;
+  for (const x of convs.values()) total += x.unread;
+  setUnreadTitle(total);
   if (c === current) b.setAttribute('aria-current', 'true');
   else b.removeAttribute('aria-current');
 }
@@ -1455,6 +1740,186 @@ $('dm-form').addEventListener('submit', async (ev) => {
 
 $('back').addEventListener('click', () => {
   $('app').classList.remove('show-main');
+});
+
+// ---------------------------------------------------------------- members
+
+async function fetchMembers(c) {
+  if (c.kind === 'dm') return [{ user: peerOf(c), role: 'member', online: online.get(peerOf(c)) === true }];
+  if (c.members && Date.now() - c.membersAt < 30000) return c.members;
+  const r = await api(`/api/rooms/${encodeURIComponent(title(c))}/members`);
+  c.members = r.members || [];
+  c.membersAt = Date.now();
+  for (const mb of c.members) {
+    if (mb.user !== me) { online.set(mb.user, !!mb.online); notePerson(c, mb.user); }
+  }
+  return c.members;
+}
+
+function closeMembers() {
+  $('members').hidden = true;
+  $('members-btn').setAttribute('aria-expanded', 'false');
+}
+
+$('members-btn').addEventListener('click', () => {
+  const c = current;
+  if (!c || c.kind !== 'room') return;
+  if (!$('members').hidden) { closeMembers(); return; }
+  $('members').hidden = false;
+  $('members-btn').setAttribute('aria-expanded', 'true');
+  c.members = null;
+  loadMembers(c);
+});
+$('members-close').addEventListener('click', closeMembers);
+
+async function loadMembers(c) {
+  let list;
+  try { list = await fetchMembers(c); } catch (e) { toast(`Could not list the members: ${e.message}`); return; }
+  if (c !== current || $('members').hidden) return;
+  const amAdmin = list.some((mb) => mb.user === me && mb.role === 'admin');
+  const ul = $('member-list');
+  ul.replaceChildren();
+  const sorted = [...list].sort((a, b) => (b.role === 'admin') - (a.role === 'admin') || a.user.localeCompare(b.user));
+  for (const mb of sorted) {
+    const li = el('li', 'member');
+    li.dataset.user = mb.user;
+    const on = mb.user === me ? conn && conn.open : mb.online;
+    const dot = el('span', 'dot ' + (on ? 'on' : 'off'));
+    dot.title = on ? 'online' : 'offline';
+    li.append(dot, el('span', 'member-name', mb.user === me ? `${mb.user} (you)` : mb.user));
+    if (mb.role === 'admin') li.append(el('span', 'role', 'admin'));
+    if (amAdmin && mb.user !== me) {
+      const b = el('button', 'btn ghost small danger-text', 'Remove');
+      b.type = 'button';
+      b.setAttribute('aria-label', `Remove ${mb.user}`);
+      b.addEventListener('click', () => removeMember(c, mb.user));
+      li.append(b);
+    }
+    ul.append(li);
+  }
+}
+
+async function removeMember(c, user) {
+  if (!(await confirmInPage(`Remove ${user} from #${title(c)}?`, 'Remove'))) return;
+  try {
+    await conn.request({ type: 'remove', room: title(c), user });
+    c.members = null;
+    if (c === current) loadMembers(c);
+  } catch (e) {
+    toast(`Could not remove ${user}: ${e.message}`);
+  }
+}
+
+// ---------------------------------------------------------------- mention autocomplete
+
+let mention = null; // { start, options: [names], active }
+
+/** The `@word` being typed before the caret: its start and the word, or null. */
+function mentionAtCaret() {
+  const input = $('message-input');
+  const before = input.value.slice(0, input.selectionStart);
+  const m = /(^|[^A-Za-z0-9_.-])@([A-Za-z0-9_.-]{0,32})$/.exec(before);
+  return m ? { start: before.length - m[2].length - 1, word: m[2] } : null;
+}
+
+async function updateMentions() {
+  const c = current;
+  const at = c && !editing ? mentionAtCaret() : null;
+  if (!at) { closeMentions(); return; }
+  let names;
+  try { names = (await fetchMembers(c)).map((mb) => mb.user); } catch { closeMentions(); return; }
+  const again = mentionAtCaret();
+  if (c !== current || !again || again.start !== at.start) return;
+  const word = again.word.toLowerCase();
+  const options = names.filter((n) => n !== me && n.toLowerCase().startsWith(word)).sort().slice(0, 8);
+  if (!options.length) { closeMentions(); return; }
+  const keep = mention && options.includes(mention.options[mention.active]) ? options.indexOf(mention.options[mention.active]) : 0;
+  mention = { start: again.start, options, active: keep };
+  renderMentions();
+}
+
+function renderMentions() {
+  const ul = $('mention-list');
+  ul.replaceChildren();
+  mention.options.forEach((name, i) => {
+    const li = el('li', 'mention-option', null);
+    li.id = `mention-${i}`;
+    li.setAttribute('role', 'option');
+    li.setAttribute('aria-selected', String(i === mention.active));
+    li.textContent = name;
+    li.addEventListener('mousedown', (ev) => { ev.preventDefault(); pickMention(i); });
+    ul.append(li);
+  });
+  ul.hidden = false;
+  $('message-input').setAttribute('aria-activedescendant', `mention-${mention.active}`);
+}
+
+function closeMentions() {
+  mention = null;
+  $('mention-list').hidden = true;
+  $('message-input').removeAttribute('aria-activedescendant');
+}
+
+function pickMention(i) {
+  const name = mention.options[i];
+  const input = $('message-input');
+  const caret = input.selectionStart;
+  const text = input.value;
+  const insert = `@${name} `;
+  input.value = text.slice(0, mention.start) + insert + text.slice(caret);
+  const pos = mention.start + insert.length;
+  input.setSelectionRange(pos, pos);
+  closeMentions();
+  input.focus();
+}
+
+/** Keys of the autocomplete while it is open; true when the key was used. */
+function mentionKey(ev) {
+  if (!mention || $('mention-list').hidden) return false;
+  const n = mention.options.length;
+  if (ev.key === 'ArrowDown' || ev.key === 'ArrowUp') {
+    mention.active = (mention.active + (ev.key === 'ArrowDown' ? 1 : n - 1)) % n;
+    renderMentions();
+  } else if (ev.key === 'Tab' || (ev.key === 'Enter' && !ev.isComposing)) {
+    pickMention(mention.active);
+  } else if (ev.key === 'Escape') {
+    closeMentions();
+  } else {
+    return false;
+  }
+  ev.preventDefault();
+  ev.stopPropagation();
+  return true;
+}
+
+$('message-input').addEventListener('blur', () => setTimeout(() => {
+  if (document.activeElement !== $('message-input')) closeMentions();
+}, 150));
+
+// ---------------------------------------------------------------- search and jumps
+
+/** Opens conversation `id` at message `seq`. */
+async function openAt(id, seq) {
+  if (!current || current.id !== id) await openConv(id);
+  const c = convs.get(id);
+  if (c && c === current) {
+    await loadLatest(c).catch(() => {});
+    await jumpTo(c, seq);
+  }
+}
+
+initSearch({
+  api,
+  el,
+  // Results always carry their day: "Today, 10:37", "Yesterday, 10:37", "3 Nov, 10:37".
+  timeText: (ts) => (daysAgo(ts) <= 1 ? `${dayLabel(ts)}, ${timeText(ts)}` : timeText(ts)),
+  convTitle: (id) => {
+    const c = convs.get(id) || { id, kind: id.startsWith('room:') ? 'room' : 'dm' };
+    return c.kind === 'room' ? `#${id.slice(5)}` : peerOf(c);
+  },
+  current: () => current && current.id,
+  open: openAt,
+  toast,
 });
 
 // ---------------------------------------------------------------- calls

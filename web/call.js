@@ -28,6 +28,8 @@ export class Calls {
     // { id, peer, pc, local, role, video, phase, text, queued: [], remoteSet, incomingOffer,
     //   accepted, answered, connected, muted, cameraOff, ringTimer }
     this.call = null;
+    /** Ids of calls that ended here: their late `ring` or `offer` never rings again. */
+    this.endedIds = [];
   }
 
   get active() { return this.call !== null; }
@@ -135,6 +137,8 @@ export class Calls {
   async onSignal(f) {
     const { from, call_id: id, kind, data } = f;
     if (kind === 'ring' || kind === 'offer') {
+      // The offer of a call declined while it rang (before the offer came) is late, not new.
+      if (this.endedIds.includes(id)) return;
       if (this.call && this.call.id !== id) {
         // Busy: refuse the second call.
         Promise.resolve(this.ui.send({ type: 'signal', to: from, call_id: id, kind: 'hangup', data: { reason: 'busy' } })).catch(() => {});
@@ -272,6 +276,8 @@ export class Calls {
     const call = this.call;
     if (!call) return;
     this.call = null;
+    this.endedIds.push(call.id);
+    if (this.endedIds.length > 20) this.endedIds.shift();
     clearTimeout(call.ringTimer);
     if (call.pc) { try { call.pc.close(); } catch { /* closed */ } }
     stopStream(call.local);

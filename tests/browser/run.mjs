@@ -479,6 +479,286 @@ async function main() {
     assert(dialogs.length === 0, `no dialog fired (${dialogs.join('; ')})`);
   });
 
+  await test('rich text: links, bold, italic and code are built as nodes; HTML and other link schemes stay text', async () => {
+    const rich = 'see https://example.com/a?b=1, then **bold** and *it* and `x < y`';
+    await say(alice.page, rich);
+    total++;
+    const bubble = bob.page.getByRole('log').locator('li.msg', { hasText: 'then bold and it' }).locator('.bubble');
+    await until(async () => (await bubble.count()) === 1, 'the rich message shown');
+    const link = bubble.locator('a');
+    assert(await link.getAttribute('href') === 'https://example.com/a?b=1', 'the link without the trailing comma');
+    assert(await link.getAttribute('rel') === 'noopener noreferrer' && await link.getAttribute('target') === '_blank', 'the link opens apart');
+    assert(await bubble.locator('strong').textContent() === 'bold' && await bubble.locator('em').textContent() === 'it', 'bold and italic');
+    assert(await bubble.locator('code').textContent() === 'x < y', 'inline code');
+    const block = 'look:\n```\nfn main() {\n  **not bold**\n}\n```';
+    await say(alice.page, block);
+    total++;
+    const pre = bob.page.getByRole('log').locator('li.msg pre code').last();
+    await until(async () => (await pre.count()) === 1 && (await pre.textContent()).includes('**not bold**'), 'a code block kept as it is');
+    // Neither a javascript: link nor HTML inside markup is ever made into an element.
+    const js = '[x](javascript:alert(1)) and javascript:alert(2)';
+    await say(alice.page, js);
+    total++;
+    await seeMessage(bob.page, js);
+    await say(alice.page, '**<b>x</b>**');
+    total++;
+    const strong = bob.page.getByRole('log').locator('li.msg strong', { hasText: '<b>x</b>' });
+    await until(async () => (await strong.count()) === 1, 'the markup shown as text inside bold');
+    for (const p of [alice.page, bob.page]) {
+      assert(await p.getByRole('log').locator('a[href^="javascript"], .bubble .text b, .bubble .text img').count() === 0, 'no script link, no injected element');
+      const hrefs = await p.getByRole('log').locator('.bubble a.msg-link').evaluateAll((as) => as.map((a) => a.href));
+      assert(hrefs.every((h) => /^https?:/.test(h)), `only http(s) links (${hrefs.join(' ')})`);
+    }
+    assert(dialogs.length === 0, `no dialog fired (${dialogs.join('; ')})`);
+  });
+
+  // pat creates room:crew (its admin); quinn and rita join. quinn's socket runs through a
+  // route the tests can cut.
+  let pat; let quinn; let rita;
+  const quinnLink = { away: false, live: null };
+  const hide = (page, hidden) => page.evaluate((h) => {
+    if (h) {
+      Object.defineProperty(document, 'hidden', { configurable: true, get: () => true });
+      Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => 'hidden' });
+    } else {
+      delete document.hidden;
+      delete document.visibilityState;
+    }
+    document.dispatchEvent(new Event('visibilitychange'));
+  }, hidden);
+  const msgLi = (page, text) => page.getByRole('log').locator('li.msg').filter({ has: page.locator('.bubble', { hasText: text }) });
+
+  await test('replies quote what they answer and lead back to it', async () => {
+    pat = await newUser(browser, 'pat');
+    quinn = await newUser(browser, 'quinn');
+    rita = await newUser(browser, 'rita');
+    await quinn.context.routeWebSocket((url) => url.pathname === '/ws', (ws) => {
+      if (quinnLink.away) { ws.close({ code: 1012, reason: 'away' }); return; }
+      const server = ws.connectToServer();
+      quinnLink.live = { ws, server };
+    });
+    // Notifications: recorded, with the permission asked for on a gesture only.
+    await quinn.context.addInitScript(() => {
+      window.__notes = [];
+      window.__asked = 0;
+      // The answer is kept across reloads, as a browser keeps it.
+      const kept = () => { try { return localStorage.getItem('test.permission') || 'default'; } catch { return 'default'; } };
+      class FakeNotification {
+        constructor(title, opts) { window.__notes.push({ title, body: opts && opts.body }); }
+        static get permission() { return kept(); }
+        static requestPermission() {
+          window.__asked++;
+          localStorage.setItem('test.permission', 'granted');
+          return Promise.resolve('granted');
+        }
+        close() {}
+      }
+      window.Notification = FakeNotification;
+    });
+    for (const [u, n] of [[pat, 'pat'], [quinn, 'quinn'], [rita, 'rita']]) await signInGuest(u.page, n);
+    for (const u of [pat, quinn, rita]) await joinRoom(u.page, 'crew');
+    assert(await quinn.page.evaluate(() => window.__asked) === 0, 'no notification permission asked on load or by other clicks');
+    await quinn.page.getByRole('button', { name: 'Turn on notifications', exact: true }).click();
+    await until(async () => (await quinn.page.evaluate(() => window.__asked)) === 1, 'permission asked by the button');
+    await until(async () => quinn.page.getByRole('button', { name: 'Turn on notifications', exact: true }).isHidden(), 'the button gone once allowed');
+    await say(pat.page, 'the plan is ready');
+    await seeMessage(quinn.page, 'the plan is ready');
+    // Reply, then cancel with Escape: nothing is quoted.
+    await msgLi(quinn.page, 'the plan is ready').hover();
+    await msgLi(quinn.page, 'the plan is ready').getByRole('button', { name: 'Reply to message' }).click();
+    await until(async () => (await quinn.page.locator('#reply-bar').textContent()).includes('pat'), 'the reply bar names pat');
+    assert((await quinn.page.locator('#reply-bar').textContent()).includes('the plan is ready'), 'the reply bar shows the excerpt');
+    await composer(quinn.page).press('Escape');
+    assert(await quinn.page.locator('#reply-bar').isHidden(), 'Escape cancels the reply');
+    // 55 more messages: the answered one is then out of the first history page.
+    for (let i = 1; i <= 55; i++) await say(pat.page, `crew filler ${i}`);
+    await seeMessage(quinn.page, 'crew filler 55');
+    await msgLi(quinn.page, 'the plan is ready').hover();
+    await msgLi(quinn.page, 'the plan is ready').getByRole('button', { name: 'Reply to message' }).click();
+    await quinn.page.locator('#reply-bar').waitFor();
+    await say(quinn.page, 'sounds good');
+    await seeMessage(pat.page, 'sounds good');
+    const quote = msgLi(pat.page, 'sounds good').locator('.quote');
+    await until(async () => (await quote.textContent()) === 'patthe plan is ready', 'the quote shows sender and excerpt');
+    assert(await quinn.page.locator('#reply-bar').isHidden(), 'the reply bar closes once sent');
+    // After a reload only the newest page is held: the quote fetches the rest and shows it.
+    await pat.page.reload();
+    await connected(pat.page);
+    await seeMessage(pat.page, 'sounds good');
+    assert(countOf(await messages(pat.page), 'the plan is ready') === 0, 'the answered message is not loaded yet');
+    await msgLi(pat.page, 'sounds good').locator('.quote').click();
+    const target = msgLi(pat.page, 'the plan is ready');
+    await until(async () => (await target.count()) === 1 && (await target.getAttribute('class')).includes('flash'), 'the answered message highlighted');
+    assert(await target.isVisible() && await target.evaluate((li) => {
+      const r = li.getBoundingClientRect(); const l = li.parentElement.getBoundingClientRect();
+      return r.top >= l.top && r.bottom <= l.bottom;
+    }), 'the answered message scrolled into view');
+    assertNoDuplicates(await messages(pat.page), 'pat');
+    // A reply to a message recalled later says so.
+    await say(pat.page, 'soon gone');
+    await seeMessage(quinn.page, 'soon gone');
+    await msgLi(quinn.page, 'soon gone').hover();
+    await msgLi(quinn.page, 'soon gone').getByRole('button', { name: 'Reply to message' }).click();
+    await say(quinn.page, 'what was that?');
+    await seeMessage(pat.page, 'what was that?');
+    await msgLi(pat.page, 'soon gone').hover();
+    await msgLi(pat.page, 'soon gone').getByRole('button', { name: 'Recall message' }).click();
+    await pat.page.getByRole('alertdialog').getByRole('button', { name: 'Recall', exact: true }).click();
+    await quinn.page.reload();
+    await connected(quinn.page);
+    const gone = msgLi(quinn.page, 'what was that?').locator('.quote');
+    await until(async () => (await gone.textContent()) === 'patMessage recalled', 'the quote of a recalled message');
+  });
+
+  await test('reactions: picked, counted with who reacted, removed by a click, live and after a reconnect', async () => {
+    const on = (page, text) => msgLi(page, text).locator('.reaction');
+    await msgLi(pat.page, 'sounds good').hover();
+    await msgLi(pat.page, 'sounds good').getByRole('button', { name: 'Add reaction' }).click();
+    await pat.page.getByRole('button', { name: 'React with 👍' }).click();
+    await until(async () => (await on(quinn.page, 'sounds good').textContent()) === '👍1', 'quinn sees 👍 1');
+    assert(await on(quinn.page, 'sounds good').getAttribute('title') === 'pat', 'who reacted in the title');
+    await on(quinn.page, 'sounds good').click();
+    await until(async () => (await on(pat.page, 'sounds good').textContent()) === '👍2', 'pat sees 👍 2');
+    assert(await on(pat.page, 'sounds good').getAttribute('title') === 'pat, quinn', 'both named');
+    await on(pat.page, 'sounds good').click();
+    await until(async () => (await on(quinn.page, 'sounds good').textContent()) === '👍1'
+      && (await on(quinn.page, 'sounds good').getAttribute('title')) === 'quinn', 'pat\'s own reaction removed');
+    // quinn is away while pat reacts: the catch-up brings it.
+    quinnLink.away = true;
+    quinnLink.live.server.close();
+    quinnLink.live.ws.close({ code: 1006, reason: 'gone' });
+    await until(async () => (await quinn.page.locator('#conn-status').textContent()) !== 'Connected', 'quinn sees the disconnect');
+    await msgLi(pat.page, 'sounds good').hover();
+    await msgLi(pat.page, 'sounds good').getByRole('button', { name: 'Add reaction' }).click();
+    await pat.page.getByRole('button', { name: 'React with 🎉' }).click();
+    await until(async () => (await on(pat.page, 'sounds good').count()) === 2, 'pat sees two emoji');
+    quinnLink.away = false;
+    await connected(quinn.page, 20000);
+    await until(async () => (await on(quinn.page, 'sounds good').allTextContents()).sort().join(' ') === ['👍1', '🎉1'].sort().join(' '), 'the reaction made while away', 15000);
+    await shot(quinn.page, 'desktop-replies-reactions');
+  });
+
+  await test('mentions: autocomplete from the members, highlighted, counted apart; notifications and the title while hidden; a New messages divider', async () => {
+    const input = composer(quinn.page);
+    await input.fill('');
+    await input.pressSequentially('hi @');
+    const list = quinn.page.getByRole('listbox', { name: 'Mention someone' });
+    await until(async () => (await list.getByRole('option').allTextContents()).join() === 'pat,rita', 'pat and rita offered');
+    await input.press('ArrowDown');
+    assert(await list.getByRole('option', { selected: true }).textContent() === 'rita', 'the arrow moves');
+    await input.press('Tab');
+    assert(await input.inputValue() === 'hi @rita ', `Tab picks (${await input.inputValue()})`);
+    assert(await list.isHidden(), 'the list closes');
+    await input.pressSequentially('and @p');
+    await until(async () => list.isVisible(), 'the list again');
+    await input.press('Escape');
+    assert(await list.isHidden() && await input.inputValue() === 'hi @rita and @p', 'Escape closes the list only');
+    await input.pressSequentially('a');
+    await until(async () => (await list.getByRole('option').allTextContents()).join() === 'pat', 'pat offered');
+    await shot(quinn.page, 'desktop-mention');
+    await input.press('Enter');
+    assert(await input.inputValue() === 'hi @rita and @pat ', 'Enter picks');
+    await input.press('Enter');
+    const sent = msgLi(pat.page, 'hi @rita and @pat');
+    await until(async () => (await sent.locator('.mention.to-me').textContent()) === '@pat', 'pat sees the mention of pat highlighted');
+    assert(await sent.locator('.mention').count() === 2, 'both mentions shown');
+
+    // quinn looks at another room; the mentions of crew are counted apart.
+    await pat.page.locator('#room-list').getByRole('button', { name: /crew/ }).waitFor();
+    await joinRoom(quinn.page, 'side');
+    await hide(quinn.page, true);
+    await say(pat.page, 'plain news');
+    await say(pat.page, 'over to you @quinn.');
+    const crewItem = quinn.page.locator('#room-list').getByRole('button', { name: /crew/ });
+    await until(async () => (await crewItem.locator('.mention-badge').textContent()) === '@1', 'a mention badge');
+    await until(async () => (await crewItem.locator('.badge').textContent()) === '2', 'the unread count apart');
+    await until(async () => (await quinn.page.title()) === '(2) hubbub', 'the unread total in the title');
+    await until(async () => (await quinn.page.evaluate(() => window.__notes)).some((n) => n.title === 'pat in #crew' && n.body === 'over to you @quinn.'), 'a notification for the mention');
+    assert(!(await quinn.page.evaluate(() => window.__notes)).some((n) => n.body === 'plain news'), 'no notification for a plain room message');
+    // A DM while hidden notifies too.
+    await pat.page.getByRole('textbox', { name: 'DM user', exact: true }).fill('quinn');
+    await pat.page.getByRole('button', { name: 'Start DM', exact: true }).click();
+    await until(async () => (await pat.page.locator('#conv-title').textContent()) === 'quinn', 'DM open');
+    await say(pat.page, 'a word in private');
+    await until(async () => (await quinn.page.evaluate(() => window.__notes)).some((n) => n.title === 'pat' && n.body === 'a word in private'), 'a notification for the DM');
+    await until(async () => (await quinn.page.title()) === '(3) hubbub', 'the title counts the DM');
+    await hide(quinn.page, false);
+    // After a reload the counts come from the server; opening crew reads them.
+    await quinn.page.reload();
+    await connected(quinn.page);
+    await until(async () => (await crewItem.locator('.mention-badge').textContent()) === '@1', 'the mention badge after a reload');
+    await crewItem.click();
+    await seeMessage(quinn.page, 'over to you @quinn.');
+    const divider = quinn.page.getByRole('log').locator('li.msg.unread-start');
+    await until(async () => (await divider.count()) === 1, 'a New messages divider');
+    assert((await divider.locator('.bubble').textContent()) === 'plain news', 'at the first unread message');
+    assert((await divider.locator('.new-divider').textContent()) === 'New messages', 'the divider says so');
+    assert(await msgLi(quinn.page, 'over to you @quinn.').locator('.mention.to-me').count() === 1, 'the mention of quinn highlighted');
+    await until(async () => (await crewItem.locator('.mention-badge').count()) === 0, 'the mention badge gone once read');
+    await until(async () => (await quinn.page.title()) === '(1) hubbub', 'the title counts what is left unread');
+  });
+
+  await test('search lists highlighted results safely, pages on, narrows to a conversation and opens a result at its message', async () => {
+    await pat.page.locator('#room-list').getByRole('button', { name: /crew/ }).click();
+    await say(pat.page, '<b>deploy</b> tonight');
+    await joinRoom(pat.page, 'side');
+    await say(pat.page, 'crew filler in side');
+    await seeMessage(quinn.page, '<b>deploy</b> tonight');
+    const page = quinn.page;
+    await page.getByRole('searchbox', { name: 'Search messages' }).fill('deplo');
+    await page.getByRole('button', { name: 'Search', exact: true }).click();
+    const hits = page.locator('#search-results .search-hit');
+    await until(async () => (await hits.count()) === 1, 'one result');
+    assert(await hits.locator('mark').textContent() === 'deploy', 'the match marked');
+    assert(await hits.locator('.hit-text').textContent() === '<b>deploy</b> tonight', 'the text shown as text');
+    assert(await page.locator('#search-results b').count() === 0, 'no element from the message');
+    assert((await hits.locator('.hit-conv').textContent()) === '#crew' && (await hits.locator('.hit-from').textContent()) === 'pat', 'conversation and sender');
+    assert(/^Today, .*\d/.test(await hits.locator('.hit-time').textContent()), `a date (${await hits.locator('.hit-time').textContent()})`);
+    // More than a page, then only this conversation.
+    await page.getByRole('searchbox', { name: 'Search messages' }).fill('crew filler');
+    await page.getByRole('button', { name: 'Search', exact: true }).click();
+    await until(async () => (await hits.count()) === 20, 'a first page of 20');
+    assert((await hits.first().locator('.hit-conv').textContent()) === '#side', 'newest first, every conversation');
+    await page.getByRole('button', { name: 'More results' }).click();
+    await until(async () => (await hits.count()) === 40, 'the next page');
+    await shot(page, 'desktop-search');
+    await page.locator('#room-list').getByRole('button', { name: /crew/ }).click();
+    await page.getByLabel('This conversation only').check();
+    await page.getByRole('button', { name: 'Search', exact: true }).click();
+    await until(async () => (await hits.count()) === 20 && !(await hits.locator('.hit-conv').allTextContents()).includes('#side'), 'only #crew');
+    // A result whose message is not loaded: opened there, loaded, highlighted.
+    await page.reload();
+    await connected(page);
+    await page.getByRole('searchbox', { name: 'Search messages' }).fill('plan ready');
+    await page.getByRole('button', { name: 'Search', exact: true }).click();
+    await until(async () => (await hits.count()) === 1, 'the old message found');
+    await hits.click();
+    const target = msgLi(page, 'the plan is ready');
+    await until(async () => (await target.count()) === 1 && (await target.getAttribute('class')).includes('flash'), 'opened at the result, highlighted');
+    assertNoDuplicates(await messages(page), 'quinn');
+  });
+
+  await test('room members: a panel with roles and presence; an admin removes a member, who loses the room', async () => {
+    await quinn.page.getByRole('button', { name: 'Members', exact: true }).click();
+    const qList = quinn.page.locator('#member-list .member');
+    await until(async () => (await qList.count()) === 3, 'three members');
+    assert((await quinn.page.locator('#member-list .member', { hasText: 'pat' }).locator('.role').textContent()) === 'admin', 'pat is the admin');
+    await until(async () => (await quinn.page.locator('#member-list .member', { hasText: 'rita' }).locator('.dot.on').count()) === 1, 'rita online');
+    assert(await quinn.page.getByRole('button', { name: /^Remove / }).count() === 0, 'no Remove for a member');
+    await pat.page.locator('#room-list').getByRole('button', { name: /crew/ }).click();
+    await pat.page.getByRole('button', { name: 'Members', exact: true }).click();
+    await shot(pat.page, 'desktop-members');
+    await pat.page.getByRole('button', { name: 'Remove rita' }).click();
+    await pat.page.getByRole('alertdialog').getByRole('button', { name: 'Remove', exact: true }).click();
+    await until(async () => /removed from #crew by pat/.test(await rita.page.locator('#toast').textContent()), 'rita is told');
+    await until(async () => (await rita.page.locator('#room-list').getByRole('button', { name: /crew/ }).count()) === 0, 'crew gone from rita\'s list');
+    assert(await rita.page.getByRole('log').isHidden(), 'the room closed for rita');
+    await until(async () => (await quinn.page.getByRole('log').locator('li.event').textContent()) === 'rita was removed by pat', 'quinn sees who removed rita');
+    await until(async () => (await qList.count()) === 2, 'the panel updated');
+    assert(dialogs.length === 0, `no browser dialog (${dialogs.join('; ')})`);
+    for (const [u, n] of [[pat, 'pat'], [quinn, 'quinn'], [rita, 'rita']]) { await u.context.close(); delete pages[n]; }
+  });
+
   await test('day separators and dates, grouping kept by them and by a confirmed recall', async () => {
     await joinRoom(alice.page, 'days');
     const texts = ['old 1', 'old 2', 'yesterday 1', 'yesterday 2', 'today 1', 'today 2', 'today 3'];

@@ -49,6 +49,21 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("../../../web/call.js"),
     },
     Asset {
+        path: "/render.js",
+        mime: "text/javascript; charset=utf-8",
+        body: include_bytes!("../../../web/render.js"),
+    },
+    Asset {
+        path: "/notify.js",
+        mime: "text/javascript; charset=utf-8",
+        body: include_bytes!("../../../web/notify.js"),
+    },
+    Asset {
+        path: "/search.js",
+        mime: "text/javascript; charset=utf-8",
+        body: include_bytes!("../../../web/search.js"),
+    },
+    Asset {
         path: "/style.css",
         mime: "text/css; charset=utf-8",
         body: include_bytes!("../../../web/style.css"),
