@@ -88,4 +88,5 @@ cargo test --workspace --locked
 # (the store conformance suite runs on both stores in the run above).
 echo "test.sh: the chat stories on PostgreSQL" >&2
 HUBBUB_TEST_STORE=postgres cargo test --workspace --locked \
-    --test chat --test lifecycle --test limits --test http_api --test membership --test client_session
+    --test chat --test lifecycle --test limits --test http_api --test membership --test client_session \
+    --test protocol_1_1
