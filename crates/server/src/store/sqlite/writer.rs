@@ -433,12 +433,27 @@ impl Writer {
         let content = serde_json::to_string(&msg.content).unwrap_or_else(|_| "null".into());
         let mentions = (!msg.mentions.is_empty())
             .then(|| serde_json::to_string(&msg.mentions).unwrap_or_default());
+        // A text is indexed for search first, so that the message row is written once,
+        // with its search row's id (a retried send below takes the search row out again).
+        let search_id = match msg
+            .content
+            .as_str()
+            .filter(|_| msg.content_type == ContentType::Text)
+        {
+            Some(text) => {
+                self.conn
+                    .prepare_cached("INSERT INTO message_text (body, conv, seq) VALUES (?1, ?2, ?3)")?
+                    .execute(params![text, msg.conv, seq])?;
+                Some(self.conn.last_insert_rowid())
+            }
+            None => None,
+        };
         // The insert itself finds a retried send in the (sender, client_msg_id) index: a
         // lookup before it would search that index twice for every new message.
         let inserted = self
             .conn
             .prepare_cached(
-                "INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, reply_to, mentions) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                "INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, reply_to, mentions, search_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
                  ON CONFLICT (sender, client_msg_id) DO NOTHING",
             )?
             .execute(params![
@@ -451,17 +466,16 @@ impl Writer {
                 content,
                 now,
                 msg.reply_to,
-                mentions
+                mentions,
+                search_id
             ])?;
         if inserted == 0 {
+            if let Some(id) = search_id {
+                self.conn
+                    .prepare_cached("DELETE FROM message_text WHERE rowid = ?1")?
+                    .execute([id])?;
+            }
             return self.stored_already(&msg);
-        }
-        if let Some(text) = msg
-            .content
-            .as_str()
-            .filter(|_| msg.content_type == ContentType::Text)
-        {
-            self.index_text(&msg.conv, seq, text)?;
         }
         let mut mention = self.conn.prepare_cached(
             "INSERT OR IGNORE INTO mentions (user, conv, seq) VALUES (?1, ?2, ?3)",
