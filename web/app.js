@@ -598,6 +598,12 @@ function onFrame(f) {
     }
     case 'member': {
       if (f.event === 'removed') { onRemoved(f); break; }
+      if (f.event === 'left' && f.user === me) {
+        // Left from another tab or device: this one drops the room too.
+        const mine = convs.get(f.conv);
+        if (mine) dropConv(mine);
+        break;
+      }
       const c = convOf(f.conv);
       if (typeof f.online === 'number') c.online = f.online;
       if (f.event === 'joined') {
@@ -605,6 +611,7 @@ function onFrame(f) {
         online.set(f.user, true);
       } else if (f.event === 'left') {
         c.people.delete(f.user);
+        if (c === current && c.loaded) logEvent(c, `${f.user} left`);
       }
       c.members = null;
       if (c === current && !$('members').hidden) loadMembers(c);
@@ -696,25 +703,7 @@ function onRemoved(f) {
   const room = f.conv.slice(5);
   if (f.user === me) {
     toast(`You were removed from #${room}${f.by ? ` by ${f.by}` : ''}.`);
-    if (!c) return;
-    if (replying && replying.conv === c.id) stopReply();
-    convs.delete(c.id);
-    if (current === c) {
-      current = null;
-      sessionStorage.removeItem('hubbub.current');
-      closeMembers();
-      $('log').hidden = true;
-      $('composer').hidden = true;
-      $('empty').hidden = false;
-      $('people').hidden = true;
-      $('conv-title').textContent = 'Welcome';
-      $('conv-sub').textContent = '';
-      $('members-btn').hidden = true;
-      $('typing').textContent = '';
-      $('app').classList.remove('show-main');
-    }
-    renderConvList();
-    refreshRoomsSoon();
+    if (c) dropConv(c);
     return;
   }
   if (!c) return;
@@ -722,14 +711,42 @@ function onRemoved(f) {
   c.people.delete(f.user);
   c.members = null;
   if (c === current) {
-    const note = el('li', 'event', `${f.user} was removed by ${f.by || 'an admin'}`);
-    note.dataset.seq = String(c.maxSeen);
-    note.setAttribute('role', 'status');
-    $('log').append(note);
-    if (atBottom(200)) scrollToBottom();
+    logEvent(c, `${f.user} was removed by ${f.by || 'an admin'}`);
     if (!$('members').hidden) loadMembers(c);
   }
   renderPresence();
+}
+
+/** A line in the open conversation's log about its members (not a message). */
+function logEvent(c, text) {
+  const note = el('li', 'event', text);
+  note.dataset.seq = String(c.maxSeen);
+  note.setAttribute('role', 'status');
+  $('log').append(note);
+  if (atBottom(200)) scrollToBottom();
+}
+
+/** Forgets a room this user is no longer in (left or removed): off the list, closed if open. */
+function dropConv(c) {
+  if (replying && replying.conv === c.id) stopReply();
+  convs.delete(c.id);
+  if (current === c) {
+    current = null;
+    sessionStorage.removeItem('hubbub.current');
+    closeMembers();
+    $('log').hidden = true;
+    $('composer').hidden = true;
+    $('empty').hidden = false;
+    $('people').hidden = true;
+    $('conv-title').textContent = 'Welcome';
+    $('conv-sub').textContent = '';
+    $('members-btn').hidden = true;
+    $('leave-btn').hidden = true;
+    $('typing').textContent = '';
+    $('app').classList.remove('show-main');
+  }
+  renderConvList();
+  refreshRoomsSoon();
 }
 
 function onTyping(f) {
@@ -1426,12 +1443,15 @@ $('message-input').addEventListener('input', () => {
 // A real button (reachable with Tab, Enter and Space) opens the file picker.
 $('attach-btn').addEventListener('click', () => $('file-input').click());
 
-$('file-input').addEventListener('change', async () => {
+$('file-input').addEventListener('change', () => {
   const input = $('file-input');
   const file = input.files && input.files[0];
   input.value = '';
-  const c = current;
-  if (!file || !c) return;
+  if (file && current) uploadFile(current, file);
+});
+
+/** Uploads `file` and sends it to `c` as an image, audio, video or file message. */
+async function uploadFile(c, file) {
   const form = new FormData();
   form.append('file', file, file.name);
   try {
@@ -1442,6 +1462,64 @@ $('file-input').addEventListener('change', async () => {
   } catch (e) {
     toast(e.status === 413 ? 'That file is too large.' : `Upload failed: ${e.message}`);
   }
+}
+
+/** The files a paste or drop carries (none for plain text). */
+function filesOf(data) {
+  if (!data) return [];
+  if (data.files && data.files.length) return [...data.files];
+  return [...(data.items || [])].filter((it) => it.kind === 'file').map((it) => it.getAsFile()).filter(Boolean);
+}
+
+// Pasting an image (or any file) into the message box sends it like the attach button.
+$('message-input').addEventListener('paste', (ev) => {
+  const files = filesOf(ev.clipboardData);
+  if (!files.length || !current || editing) return;
+  ev.preventDefault();
+  const c = current;
+  for (const f of files) uploadFile(c, f);
+});
+
+// Files dropped onto the conversation are sent too; a drop target shows while dragging.
+let dragDepth = 0;
+function dragHasFiles(ev) {
+  const dt = ev.dataTransfer;
+  return !!dt && [...(dt.types || [])].includes('Files');
+}
+function showDropTarget(on) {
+  $('drop-target').hidden = !on;
+  if (on && current) $('drop-text').textContent = `Drop to send to ${current.kind === 'room' ? '#' + title(current) : title(current)}`;
+}
+const mainPane = document.querySelector('.main');
+mainPane.addEventListener('dragenter', (ev) => {
+  if (!dragHasFiles(ev) || !current || $('composer').hidden) return;
+  ev.preventDefault();
+  dragDepth++;
+  showDropTarget(true);
+});
+mainPane.addEventListener('dragover', (ev) => {
+  if (!dragHasFiles(ev) || !current || $('composer').hidden) return;
+  ev.preventDefault();
+  ev.dataTransfer.dropEffect = 'copy';
+  showDropTarget(true);
+});
+mainPane.addEventListener('dragleave', () => {
+  dragDepth = Math.max(0, dragDepth - 1);
+  if (dragDepth === 0) showDropTarget(false);
+});
+// A file dropped anywhere else does nothing (the browser would open it in place of the app).
+window.addEventListener('dragover', (ev) => { if (dragHasFiles(ev)) ev.preventDefault(); });
+window.addEventListener('drop', (ev) => { if (dragHasFiles(ev)) { ev.preventDefault(); dragDepth = 0; showDropTarget(false); } });
+mainPane.addEventListener('drop', (ev) => {
+  dragDepth = 0;
+  showDropTarget(false);
+  const files = filesOf(ev.dataTransfer);
+  if (!files.length) return;
+  ev.preventDefault();
+  ev.stopPropagation();
+  if (!current || $('composer').hidden) return;
+  const c = current;
+  for (const f of files) uploadFile(c, f);
 });
 
 // ---------------------------------------------------------------- reading
@@ -1573,6 +1651,7 @@ function renderHeader() {
     sub.textContent = on === true ? 'Online' : on === false ? 'Offline' : '';
   }
   $('members-btn').hidden = c.kind !== 'room';
+  $('leave-btn').hidden = c.kind !== 'room';
   $('call-btn').hidden = c.kind !== 'dm' || calls.active;
   $('audio-call-btn').hidden = $('call-btn').hidden;
 }
@@ -1797,6 +1876,21 @@ async function loadMembers(c) {
     }
     ul.append(li);
   }
+}
+
+$('leave-btn').addEventListener('click', () => { if (current && current.kind === 'room') leaveRoom(current); });
+
+async function leaveRoom(c) {
+  const room = title(c);
+  if (!(await confirmInPage(`Leave #${room}? You will no longer get its messages; you can join it again later.`, 'Leave'))) return;
+  if (!conn || !conn.open) { toast('Not connected yet; try again in a moment.'); return; }
+  try {
+    await conn.request({ type: 'leave', room });
+  } catch (e) {
+    toast(`Could not leave #${room}: ${e.message}`);
+    return;
+  }
+  if (convs.get(c.id) === c) dropConv(c);
 }
 
 async function removeMember(c, user) {

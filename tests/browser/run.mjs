@@ -759,6 +759,117 @@ async function main() {
     for (const [u, n] of [[pat, 'pat'], [quinn, 'quinn'], [rita, 'rita']]) { await u.context.close(); delete pages[n]; }
   });
 
+  await test('leaving a room: asked in the page, gone from the list, the others see who left', async () => {
+    const nora = await newUser(browser, 'nora');
+    const otto = await newUser(browser, 'otto');
+    await signInGuest(nora.page, 'nora');
+    await signInGuest(otto.page, 'otto');
+    await joinRoom(nora.page, 'porch');
+    await joinRoom(otto.page, 'porch');
+    await say(otto.page, 'hello porch');
+    await seeMessage(nora.page, 'hello porch');
+    const porch = (u) => u.page.locator('#room-list').getByRole('button', { name: /porch/ });
+    const leave = otto.page.getByRole('button', { name: 'Leave room', exact: true });
+    // Cancel keeps the room.
+    await leave.click();
+    await otto.page.getByRole('alertdialog').getByRole('button', { name: 'Cancel', exact: true }).click();
+    assert(await otto.page.getByRole('alertdialog').isHidden() && await porch(otto).count() === 1, 'cancel keeps the room');
+    await leave.click();
+    assert(/Leave #porch\?/.test(await otto.page.locator('#confirm-text').textContent()), 'the question names the room');
+    await otto.page.getByRole('alertdialog').getByRole('button', { name: 'Leave', exact: true }).click();
+    await until(async () => (await porch(otto).count()) === 0, 'porch gone from otto\'s list');
+    assert(await otto.page.getByRole('log').isHidden(), 'the room closed for otto');
+    assert(await leave.isHidden(), 'no Leave room without a room open');
+    await until(async () => (await nora.page.getByRole('log').locator('li.event').textContent()) === 'otto left', 'nora sees that otto left');
+    // The server agrees: otto is no longer a member.
+    const members = await nora.page.evaluate(async () => (await (await fetch('/api/rooms/porch/members?user=nora')).json()).members.map((m) => m.user));
+    assert(members.includes('nora') && !members.includes('otto'), `otto not a member any more (${members.join(',')})`);
+    assert(dialogs.length === 0, `no browser dialog (${dialogs.join('; ')})`);
+    for (const [u, n] of [[nora, 'nora'], [otto, 'otto']]) { await u.context.close(); delete pages[n]; }
+  });
+
+  await test('a pasted image and a dropped file are sent like attachments; a drop target shows while dragging', async () => {
+    const nora = await newUser(browser, 'nora');
+    const otto = await newUser(browser, 'otto');
+    await signInGuest(nora.page, 'nora');
+    await signInGuest(otto.page, 'otto');
+    await joinRoom(nora.page, 'yard');
+    await joinRoom(otto.page, 'yard');
+    await say(nora.page, 'files coming');
+    await seeMessage(otto.page, 'files coming');
+    await composer(nora.page).click();
+    await nora.page.evaluate((bytes) => {
+      const dt = new DataTransfer();
+      dt.items.add(new File([new Uint8Array(bytes)], 'x.png', { type: 'image/png' }));
+      document.getElementById('message-input').dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));
+    }, [...makePng(48, 36)]);
+    const img = otto.page.getByRole('log').locator('img.preview');
+    await until(async () => (await img.count()) === 1 && await img.evaluate((i) => i.complete && i.naturalWidth === 48 && i.alt === 'x.png'), 'the pasted image seen by otto');
+    assert((await composer(nora.page).inputValue()) === '', 'nothing pasted as text');
+    // Dragging a file over the conversation shows the drop target; dropping sends it.
+    const dragOver = (type) => nora.page.evaluate((t) => {
+      const dt = new DataTransfer();
+      dt.items.add(new File(['dropped notes\n'], 'dropped.txt', { type: 'text/plain' }));
+      window.__dt = dt;
+      document.getElementById('log').dispatchEvent(new DragEvent(t, { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }, type);
+    await dragOver('dragenter');
+    await dragOver('dragover');
+    assert(await nora.page.locator('#drop-target').isVisible(), 'a drop target while dragging');
+    assert(/Drop to send to #yard/.test(await nora.page.locator('#drop-target').textContent()), 'the drop target names the room');
+    await shot(nora.page, 'desktop-drop');
+    await nora.page.evaluate(() => document.getElementById('log').dispatchEvent(new DragEvent('drop', { dataTransfer: window.__dt, bubbles: true, cancelable: true })));
+    assert(await nora.page.locator('#drop-target').isHidden(), 'the drop target gone after the drop');
+    const link = otto.page.getByRole('log').getByRole('link', { name: /dropped\.txt/ });
+    await until(async () => (await link.count()) === 1, 'the dropped file seen by otto');
+    const body = await otto.page.evaluate(async (u) => (await fetch(u)).text(), await link.getAttribute('href'));
+    assert(body === 'dropped notes\n', 'the dropped file downloads');
+    // A drag that leaves again hides the target and sends nothing.
+    await dragOver('dragenter');
+    await nora.page.evaluate(() => document.getElementById('log').dispatchEvent(new DragEvent('dragleave', { dataTransfer: window.__dt, bubbles: true })));
+    assert(await nora.page.locator('#drop-target').isHidden(), 'the drop target gone when the drag leaves');
+    for (const [u, n] of [[nora, 'nora'], [otto, 'otto']]) { await u.context.close(); delete pages[n]; }
+  });
+
+  await test('dark mode follows the system setting', async () => {
+    const nora = await newUser(browser, 'nora');
+    await signInGuest(nora.page, 'nora');
+    await joinRoom(nora.page, 'porch');
+    await seeMessage(nora.page, 'hello porch');
+    // The luminance (0..1) of what shows behind an element, and of its text.
+    const looks = () => nora.page.evaluate(() => {
+      const rgb = (s) => (s.match(/[\d.]+/g) || []).map(Number);
+      const lum = ([r, g, b]) => {
+        const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+        return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+      };
+      const bg = (e) => {
+        for (; e; e = e.parentElement) {
+          const c = rgb(getComputedStyle(e).backgroundColor);
+          if (c.length === 3 || c[3] > 0) return lum(c);
+        }
+        return 1;
+      };
+      const out = {};
+      for (const [k, sel] of Object.entries({ body: 'body', log: '#log', sidebar: '.sidebar', composer: '#message-input', bubble: '#log li.msg:not(.mine) .bubble' })) {
+        const e = document.querySelector(sel);
+        out[k] = { bg: bg(e), text: lum(rgb(getComputedStyle(e).color)) };
+      }
+      return out;
+    });
+    const light = await looks();
+    for (const [k, v] of Object.entries(light)) assert(v.bg > 0.6 && v.text < 0.2, `${k} light by default (${JSON.stringify(v)})`);
+    await nora.page.emulateMedia({ colorScheme: 'dark' });
+    const dark = await looks();
+    for (const [k, v] of Object.entries(dark)) assert(v.bg < 0.05 && v.text > 0.6, `${k} dark with a dark system setting (${JSON.stringify(v)})`);
+    await shot(nora.page, 'desktop-dark');
+    await nora.page.emulateMedia({ colorScheme: 'light' });
+    const back = await looks();
+    assert(back.log.bg > 0.6, 'light again');
+    await nora.context.close();
+    delete pages.nora;
+  });
+
   await test('day separators and dates, grouping kept by them and by a confirmed recall', async () => {
     await joinRoom(alice.page, 'days');
     const texts = ['old 1', 'old 2', 'yesterday 1', 'yesterday 2', 'today 1', 'today 2', 'today 3'];
