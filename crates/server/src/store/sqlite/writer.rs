@@ -442,7 +442,9 @@ impl Writer {
         {
             Some(text) => {
                 self.conn
-                    .prepare_cached("INSERT INTO message_text (body, conv, seq) VALUES (?1, ?2, ?3)")?
+                    .prepare_cached(
+                        "INSERT INTO message_text (body, conv, seq) VALUES (?1, ?2, ?3)",
+                    )?
                     .execute(params![text, msg.conv, seq])?;
                 Some(self.conn.last_insert_rowid())
             }
