@@ -168,6 +168,14 @@ impl Members {
         Some(room)
     }
 
+    /// Forgets the cached list of `conv` (the next use loads it from the store), also
+    /// while it is being loaded.
+    pub fn invalidate(&self, conv: &str) {
+        if self.rooms.remove(conv).is_some() {
+            self.metrics.rooms_cached.set(self.rooms.len() as i64);
+        }
+    }
+
     /// Drops rooms not used for `idle_ms` none of whose members `online` holds for.
     /// Returns how many were dropped.
     pub fn evict_idle(&self, idle_ms: u64, online: impl Fn(&str) -> bool) -> usize {

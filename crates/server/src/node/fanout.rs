@@ -16,7 +16,7 @@
 //! them, so a cluster node places each by its `at` (the room's last seq when it
 //! committed, [`Move`]): a joiner gets the messages after it (those already delivered
 //! are filled for them from the store) and none before it, a leaver the ones up to it
-//! that arrive late. Which users are members is read back from the store after each
+//! that arrive late. The room's member list is read again from the store after each
 //! change, so two changes of one user that arrive swapped still end as the store says.
 
 use std::sync::Arc;
@@ -376,16 +376,20 @@ impl Fanout {
         at: u64,
         by: Option<String>,
     ) {
-        let member = match &self.catch_up {
-            None => joined,
+        let room = match &self.catch_up {
+            None => self.members.apply(&conv, &user, joined),
             Some(c) => {
-                let member = match c.store.is_member(&conv, &user).await {
-                    Ok(member) => member,
+                // Changes of other nodes arrive in no set order: the member list is read
+                // again from the store, which has this change and every one before it.
+                self.members.invalidate(&conv);
+                let room = match self.members.room(&conv).await {
+                    Ok(room) => room,
                     Err(e) => {
-                        tracing::warn!(%conv, error = %e, "cannot read a membership back");
-                        joined
+                        tracing::warn!(%conv, error = %e, "member change not pushed; members will sync");
+                        return;
                     }
                 };
+                let member = room.contains(&user);
                 let delivered = c.delivered.get(&conv).map(|e| e.0);
                 match delivered {
                     // Messages after the join were delivered before it was heard of.
@@ -401,10 +405,10 @@ impl Fanout {
                         when: Instant::now(),
                     }),
                 }
-                member
+                Some(room)
             }
         };
-        let room = match self.members.apply(&conv, &user, member) {
+        let room = match room {
             Some(room) => room,
             // Not cached: loading it reads the store, which has the change.
             None => match self.members.room(&conv).await {
