@@ -234,21 +234,15 @@ struct SenderLog {
     next: u64,
 }
 
-/// Sends into `room:load` as `user` until the connection fails; retries the unsure
-/// message first, with its original id.
-async fn send_until_failure(url: String, user: String, mut log: SenderLog) -> SenderLog {
-    let Ok(client) = Client::connect(ConnectOptions::guest(url, user.clone())).await else {
-        return log;
-    };
-    if client.join("load").await.is_err() {
-        return log;
-    }
-    loop {
-        let id = match log.unsure.take() {
+impl SenderLog {
+    /// Sends the unsure message again (with its id), or else the next one, into
+    /// `room:load` as `user`; records it as acked, or as unsure when the send failed.
+    async fn send_one(&mut self, client: &Client, user: &str) -> bool {
+        let id = match self.unsure.take() {
             Some(id) => id,
             None => {
-                log.next += 1;
-                format!("{user}-{}", log.next)
+                self.next += 1;
+                format!("{user}-{}", self.next)
             }
         };
         let sent = client
@@ -260,13 +254,29 @@ async fn send_until_failure(url: String, user: String, mut log: SenderLog) -> Se
             )
             .await;
         match sent {
-            Ok(s) => log.acked.push((id, s.seq)),
+            Ok(s) => {
+                self.acked.push((id, s.seq));
+                true
+            }
             Err(_) => {
-                log.unsure = Some(id);
-                return log;
+                self.unsure = Some(id);
+                false
             }
         }
     }
+}
+
+/// Sends into `room:load` as `user` until the connection fails; retries the unsure
+/// message first, with its original id.
+async fn send_until_failure(url: String, user: String, mut log: SenderLog) -> SenderLog {
+    let Ok(client) = Client::connect(ConnectOptions::guest(url, user.clone())).await else {
+        return log;
+    };
+    if client.join("load").await.is_err() {
+        return log;
+    }
+    while log.send_one(&client, &user).await {}
+    log
 }
 
 /// Two senders into `room:load` on each of `nodes`, named `n{node}s{i}`, in that order.
@@ -385,20 +395,12 @@ async fn kill_9_under_load_at_random_moments_loses_no_acked_message() {
         .map(|(i, mut log)| {
             let url = server.url();
             tokio::spawn(async move {
-                if let Some(id) = log.unsure.take() {
-                    let c = Client::connect(ConnectOptions::guest(url, format!("s{i}")))
+                if log.unsure.is_some() {
+                    let user = format!("s{i}");
+                    let c = Client::connect(ConnectOptions::guest(url, user.clone()))
                         .await
                         .unwrap();
-                    let s = c
-                        .send_message(
-                            "room:load",
-                            &id,
-                            hubbub_protocol::ContentType::Text,
-                            serde_json::Value::String(id.clone()),
-                        )
-                        .await
-                        .unwrap();
-                    log.acked.push((id, s.seq));
+                    assert!(log.send_one(&c, &user).await, "the retry is stored");
                 }
                 log
             })
@@ -1081,54 +1083,23 @@ async fn send_with_failover(
         if client.join("load").await.is_err() {
             continue;
         }
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < limit {
-            let id = match log.unsure.take() {
-                Some(id) => id,
-                None => {
-                    log.next += 1;
-                    format!("{user}-{}", log.next)
-                }
-            };
-            let sent = client
-                .send_message(
-                    "room:load",
-                    &id,
-                    hubbub_protocol::ContentType::Text,
-                    serde_json::Value::String(id.clone()),
-                )
-                .await;
-            match sent {
-                Ok(s) => log.acked.push((id, s.seq)),
-                Err(_) => {
-                    log.unsure = Some(id);
-                    break;
-                }
-            }
-        }
+        while !stop.load(std::sync::atomic::Ordering::Relaxed)
+            && Instant::now() < limit
+            && log.send_one(&client, &user).await
+        {}
     }
     // The message in flight when it stopped: sent once more, so that every id it
     // used is either acked or never stored.
-    if let Some(id) = log.unsure.take() {
-        for url in &urls {
-            let Ok(client) =
-                Client::connect(ConnectOptions::guest(url.clone(), user.clone())).await
-            else {
-                continue;
-            };
-            let sent = client
-                .send_message(
-                    "room:load",
-                    &id,
-                    hubbub_protocol::ContentType::Text,
-                    serde_json::Value::String(id.clone()),
-                )
-                .await;
-            if let Ok(s) = sent {
-                log.acked.push((id, s.seq));
-                break;
-            }
+    for url in &urls {
+        if log.unsure.is_none() {
+            break;
+        }
+        if let Ok(client) = Client::connect(ConnectOptions::guest(url.clone(), user.clone())).await
+        {
+            log.send_one(&client, &user).await;
         }
     }
+    log.unsure = None;
     log
 }
 
