@@ -187,23 +187,11 @@ impl Fanout {
         except: Option<u64>,
     ) -> Result<usize, StoreError> {
         let Some(c) = &self.catch_up else {
-            return self.deliver(conv, frame, except, None).await;
+            return self.deliver(conv, frame, except, &[]).await;
         };
         let (skip, add) = c.around(conv, seq);
-        let mut n = match skip.as_slice() {
-            [] => self.deliver(conv, frame, except, None).await?,
-            [one] => self.deliver(conv, frame, except, Some(one)).await?,
-            _ => {
-                let room = self.members.room(conv).await?;
-                let mut n = 0;
-                room.for_each(|u| {
-                    if !skip.iter().any(|s| s == u) {
-                        n += self.hub.send_to_user(u, frame, except);
-                    }
-                });
-                n
-            }
-        };
+        let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
+        let mut n = self.deliver(conv, frame, except, &skip).await?;
         if !add.is_empty() {
             let room = self.members.room(conv).await?;
             for u in add.iter().filter(|u| !room.contains(u)) {
@@ -306,20 +294,20 @@ impl Fanout {
     }
 
     /// Pushes `frame` to every member session of `conv` here, except the session
-    /// `except`; with `skip_user`, none of that user's sessions get it. Returns how many
+    /// `except`; none of the sessions of the users in `skip` get it. Returns how many
     /// sessions got it.
     pub async fn deliver(
         &self,
         conv: &str,
         frame: &Arc<OutFrame>,
         except: Option<u64>,
-        skip_user: Option<&str>,
+        skip: &[&str],
     ) -> Result<usize, StoreError> {
         let mut n = 0;
         match Conv::parse(conv) {
             Ok(Conv::Dm(a, b)) => {
                 for u in [a, b] {
-                    if Some(u) != skip_user {
+                    if !skip.contains(&u) {
                         n += self.hub.send_to_user(u, frame, except);
                     }
                 }
@@ -327,7 +315,7 @@ impl Fanout {
             Ok(Conv::Room(_)) => {
                 let room = self.members.room(conv).await?;
                 room.for_each(|u| {
-                    if Some(u) != skip_user {
+                    if !skip.contains(&u) {
                         n += self.hub.send_to_user(u, frame, except);
                     }
                 });
@@ -360,7 +348,7 @@ impl Fanout {
             },
         };
         let frame = OutFrame::new(frame);
-        if let Err(e) = self.deliver(&conv, &frame, Some(origin), None).await {
+        if let Err(e) = self.deliver(&conv, &frame, Some(origin), &[]).await {
             tracing::warn!(%conv, error = %e, "fan-out failed; recipients will sync");
         }
     }
@@ -444,7 +432,7 @@ impl Fanout {
             self.hub.send_to_user(&user, &frame, None);
         }
         if !quiet {
-            let _ = self.deliver(&conv, &frame, None, Some(&user)).await;
+            let _ = self.deliver(&conv, &frame, None, &[&user]).await;
         }
     }
 }

@@ -58,7 +58,7 @@ impl Node {
                     conv: conv.clone(),
                     user: user.clone(),
                 });
-                let _ = self.fanout.deliver(&conv, &frame, None, Some(&user)).await;
+                let _ = self.fanout.deliver(&conv, &frame, None, &[&user]).await;
             }
             Live::Signal {
                 to,
@@ -189,7 +189,7 @@ impl Node {
             user: actor.user.to_string(),
         });
         self.fanout
-            .deliver(conv, &frame, None, Some(actor.user))
+            .deliver(conv, &frame, None, &[actor.user])
             .await?;
         self.bus.relay(Live::Typing {
             conv: conv.to_string(),
