@@ -7,6 +7,9 @@
 #   bench/compare.sh [all|idle|connect|fanout|sweep|bigroom|dm]...
 #
 # Environment: SERVER_CPU (default 0), BENCH_CPU (default 1), IDLE_CONNS (19000),
+# FANOUT_RATES (per-sender messages/s of the 1,000-member runs, default "10 20 50"),
+# BENCH_ARGS (more options for every run, e.g. --in-step), PERF_STAT (set: count the
+# server's system calls with perf for 6 s from 2 s into each run; needs perf),
 # SWEEP_RATES (per-sender messages/s for the 1,000-member sweep), FEATURES (cargo
 # features of the hubbub build, e.g. mimalloc), HUBBUB (a hubbub binary to run instead
 # of building target/release/hubbub, e.g. an older build kept for comparison).
@@ -17,9 +20,11 @@ SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPU=${BENCH_CPU:-1}
 IDLE_CONNS=${IDLE_CONNS:-19000}
 SWEEP_RATES=${SWEEP_RATES:-"10 20 50 100 200"}
+FANOUT_RATES=${FANOUT_RATES:-"10 20 50"}
 HUBBUB_PORT=${HUBBUB_PORT:-18080}
 GOHUB_PORT=${GOHUB_PORT:-19001}
 OUT=${OUT:-target/bench-results.jsonl}
+PERF_EVENTS=${PERF_EVENTS:-raw_syscalls:sys_enter,syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_futex,syscalls:sys_enter_epoll_wait}
 mkdir -p target/gohub
 : >"$OUT"
 
@@ -58,11 +63,17 @@ bench() {
     local tflag=hubbub
     [ "$target" = gohub ] && tflag=raw
     echo "== $target: $*"
-    local out
+    local out perf_pid=
+    if [ -n "${PERF_STAT:-}" ]; then
+        (sleep 2 && perf stat -x, -p "$pid" -e "$PERF_EVENTS" -- sleep 6 2>&1 >/dev/null |
+            awk -F, '{printf "  perf: %s %s\n", $3, $1}') &
+        perf_pid=$!
+    fi
     out=$(taskset -c "$BENCH_CPU" "$HUBBUB" bench --url "$url" --server-pid "$pid" --target "$tflag" \
-        --source-addrs 4 "$@")
+        --source-addrs 4 "$@" ${BENCH_ARGS:-})
     head -n1 <<<"$out" | sed "s/^{/{\"server\":\"$target\",/" >>"$OUT"
     tail -n +2 <<<"$out"
+    [ -n "$perf_pid" ] && wait "$perf_pid"
     sleep 2
 }
 
@@ -75,7 +86,7 @@ run() {
     case $1 in
     idle) both idle --conns "$IDLE_CONNS" --rate 4000 --hold 5 ;;
     connect) both connect --conns 10000 --concurrency 200 ;;
-    fanout) for r in 20 50; do both fanout --members 1000 --senders 10 --rate "$r" --duration 10; done ;;
+    fanout) for r in $FANOUT_RATES; do both fanout --members 1000 --senders 10 --rate "$r" --duration 10; done ;;
     sweep) for r in $SWEEP_RATES; do both fanout --members 1000 --senders 10 --rate "$r" --duration 10; done ;;
     bigroom) both fanout --members 10000 --senders 1 --rate 1 --duration 10 --drain 10 ;;
     dm)

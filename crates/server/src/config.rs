@@ -43,6 +43,11 @@ pub struct Config {
     /// A connection written to less than this many milliseconds ago waits until then
     /// before its next frame, so that a busy connection's messages share frames (0: off).
     pub write_linger_ms: u64,
+    /// The linger of a busy connection: it grows from `write_linger_ms` for a quiet
+    /// connection to this for one receiving two frames or more per this many
+    /// milliseconds, so a busy member is written at most about 1,000 / this times a
+    /// second (at most `write_linger_ms`: a fixed linger).
+    pub write_linger_max_ms: u64,
     /// Rooms with more members than this send no `member`, `typing` or room `presence`.
     pub large_room: usize,
     /// Sustained `send` rate per connection (messages per second).
@@ -204,6 +209,7 @@ impl Default for Config {
             ws_read_buffer: 512,
             max_coalesce_bytes: 64 * 1024,
             write_linger_ms: 5,
+            write_linger_max_ms: 25,
             large_room: 1000,
             send_rate_per_sec: 100,
             send_burst: 200,
@@ -372,6 +378,9 @@ impl Config {
                         .into(),
                 );
             }
+        }
+        if self.write_linger_ms > 1000 || self.write_linger_max_ms > 1000 {
+            return Err("write_linger_ms and write_linger_max_ms must be at most 1000".into());
         }
         if self.heartbeat_ms < 10 {
             return Err("heartbeat_ms must be at least 10".into());

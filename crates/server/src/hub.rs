@@ -134,10 +134,17 @@ pub struct Session {
     answer_queued: AtomicBool,
     /// A reply waits for room: the writer wakes the task when it takes frames.
     room_wanted: AtomicBool,
+    /// The writer lingers and does not watch the queue: a push that fills a quarter of
+    /// it wakes the task (see [`Session::push`]).
+    lingering: AtomicBool,
     /// Frames are measured in the encoding the session writes (protobuf or JSON).
     protobuf: bool,
     /// Encoded bytes of the frames queued and not yet handed to the socket.
     queued_bytes: AtomicUsize,
+    /// Frames queued and not yet handed to the socket (`tx.len()` takes a lock).
+    queued_frames: AtomicUsize,
+    /// Bound of `queued_frames`: the capacity of `tx`.
+    capacity: usize,
     /// Bound of `queued_bytes` (see [`Session::push`] and [`Session::reply`]).
     queue_bytes: usize,
     close_reason: Mutex<Option<CloseReason>>,
@@ -170,6 +177,7 @@ impl Session {
         metrics: &Metrics,
     ) -> SessionHandle {
         Arc::new(Session {
+            capacity: tx.capacity().unwrap_or(usize::MAX),
             id,
             user,
             device,
@@ -177,8 +185,10 @@ impl Session {
             closing: AtomicBool::new(false),
             answer_queued: AtomicBool::new(false),
             room_wanted: AtomicBool::new(false),
+            lingering: AtomicBool::new(false),
             protobuf,
             queued_bytes: AtomicUsize::new(0),
+            queued_frames: AtomicUsize::new(0),
             queue_bytes,
             waker: AtomicWaker::new(),
             close_reason: Mutex::new(None),
@@ -208,7 +218,12 @@ impl Session {
             return false;
         }
         match self.queue(frame, false) {
-            Ok(()) => true,
+            Ok(()) => {
+                if self.lingering.load(Ordering::SeqCst) && self.is_quarter_full() {
+                    self.waker.wake();
+                }
+                true
+            }
             Err(flume::TrySendError::Full(_)) => {
                 if self.close(CloseReason::SLOW_CONSUMER) {
                     self.slow_consumer_closes.inc();
@@ -220,11 +235,32 @@ impl Session {
         }
     }
 
+    /// Whether the queue holds a quarter of its bound or more (in frames or in bytes):
+    /// enough to end a write linger.
+    pub fn is_quarter_full(&self) -> bool {
+        self.queued_frames.load(Ordering::Relaxed) >= self.capacity / 4
+            || self.queued_bytes.load(Ordering::Relaxed) >= self.queue_bytes / 4
+    }
+
+    /// Whether frames are queued (or held by the writer) and not yet written.
+    pub fn has_queued(&self) -> bool {
+        self.queued_frames.load(Ordering::Acquire) > 0
+    }
+
+    /// Called by the writer: while `on`, it does not watch the queue, and pushes that
+    /// fill a quarter of it wake the task instead.
+    pub fn set_lingering(&self, on: bool, cx: &std::task::Context<'_>) {
+        if on {
+            self.waker.register(cx.waker());
+        }
+        self.lingering.store(on, Ordering::SeqCst);
+    }
+
     /// Whether the queue holds half its bound or more (in frames or in bytes): its writer
     /// is behind, and whoever keeps pushing should let it run.
     pub fn is_filling(&self) -> bool {
-        let half_frames = self.tx.capacity().is_some_and(|c| self.tx.len() * 2 >= c);
-        half_frames || self.queued_bytes.load(Ordering::Relaxed) * 2 >= self.queue_bytes
+        self.queued_frames.load(Ordering::Relaxed) >= self.capacity / 2
+            || self.queued_bytes.load(Ordering::Relaxed) >= self.queue_bytes / 2
     }
 
     /// Replaces the session: queues `kicked` if there is room (a full queue only loses
@@ -247,8 +283,7 @@ impl Session {
     ) -> Result<(), flume::TrySendError<Arc<OutFrame>>> {
         let len = self.frame_len(frame);
         let budget = if reply {
-            let half = self.tx.capacity().map_or(usize::MAX, |c| (c / 2).max(1));
-            if self.tx.len() >= half {
+            if self.queued_frames.load(Ordering::Acquire) >= (self.capacity / 2).max(1) {
                 return Err(flume::TrySendError::Full(frame.clone()));
             }
             self.queue_bytes / 2
@@ -261,8 +296,10 @@ impl Session {
             self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             return Err(flume::TrySendError::Full(frame.clone()));
         }
+        self.queued_frames.fetch_add(1, Ordering::AcqRel);
         self.tx.try_send(frame.clone()).inspect_err(|_| {
             self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.queued_frames.fetch_sub(1, Ordering::AcqRel);
         })
     }
 
@@ -304,10 +341,11 @@ impl Session {
         }
     }
 
-    /// Called by the writer for the frames it took out of the queue and handed to the
-    /// socket. Returns whether a reply waits for the room this made.
-    pub fn taken(&self, bytes: usize) -> bool {
+    /// Called by the writer for the frames (`bytes` encoded, `frames` of them) it took
+    /// out of the queue and handed to the socket. Returns whether a reply waits for the room this made.
+    pub fn taken(&self, bytes: usize, frames: usize) -> bool {
         self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        self.queued_frames.fetch_sub(frames, Ordering::AcqRel);
         self.room_wanted.swap(false, Ordering::AcqRel)
     }
 
@@ -371,6 +409,9 @@ pub struct Hub {
     metrics: Metrics,
     /// A push found a queue half full since [`Hub::take_filling`] was last called.
     filling: AtomicBool,
+    /// Changes at every register and unregister: lists of sessions built before a
+    /// change are stale (see [`crate::members::Targets`]).
+    generation: AtomicU64,
 }
 
 impl Hub {
@@ -380,6 +421,28 @@ impl Hub {
             next_session: AtomicU64::new(1),
             metrics,
             filling: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// Changes whenever a session registers or unregisters.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Appends the sessions of `user` to `out`.
+    pub fn sessions_into(&self, user: &str, out: &mut Vec<SessionHandle>) {
+        if let Some(sessions) = self.users.get(user) {
+            out.extend(sessions.iter().cloned());
+        }
+    }
+
+    /// Counts `n` deliveries made without [`Hub::send_to_user`]; `filling` as a push
+    /// that found a queue half full.
+    pub fn delivered(&self, n: usize, filling: bool) {
+        self.metrics.deliveries.inc_by(n as u64);
+        if filling {
+            self.filling.store(true, Ordering::Relaxed);
         }
     }
 
@@ -406,6 +469,7 @@ impl Hub {
             .map(|i| entry.swap_remove(i));
         entry.push(session.clone());
         drop(entry);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.metrics.connections_open.inc();
         self.metrics.connections_total.inc();
         if let Some(old) = &replaced {
@@ -430,6 +494,7 @@ impl Hub {
             list.is_empty()
         });
         if found {
+            self.generation.fetch_add(1, Ordering::SeqCst);
             self.metrics.connections_open.dec();
         }
         last
@@ -570,8 +635,9 @@ mod tests {
         assert!(s.push(&page) && s.push(&page) && s.push(&page));
         assert_eq!(s.close_reason(), None);
         // The writer takes frames: the room is the replies' again.
-        let taken: usize = rx.drain().map(|f| s.frame_len(&f)).sum();
-        s.taken(taken);
+        let frames: Vec<_> = rx.drain().collect();
+        let taken: usize = frames.iter().map(|f| s.frame_len(f)).sum();
+        s.taken(taken, frames.len());
         assert_eq!(s.queued_bytes(), 0);
         assert!(s.try_reply(page).is_ok());
         // In frames too: half for replies.

@@ -7,6 +7,9 @@
 //! over the loaded list. Each change sets one user's membership, so replaying one that
 //! the loaded list already reflects changes nothing.
 //!
+//! Each room also keeps the sessions its last delivery went to ([`Targets`]), reused
+//! while neither its members nor the hub's sessions change.
+//!
 //! Lists of unknown rooms are not kept; lists of rooms unused for a while with nobody
 //! online are dropped ([`Members::evict_idle`]). The cache is a fast refusal only: the
 //! store checks membership again when it appends.
@@ -16,8 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
+use crate::hub::{Hub, SessionHandle};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -31,6 +35,21 @@ pub struct Room {
     state: RwLock<RoomState>,
     /// When the room was last used (ms since the cache was made), for eviction.
     used: AtomicU64,
+    /// Changes with every change of the member list.
+    version: AtomicU64,
+    /// The sessions a delivery to the room last pushed to.
+    targets: Mutex<Option<Targets>>,
+}
+
+/// The sessions of a room's members on this node, as a fan-out built them: reused for
+/// the room's next messages while neither the member list nor the hub's sessions
+/// changed, so a message costs no lookup per member.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    /// [`Room::version`] and [`Hub::generation`] when built.
+    pub version: u64,
+    pub generation: u64,
+    pub sessions: Arc<[SessionHandle]>,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +61,39 @@ struct RoomState {
 }
 
 impl Room {
+    /// Changes with every change of the member list.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+
+    /// The sessions of the members online in `hub`: the list built last time if neither
+    /// the members nor the hub's sessions changed since, a new one if they did.
+    pub fn targets(&self, hub: &Hub) -> Arc<[SessionHandle]> {
+        // Read before building: a change meanwhile leaves the list marked stale.
+        let generation = hub.generation();
+        let version = self.version();
+        let mut cached = self.targets.lock();
+        if let Some(t) = &*cached {
+            if t.generation == generation && t.version == version {
+                return t.sessions.clone();
+            }
+        }
+        let mut sessions = Vec::new();
+        self.for_each(|u| hub.sessions_into(u, &mut sessions));
+        let sessions: Arc<[SessionHandle]> = sessions.into();
+        *cached = Some(Targets {
+            version,
+            generation,
+            sessions: sessions.clone(),
+        });
+        sessions
+    }
+
+    /// Drops the list of sessions (it holds closed sessions until rebuilt).
+    fn forget_targets(&self) {
+        self.targets.lock().take();
+    }
+
     pub fn contains(&self, user: &str) -> bool {
         self.state.read().members.contains(user)
     }
@@ -75,6 +127,7 @@ impl Room {
 
     fn apply(&self, user: &str, joined: bool) {
         let mut st = self.state.write();
+        self.version.fetch_add(1, Ordering::SeqCst);
         if !st.ready {
             st.log.push((Arc::from(user), joined));
         } else if joined {
@@ -86,6 +139,7 @@ impl Room {
 
     fn set_loaded(&self, members: Vec<String>) {
         let mut st = self.state.write();
+        self.version.fetch_add(1, Ordering::SeqCst);
         st.members = members.into_iter().map(Arc::from).collect();
         for (user, joined) in std::mem::take(&mut st.log) {
             if joined {
@@ -183,6 +237,9 @@ impl Members {
         let before = self.rooms.len();
         self.rooms.retain(|_, room| {
             let idle = now.saturating_sub(room.used.load(Ordering::Relaxed)) >= idle_ms;
+            if idle {
+                room.forget_targets();
+            }
             !idle || room.count(&online) > 0
         });
         let after = self.rooms.len();

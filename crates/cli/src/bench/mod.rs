@@ -12,6 +12,7 @@
 //! targets only.
 
 mod conn;
+mod floor;
 mod report;
 mod work;
 
@@ -102,6 +103,9 @@ pub(super) enum Scenario {
         #[arg(long, default_value_t = 5.0)]
         drain: f64,
     },
+    /// The floor under any server's CPU per delivery: what one loopback send costs this
+    /// machine's kernel (no server needed; --url and the other options are ignored).
+    Floor(floor::FloorArgs),
     /// P pairs of users sending direct messages to each other (hubbub only): acked
     /// (stored) messages per second and ack latency.
     Dm {
@@ -130,6 +134,13 @@ pub(super) struct Load {
     /// Message text size in bytes.
     #[arg(long, default_value_t = 100)]
     pub(super) size: usize,
+    /// At a fixed rate, every sender sends at the same instants (all senders' messages
+    /// arrive together). Without it the senders' schedules are spread evenly over one
+    /// interval, as independent people's would be: a server cannot join one sender's
+    /// message with another's for free.
+    #[arg(long)]
+    #[serde(default)]
+    pub(super) in_step: bool,
 }
 
 impl Scenario {
@@ -139,6 +150,7 @@ impl Scenario {
             Scenario::Connect { .. } => "connect",
             Scenario::Fanout { .. } => "fanout",
             Scenario::Dm { .. } => "dm",
+            Scenario::Floor(_) => "floor",
         }
     }
 
@@ -148,6 +160,7 @@ impl Scenario {
             Scenario::Idle { conns, .. } | Scenario::Connect { conns, .. } => *conns,
             Scenario::Fanout { members, .. } => *members,
             Scenario::Dm { pairs, .. } => pairs * 2,
+            Scenario::Floor(_) => 0,
         }
     }
 }
@@ -157,6 +170,9 @@ impl Scenario {
 const CONNS_PER_PROC: usize = 16_000;
 
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Scenario::Floor(f) = args.scenario {
+        return floor::run(f);
+    }
     let dialer = Dialer::new(&args.url, args.target, args.source_addrs)?;
     validate(&args)?;
     let procs = if let Some(k) = args.worker_of {

@@ -64,8 +64,13 @@ pub(super) fn worker(
                 )
                 .await
             }
+            Scenario::Floor(_) => bail!("floor runs in the parent process"),
             Scenario::Dm { pairs, rate, load } => {
-                dm(&ctx, &mut ctl, pairs, Plan::new(0, rate, load, 10.0)).await
+                let plan = Plan {
+                    schedules: pairs * 2,
+                    ..Plan::new(0, rate, load, 10.0)
+                };
+                dm(&ctx, &mut ctl, pairs, plan).await
             }
         }
     })?;
@@ -258,6 +263,10 @@ struct Plan {
     duration: f64,
     size: usize,
     drain: f64,
+    /// How many connections send (for spreading their schedules), and whether they send
+    /// in step.
+    schedules: usize,
+    in_step: bool,
 }
 
 impl Plan {
@@ -266,6 +275,7 @@ impl Plan {
             inflight,
             duration,
             size,
+            in_step,
         } = load;
         Plan {
             senders,
@@ -274,7 +284,19 @@ impl Plan {
             duration,
             size,
             drain,
+            schedules: senders.max(1),
+            in_step,
         }
+    }
+
+    /// The start of sending connection `i`'s schedule: `start_us`, shifted by its share
+    /// of one interval unless the senders go in step.
+    fn start_of(&self, start_us: u64, i: usize) -> u64 {
+        if self.in_step || self.rate <= 0.0 {
+            return start_us;
+        }
+        let interval_us = 1e6 / self.rate;
+        start_us + (interval_us * (i % self.schedules) as f64 / self.schedules as f64) as u64
     }
 
     /// Messages per sender at a fixed rate (None in closed loop).
@@ -728,7 +750,7 @@ async fn fanout(
                 let handle = tokio::spawn(send_loop(
                     sink,
                     plan,
-                    start_us,
+                    plan.start_of(start_us, i),
                     start,
                     state,
                     move |k, due| {
@@ -873,6 +895,7 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
                 return;
             };
             let (start_us, start) = g.expect("waited for Some");
+            let start_us = plan.start_of(start_us, i);
             let (sink, mut stream) = ws.split();
             let sender = tokio::spawn(send_loop(
                 sink,

@@ -230,8 +230,18 @@ struct Io {
     rx: flume::Receiver<Arc<OutFrame>>,
     frames: flume::r#async::RecvStream<'static, Arc<OutFrame>>,
     session: SessionHandle,
-    /// Frames taken from the queue while the write linger runs (none when idle).
+    /// Frames taken from the queue and not written yet.
     held: VecDeque<Arc<OutFrame>>,
+    /// The write linger now (see [`Io::adapt_linger`]) and its bounds.
+    linger: Duration,
+    linger_base: Duration,
+    linger_max: Duration,
+    /// Frames per second this connection was written lately (a moving average).
+    rate: f64,
+    /// The last write stopped at `max_coalesce_bytes` with more queued: write on.
+    backlog: bool,
+    /// The writer lingers (and told the session so).
+    lingering: bool,
     /// A frame was handed to the socket and is not flushed yet.
     flushing: bool,
     ping_due: bool,
@@ -271,6 +281,12 @@ impl Io {
             rx,
             session,
             held: VecDeque::new(),
+            linger,
+            linger_base: linger,
+            linger_max: Duration::from_millis(cfg.write_linger_max_ms).max(linger),
+            rate: 0.0,
+            backlog: false,
+            lingering: false,
             flushing: false,
             ping_due: false,
             judge: false,
@@ -395,10 +411,32 @@ impl Io {
         Ok(())
     }
 
+    /// Sets the linger after a write of `count` frames at `now`: from the base linger for
+    /// a quiet connection, growing with the rate it is written at, up to the largest for
+    /// a connection that gets two frames or more per largest linger. A busy connection is
+    /// written less often (more frames per write); a quiet one is written at once.
+    fn adapt_linger(&mut self, now: Instant, count: usize) {
+        if self.linger_max <= self.linger_base {
+            return;
+        }
+        let since = now.saturating_duration_since(self.last_write).as_secs_f64();
+        let rate = count as f64 / since.max(0.001);
+        self.rate = 0.75 * self.rate + 0.25 * rate;
+        let full = 2.0 / self.linger_max.as_secs_f64();
+        let share = (self.rate / full).min(1.0);
+        self.linger = self.linger_base + (self.linger_max - self.linger_base).mul_f64(share);
+    }
+
     /// Writes what is queued and keeps the timers; returns only when writing must stop.
+    ///
+    /// A connection written to less than the linger ago waits for the linger to end and
+    /// then writes everything queued meanwhile in one frame. While it lingers it does not
+    /// watch the queue, so pushes do not wake it: one wake-up and one write per linger
+    /// however many frames arrive (a push that fills a quarter of the queue still wakes
+    /// it, and an answer to the client's own request ends the linger).
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Stop> {
-        let cfg = &self.state.config;
-        let linger = Duration::from_millis(cfg.write_linger_ms);
+        let max_coalesce = self.state.config.max_coalesce_bytes;
+        let heartbeat = Duration::from_millis(self.state.config.heartbeat_ms);
         loop {
             if self.flushing {
                 match Pin::new(&mut self.ws).poll_flush(cx) {
@@ -414,21 +452,25 @@ impl Io {
             }
             if !self.flushing {
                 let now = Instant::now();
-                // An answer to the client's own request goes out at once.
-                let lingering = now < self.last_write + linger && !self.session.answer_queued();
-                // Take frames out of the queue while the linger runs, so that a queue
-                // filling up meanwhile ends the linger instead of the session.
-                let enough = (cfg.queue_frames / 4).max(1);
-                while self.held.is_empty() || (lingering && self.held.len() < enough) {
+                let lingering = !self.backlog
+                    && now < self.last_write + self.linger
+                    && !self.session.answer_queued();
+                if lingering != self.lingering {
+                    self.lingering = lingering;
+                    self.session.set_lingering(lingering, cx);
+                }
+                // Not lingering: wait for the queue (the next push wakes the task).
+                if !lingering && self.held.is_empty() {
                     match self.frames.poll_next_unpin(cx) {
                         Poll::Ready(Some(frame)) => self.held.push_back(frame),
                         // Every sender is gone: only at the very end.
                         Poll::Ready(None) => return Poll::Ready(Stop::Broken),
-                        Poll::Pending => break,
+                        Poll::Pending => {}
                     }
                 }
-                let ready = self.ping_due
-                    || (!self.held.is_empty() && (!lingering || self.held.len() >= enough));
+                let queued = !self.held.is_empty() || self.session.has_queued();
+                let ready =
+                    self.ping_due || (queued && (!lingering || self.session.is_quarter_full()));
                 if ready {
                     match Pin::new(&mut self.ws).poll_ready(cx) {
                         Poll::Ready(Ok(())) => {
@@ -437,16 +479,22 @@ impl Io {
                                 WsMessage::Ping(bytes::Bytes::new())
                             } else {
                                 self.session.clear_answer_queued();
-                                let max = cfg.max_coalesce_bytes;
-                                let next = next_message(self.codec, &mut self.held, &self.rx, max);
-                                let Some((msg, taken)) = next else {
+                                let next = next_message(
+                                    self.codec,
+                                    &mut self.held,
+                                    &self.rx,
+                                    max_coalesce,
+                                );
+                                let Some(next) = next else {
                                     continue;
                                 };
-                                if self.session.taken(taken) {
+                                self.backlog = next.more;
+                                self.adapt_linger(now, next.count);
+                                if self.session.taken(next.bytes, next.count) {
                                     // A reply of this task waits for the room just made.
                                     cx.waker().wake_by_ref();
                                 }
-                                msg
+                                next.msg
                             };
                             if Pin::new(&mut self.ws).start_send(msg).is_err() {
                                 return Poll::Ready(Stop::Broken);
@@ -473,7 +521,7 @@ impl Io {
                 self.ping_due = true;
                 self.judge = true;
                 self.unanswered.get_or_insert(now);
-                self.next_ping = now + Duration::from_millis(cfg.heartbeat_ms);
+                self.next_ping = now + heartbeat;
                 continue;
             }
             let mut deadline = self.next_ping;
@@ -483,8 +531,8 @@ impl Io {
             if let Some(e) = self.expires {
                 deadline = deadline.min(e);
             }
-            let linger_until = self.last_write + linger;
-            if !self.held.is_empty() && !self.flushing && linger_until > now {
+            let linger_until = self.last_write + self.linger;
+            if self.lingering && !self.flushing && linger_until > now {
                 deadline = deadline.min(linger_until);
             }
             if deadline != self.timer.deadline() {
@@ -523,11 +571,11 @@ impl Io {
                 return;
             }
             if reason.flush {
-                while let Some((msg, taken)) =
+                while let Some(next) =
                     next_message(self.codec, &mut self.held, &self.rx, max_coalesce)
                 {
-                    session.taken(taken);
-                    if ws.feed(msg).await.is_err() {
+                    session.taken(next.bytes, next.count);
+                    if ws.feed(next.msg).await.is_err() {
                         return;
                     }
                 }
@@ -578,43 +626,70 @@ fn read_error_close(e: &axum::Error) -> Option<CloseReason> {
     None
 }
 
+/// One outgoing WebSocket frame and what went into it.
+struct Next {
+    msg: WsMessage,
+    /// Encoded bytes of the protocol messages it carries.
+    bytes: usize,
+    /// Protocol messages it carries.
+    count: usize,
+    /// It stopped at the byte bound with more waiting.
+    more: bool,
+}
+
 /// The next WebSocket frame from what is held and then what is queued: for JSON, as many
 /// messages as fit in `max` bytes, joined with `\n`; for protobuf, one message (binary
-/// frames carry one each), with the encoded bytes of the messages it took. `None` if
-/// there is nothing to write.
+/// frames carry one each). `None` if there is nothing to write.
 fn next_message(
     codec: Codec,
     held: &mut VecDeque<Arc<OutFrame>>,
     rx: &flume::Receiver<Arc<OutFrame>>,
     max: usize,
-) -> Option<(WsMessage, usize)> {
+) -> Option<Next> {
     let mut next = || held.pop_front().or_else(|| rx.try_recv().ok());
     let first = next()?;
     if codec == Codec::Protobuf {
         let bytes = first.pb().clone();
         let len = bytes.len();
-        return Some((WsMessage::Binary(bytes), len));
+        return Some(Next {
+            msg: WsMessage::Binary(bytes),
+            bytes: len,
+            count: 1,
+            more: !held.is_empty() || !rx.is_empty(),
+        });
     }
     let head = first.json();
     let Some(second) = next() else {
-        return Some((text_frame(head.clone()), head.len()));
+        return Some(Next {
+            msg: text_frame(head.clone()),
+            bytes: head.len(),
+            count: 1,
+            more: false,
+        });
     };
     let mut buf = BytesMut::with_capacity((head.len() * 2 + 1).min(max.max(head.len())));
     buf.extend_from_slice(head);
     let mut frame = Some(second);
     let mut count = 1;
+    let mut more = false;
     while let Some(f) = frame {
         count += 1;
         buf.extend_from_slice(b"\n");
         buf.extend_from_slice(f.json());
         if buf.len() >= max {
+            more = !held.is_empty() || !rx.is_empty();
             break;
         }
         frame = next();
     }
     // Each message but the first came with its `\n`.
-    let taken = buf.len() - count + 1;
-    Some((text_frame(buf.freeze()), taken))
+    let bytes = buf.len() - count + 1;
+    Some(Next {
+        msg: text_frame(buf.freeze()),
+        bytes,
+        count,
+        more,
+    })
 }
 
 fn text_frame(bytes: bytes::Bytes) -> WsMessage {

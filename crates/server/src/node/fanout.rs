@@ -314,11 +314,17 @@ impl Fanout {
             }
             Ok(Conv::Room(_)) => {
                 let room = self.members.room(conv).await?;
-                room.for_each(|u| {
-                    if !skip.contains(&u) {
-                        n += self.hub.send_to_user(u, frame, except);
+                let mut filling = false;
+                for s in room.targets(&self.hub).iter() {
+                    if Some(s.id) == except || skip.contains(&&*s.user) {
+                        continue;
                     }
-                });
+                    if s.push(frame) {
+                        n += 1;
+                        filling |= s.is_filling();
+                    }
+                }
+                self.hub.delivered(n, filling);
             }
             Err(_) => {}
         }
