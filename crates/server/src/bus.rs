@@ -218,8 +218,7 @@ mod tests {
     async fn a_shard_delivers_everything_committed_in_one_turn() {
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::new(metrics.clone()));
-        let (tx, rx) = flume::bounded(10_000);
-        let bob = Session::new(1, "bob".into(), "d".into(), tx, &metrics);
+        let bob = Session::new(1, "bob".into(), "d".into(), 10_000, &metrics);
         hub.register(&bob);
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
@@ -267,9 +266,13 @@ mod tests {
         }
         let before = turns.load(Ordering::Relaxed);
         let mut waited = 0;
-        while rx.len() < N as usize {
+        while bob.queued_frames() < N as usize {
             waited += 1;
-            assert!(waited < 100_000, "only {} of {N} delivered", rx.len());
+            assert!(
+                waited < 100_000,
+                "only {} of {N} delivered",
+                bob.queued_frames()
+            );
             tokio::task::yield_now().await;
         }
         let others = turns.load(Ordering::Relaxed) - before;

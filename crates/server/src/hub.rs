@@ -9,7 +9,8 @@
 //! and a session whose queue is full is closed as a slow consumer (it catches up with
 //! `sync` after reconnecting; the store has everything).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -124,71 +125,95 @@ pub struct Session {
     pub id: u64,
     pub user: Arc<str>,
     pub device: Arc<str>,
-    tx: flume::Sender<Arc<OutFrame>>,
+    /// The outgoing queue: anyone pushes, the session's writer takes.
+    outbox: Mutex<Outbox>,
     /// Set when the session is asked to close; `waker` then wakes its task.
     closing: AtomicBool,
-    /// The session's own task: it alone waits, for a close or for room for a reply.
+    /// The session's own task: it alone waits, for a close, for frames to write or for
+    /// room for a reply.
     waker: AtomicWaker,
     /// An answer to the session's own request is queued: write without lingering (the
     /// client is waiting for it).
     answer_queued: AtomicBool,
     /// A reply waits for room: the writer wakes the task when it takes frames.
     room_wanted: AtomicBool,
-    /// The writer lingers and does not watch the queue: a push that fills a quarter of
-    /// it wakes the task (see [`Session::push`]).
-    lingering: AtomicBool,
     /// Frames are measured in the encoding the session writes (protobuf or JSON).
     protobuf: bool,
-    /// Encoded bytes of the frames queued and not yet handed to the socket.
-    queued_bytes: AtomicUsize,
-    /// Frames queued and not yet handed to the socket (`tx.len()` takes a lock).
-    queued_frames: AtomicUsize,
-    /// Bound of `queued_frames`: the capacity of `tx`.
-    capacity: usize,
-    /// Bound of `queued_bytes` (see [`Session::push`] and [`Session::reply`]).
+    /// Bound of the queue in frames.
+    queue_frames: usize,
+    /// Bound of the queue in encoded bytes (see [`Session::push`] and
+    /// [`Session::reply`]).
     queue_bytes: usize,
     close_reason: Mutex<Option<CloseReason>>,
     slow_consumer_closes: prometheus::IntCounter,
 }
 
+/// A session's queue and what its writer waits for. One lock for a push: the bounds,
+/// the frame and whether to wake the writer are decided together.
+#[derive(Debug, Default)]
+struct Outbox {
+    frames: VecDeque<Arc<OutFrame>>,
+    /// Encoded bytes of `frames`.
+    bytes: usize,
+    /// What a push must bring for the writer to be woken.
+    wanted: Wanted,
+    /// The session ended: the queue takes nothing more.
+    ended: bool,
+}
+
+/// What the writer of a session waits for.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// It is busy, or wakes on its own (a timer).
+    #[default]
+    Nothing,
+    /// It waits for the next frame.
+    Any,
+    /// It lingers: only a queue a quarter full (in frames or bytes) ends the linger.
+    Quarter,
+}
+
+/// Why a frame was not queued.
+enum Refused {
+    Full,
+    Closed,
+}
+
 pub type SessionHandle = Arc<Session>;
 
 impl Session {
-    /// A JSON session whose queue is bounded by `tx` alone.
+    /// A JSON session whose queue holds at most `queue_frames` frames.
     pub fn new(
         id: u64,
         user: Arc<str>,
         device: Arc<str>,
-        tx: flume::Sender<Arc<OutFrame>>,
+        queue_frames: usize,
         metrics: &Metrics,
     ) -> SessionHandle {
-        Session::with_queue(id, user, device, tx, usize::MAX, false, metrics)
+        Session::with_queue(id, user, device, queue_frames, usize::MAX, false, metrics)
     }
 
-    /// A session whose queue `tx` is also bounded to `queue_bytes` encoded bytes, in
-    /// protobuf or JSON.
+    /// A session whose queue holds at most `queue_frames` frames and `queue_bytes`
+    /// encoded bytes, in protobuf or JSON.
     pub fn with_queue(
         id: u64,
         user: Arc<str>,
         device: Arc<str>,
-        tx: flume::Sender<Arc<OutFrame>>,
+        queue_frames: usize,
         queue_bytes: usize,
         protobuf: bool,
         metrics: &Metrics,
     ) -> SessionHandle {
         Arc::new(Session {
-            capacity: tx.capacity().unwrap_or(usize::MAX),
             id,
             user,
             device,
-            tx,
+            outbox: Mutex::new(Outbox::default()),
             closing: AtomicBool::new(false),
             answer_queued: AtomicBool::new(false),
             room_wanted: AtomicBool::new(false),
-            lingering: AtomicBool::new(false),
             protobuf,
-            queued_bytes: AtomicUsize::new(0),
-            queued_frames: AtomicUsize::new(0),
+            queue_frames: queue_frames.max(1),
             queue_bytes,
             waker: AtomicWaker::new(),
             close_reason: Mutex::new(None),
@@ -214,53 +239,27 @@ impl Session {
     /// frames or in bytes, closes the session as a slow consumer. Returns whether the
     /// frame was queued (a closing session takes no more pushes).
     pub fn push(&self, frame: &Arc<OutFrame>) -> bool {
+        self.offer(frame).is_some()
+    }
+
+    /// [`Session::push`], telling whether the queue is now half full or more (in frames
+    /// or in bytes: its writer is behind, and whoever keeps pushing should let it run);
+    /// `None` if the frame was not queued.
+    pub fn offer(&self, frame: &Arc<OutFrame>) -> Option<bool> {
         if self.closing.load(Ordering::Acquire) {
-            return false;
+            return None;
         }
         match self.queue(frame, false) {
-            Ok(()) => {
-                if self.lingering.load(Ordering::SeqCst) && self.is_quarter_full() {
-                    self.waker.wake();
-                }
-                true
-            }
-            Err(flume::TrySendError::Full(_)) => {
+            Ok(filling) => Some(filling),
+            Err(Refused::Full) => {
                 if self.close(CloseReason::SLOW_CONSUMER) {
                     self.slow_consumer_closes.inc();
                     tracing::info!(user = %self.user, session = self.id, "closing slow consumer");
                 }
-                false
+                None
             }
-            Err(flume::TrySendError::Disconnected(_)) => false,
+            Err(Refused::Closed) => None,
         }
-    }
-
-    /// Whether the queue holds a quarter of its bound or more (in frames or in bytes):
-    /// enough to end a write linger.
-    pub fn is_quarter_full(&self) -> bool {
-        self.queued_frames.load(Ordering::Relaxed) >= self.capacity / 4
-            || self.queued_bytes.load(Ordering::Relaxed) >= self.queue_bytes / 4
-    }
-
-    /// Whether frames are queued (or held by the writer) and not yet written.
-    pub fn has_queued(&self) -> bool {
-        self.queued_frames.load(Ordering::Acquire) > 0
-    }
-
-    /// Called by the writer: while `on`, it does not watch the queue, and pushes that
-    /// fill a quarter of it wake the task instead.
-    pub fn set_lingering(&self, on: bool, cx: &std::task::Context<'_>) {
-        if on {
-            self.waker.register(cx.waker());
-        }
-        self.lingering.store(on, Ordering::SeqCst);
-    }
-
-    /// Whether the queue holds half its bound or more (in frames or in bytes): its writer
-    /// is behind, and whoever keeps pushing should let it run.
-    pub fn is_filling(&self) -> bool {
-        self.queued_frames.load(Ordering::Relaxed) >= self.capacity / 2
-            || self.queued_bytes.load(Ordering::Relaxed) >= self.queue_bytes / 2
     }
 
     /// Replaces the session: queues `kicked` if there is room (a full queue only loses
@@ -275,32 +274,91 @@ impl Session {
     /// Puts `frame` into the queue if it fits: pushes may fill the queue to its bounds,
     /// replies only to half of them (in frames and in bytes), so that pushes always find
     /// room however much a client asked for. A frame larger than the share goes into an
-    /// empty queue.
-    fn queue(
-        &self,
-        frame: &Arc<OutFrame>,
-        reply: bool,
-    ) -> Result<(), flume::TrySendError<Arc<OutFrame>>> {
+    /// empty queue. Wakes the writer if it waits for what the queue now holds. Returns
+    /// whether the queue is now half full or more.
+    fn queue(&self, frame: &Arc<OutFrame>, reply: bool) -> Result<bool, Refused> {
         let len = self.frame_len(frame);
-        let budget = if reply {
-            if self.queued_frames.load(Ordering::Acquire) >= (self.capacity / 2).max(1) {
-                return Err(flume::TrySendError::Full(frame.clone()));
-            }
-            self.queue_bytes / 2
+        let (frames, bytes) = if reply {
+            ((self.queue_frames / 2).max(1), self.queue_bytes / 2)
         } else {
-            self.queue_bytes
+            (self.queue_frames, self.queue_bytes)
         };
-        // Counted before it is queued, so that the writer never takes it uncounted.
-        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        if before > 0 && before.saturating_add(len) > budget {
-            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            return Err(flume::TrySendError::Full(frame.clone()));
+        let mut q = self.outbox.lock();
+        if q.ended {
+            // The writer is gone: nobody reads the queue any more.
+            return Err(Refused::Closed);
         }
-        self.queued_frames.fetch_add(1, Ordering::AcqRel);
-        self.tx.try_send(frame.clone()).inspect_err(|_| {
-            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            self.queued_frames.fetch_sub(1, Ordering::AcqRel);
-        })
+        if q.frames.len() >= frames || (q.bytes > 0 && q.bytes.saturating_add(len) > bytes) {
+            return Err(Refused::Full);
+        }
+        q.frames.push_back(frame.clone());
+        q.bytes += len;
+        let wake = match q.wanted {
+            Wanted::Nothing => false,
+            Wanted::Any => true,
+            Wanted::Quarter => {
+                q.frames.len() * 4 >= self.queue_frames || q.bytes * 4 >= self.queue_bytes
+            }
+        };
+        if wake {
+            q.wanted = Wanted::Nothing;
+        }
+        let filling = q.frames.len() * 2 >= self.queue_frames || q.bytes * 2 >= self.queue_bytes;
+        drop(q);
+        if wake {
+            self.waker.wake();
+        }
+        Ok(filling)
+    }
+
+    /// Called by the writer: whether it has something to write now. Not lingering, any
+    /// queued frame will do; lingering, only a queue a quarter full. If not, the task is
+    /// woken when a push brings it.
+    pub fn poll_queue(&self, cx: &std::task::Context<'_>, lingering: bool) -> bool {
+        let mut q = self.outbox.lock();
+        let ready = if lingering {
+            q.frames.len() * 4 >= self.queue_frames || q.bytes * 4 >= self.queue_bytes
+        } else {
+            !q.frames.is_empty()
+        };
+        if ready {
+            q.wanted = Wanted::Nothing;
+        } else {
+            self.waker.register(cx.waker());
+            q.wanted = if lingering {
+                Wanted::Quarter
+            } else {
+                Wanted::Any
+            };
+        }
+        ready
+    }
+
+    /// Takes the oldest queued frame, for the writer (which calls [`Session::taken`]
+    /// once it handed what it took to the socket).
+    pub fn pop(&self) -> Option<Arc<OutFrame>> {
+        let mut q = self.outbox.lock();
+        let frame = q.frames.pop_front()?;
+        q.bytes -= self.frame_len(&frame);
+        Some(frame)
+    }
+
+    /// Whether frames are queued.
+    pub fn has_queued(&self) -> bool {
+        !self.outbox.lock().frames.is_empty()
+    }
+
+    /// How many frames are queued.
+    pub fn queued_frames(&self) -> usize {
+        self.outbox.lock().frames.len()
+    }
+
+    /// Drops what is queued and takes nothing more: the session ended.
+    pub fn end_queue(&self) {
+        let mut q = self.outbox.lock();
+        q.frames = VecDeque::new();
+        q.bytes = 0;
+        q.ended = true;
     }
 
     /// Queues an answer to this session's own request, waiting while the queue holds
@@ -331,27 +389,25 @@ impl Session {
     /// Queues an answer if it fits (see [`Session::queue`]); gives it back if not.
     pub fn try_reply(&self, frame: Arc<OutFrame>) -> Result<(), Arc<OutFrame>> {
         match self.queue(&frame, true) {
-            Ok(()) => {
+            Ok(_) => {
                 self.answer_queued.store(true, Ordering::Release);
                 Ok(())
             }
-            Err(flume::TrySendError::Full(f)) => Err(f),
+            Err(Refused::Full) => Err(frame),
             // Closed: nobody reads the queue any more.
-            Err(flume::TrySendError::Disconnected(_)) => Ok(()),
+            Err(Refused::Closed) => Ok(()),
         }
     }
 
-    /// Called by the writer for the frames (`bytes` encoded, `frames` of them) it took
-    /// out of the queue and handed to the socket. Returns whether a reply waits for the room this made.
-    pub fn taken(&self, bytes: usize, frames: usize) -> bool {
-        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        self.queued_frames.fetch_sub(frames, Ordering::AcqRel);
+    /// Called by the writer after it handed frames it took to the socket. Returns
+    /// whether a reply waits for the room this made.
+    pub fn taken(&self) -> bool {
         self.room_wanted.swap(false, Ordering::AcqRel)
     }
 
-    /// Encoded bytes queued and not yet written.
+    /// Encoded bytes queued and not yet taken by the writer.
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes.load(Ordering::Acquire)
+        self.outbox.lock().bytes
     }
 
     /// Whether an answer was queued since the writer last took what is queued.
@@ -538,10 +594,12 @@ impl Hub {
         };
         let mut n = 0;
         for s in sessions.iter() {
-            if Some(s.id) != except && s.push(frame) {
-                n += 1;
-                if s.is_filling() {
-                    self.filling.store(true, Ordering::Relaxed);
+            if Some(s.id) != except {
+                if let Some(filling) = s.offer(frame) {
+                    n += 1;
+                    if filling {
+                        self.filling.store(true, Ordering::Relaxed);
+                    }
                 }
             }
         }
@@ -585,22 +643,16 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn session(
-        id: u64,
-        frames: usize,
-        bytes: usize,
-    ) -> (SessionHandle, flume::Receiver<Arc<OutFrame>>) {
-        let (tx, rx) = flume::bounded(frames);
-        let s = Session::with_queue(
+    fn session(id: u64, frames: usize, bytes: usize) -> SessionHandle {
+        Session::with_queue(
             id,
             "ann".into(),
             "d".into(),
-            tx,
+            frames,
             bytes,
             false,
             &Metrics::new(),
-        );
-        (s, rx)
+        )
     }
 
     /// A frame of about `n` bytes.
@@ -612,7 +664,7 @@ mod tests {
 
     #[test]
     fn a_push_beyond_the_byte_bound_closes_the_session_as_a_slow_consumer() {
-        let (s, _rx) = session(1, 1000, 64 * 1024);
+        let s = session(1, 1000, 64 * 1024);
         let big = text(20_000);
         assert!(s.push(&big) && s.push(&big) && s.push(&big));
         assert_eq!(s.close_reason(), None);
@@ -624,7 +676,7 @@ mod tests {
 
     #[test]
     fn replies_fill_half_the_queue_and_pushes_find_the_rest() {
-        let (s, rx) = session(1, 1000, 64 * 1024);
+        let s = session(1, 1000, 64 * 1024);
         let page = text(10_000);
         // Replies up to half the bytes...
         assert!(s.try_reply(page.clone()).is_ok());
@@ -635,13 +687,12 @@ mod tests {
         assert!(s.push(&page) && s.push(&page) && s.push(&page));
         assert_eq!(s.close_reason(), None);
         // The writer takes frames: the room is the replies' again.
-        let frames: Vec<_> = rx.drain().collect();
-        let taken: usize = frames.iter().map(|f| s.frame_len(f)).sum();
-        s.taken(taken, frames.len());
+        while s.pop().is_some() {}
+        s.taken();
         assert_eq!(s.queued_bytes(), 0);
         assert!(s.try_reply(page).is_ok());
         // In frames too: half for replies.
-        let (s, _rx) = session(2, 4, 1024 * 1024);
+        let s = session(2, 4, 1024 * 1024);
         let small = text(10);
         assert!(s.try_reply(small.clone()).is_ok() && s.try_reply(small.clone()).is_ok());
         assert!(s.try_reply(small.clone()).is_err());
@@ -651,7 +702,7 @@ mod tests {
 
     #[test]
     fn a_reply_larger_than_the_share_goes_into_an_empty_queue() {
-        let (s, _rx) = session(1, 1000, 64 * 1024);
+        let s = session(1, 1000, 64 * 1024);
         assert!(s.try_reply(text(50_000)).is_ok());
         assert!(s.try_reply(text(10)).is_err());
     }
@@ -659,10 +710,10 @@ mod tests {
     #[test]
     fn a_replaced_session_whose_queue_is_full_is_closed_with_4001() {
         let hub = Hub::new(Metrics::new());
-        let (old, _rx) = session(1, 2, 1024 * 1024);
+        let old = session(1, 2, 1024 * 1024);
         hub.register(&old);
         assert!(old.push(&text(10)) && old.push(&text(10)));
-        let (new, _rx2) = session(2, 2, 1024 * 1024);
+        let new = session(2, 2, 1024 * 1024);
         hub.register(&new);
         assert_eq!(old.close_reason(), Some(CloseReason::REPLACED));
         assert_eq!(new.close_reason(), None);

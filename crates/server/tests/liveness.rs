@@ -215,3 +215,65 @@ async fn expect_messages(client: &mut hubbub_client::Client, n: u64) {
         assert_eq!(m.seq, i + 1);
     }
 }
+
+/// Reads `n` messages from a raw WebSocket; returns how many WebSocket frames carried
+/// them.
+async fn frames_for(ws: &mut common::RawWs, n: usize) -> usize {
+    let (mut got, mut frames) = (0, 0);
+    tokio::time::timeout(WAIT, async {
+        while got < n {
+            let Some(Ok(Message::Text(t))) = ws.next().await else {
+                panic!("connection ended with {got} of {n} messages");
+            };
+            let messages = t
+                .as_str()
+                .split('\n')
+                .filter(|l| l.starts_with(r#"{"type":"message""#))
+                .count();
+            got += messages;
+            frames += usize::from(messages > 0);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("got {got} of {n} messages"));
+    frames
+}
+
+#[tokio::test]
+async fn a_busy_member_is_written_less_often_and_a_quiet_one_at_once() {
+    // The linger grows with the rate a connection is written at: a member getting a
+    // message every 5 ms is soon written only every 300 ms (many messages per frame),
+    // where a fixed 5 ms linger wrote nearly every message alone.
+    let server = TestServer::with(|c| {
+        common::unlimited(c);
+        c.write_linger_ms = 5;
+        c.write_linger_max_ms = 300;
+    })
+    .await;
+    let alice = server.connect("alice").await;
+    alice.join("busy").await.unwrap();
+    let bob = server.connect("bob").await;
+    bob.join("busy").await.unwrap();
+    drop(bob);
+    let mut raw = server.raw_ws("bob").await;
+    const N: usize = 100;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let sender = async {
+        for i in 0..N {
+            tick.tick().await;
+            alice
+                .send_text("room:busy", &format!("m{i}"))
+                .await
+                .unwrap();
+        }
+    };
+    let (frames, ()) = tokio::join!(frames_for(&mut raw, N), sender);
+    assert!(frames * 3 <= N, "{N} messages came in {frames} frames");
+    // After a pause, the next message is written at once, not after a linger.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let started = Instant::now();
+    alice.send_text("room:busy", "after a pause").await.unwrap();
+    assert_eq!(frames_for(&mut raw, 1).await, 1);
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(150), "took {took:?}");
+}

@@ -17,7 +17,6 @@
 //! Anyone else (fan-out, kicks, shutdown) talks to the session through its
 //! [`Session`](crate::hub::Session) handle: push into the queue or ask it to close.
 
-use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -80,14 +79,12 @@ pub(crate) fn run(conn: Upgraded, state: Arc<AppState>) -> impl Future<Output = 
         peer,
     } = conn;
     let cfg = &state.config;
-    // flume's queue grows as it fills, so an idle session holds no slots (a tokio mpsc
-    // channel allocates a block of them up front).
-    let (tx, rx) = flume::bounded(cfg.queue_frames);
+    // The queue grows as it fills, so an idle session holds no slots.
     let session = Session::with_queue(
         state.node.hub().next_session_id(),
         Arc::from(identity.user.as_str()),
         Arc::from(device.as_str()),
-        tx,
+        cfg.queue_frames,
         cfg.queue_bytes,
         codec == Codec::Protobuf,
         state.node.hub().metrics(),
@@ -108,14 +105,7 @@ pub(crate) fn run(conn: Upgraded, state: Arc<AppState>) -> impl Future<Output = 
     if state.shutdown.is_cancelled() {
         session.close(CloseReason::SHUTDOWN);
     }
-    let io = Io::new(
-        session.clone(),
-        socket,
-        rx,
-        codec,
-        &state,
-        identity.expires_at,
-    );
+    let io = Io::new(session.clone(), socket, codec, &state, identity.expires_at);
     let parts = Box::new(Parts {
         io,
         conn: Conn::new(state, session.clone(), identity, peer),
@@ -186,6 +176,7 @@ async fn serve(mut parts: Box<Parts>, session: SessionHandle, first: bool) {
     // Runs once, at the end, so boxed: inlined it would widen every idle connection.
     let answers = std::mem::take(answers);
     Box::pin(io.finish(&session, answers, peer_open)).await;
+    session.end_queue();
     if conn.state().node.session_closed(&session) {
         Box::pin(conn.announce_presence(false)).await;
     }
@@ -225,13 +216,7 @@ enum Stop {
 /// The socket of a session and the writing state.
 struct Io {
     ws: WebSocket,
-    /// The outgoing queue: `frames` to wait for the next one, `rx` to take what else is
-    /// queued without waiting.
-    rx: flume::Receiver<Arc<OutFrame>>,
-    frames: flume::r#async::RecvStream<'static, Arc<OutFrame>>,
     session: SessionHandle,
-    /// Frames taken from the queue and not written yet.
-    held: VecDeque<Arc<OutFrame>>,
     /// The write linger now (see [`Io::adapt_linger`]) and its bounds.
     linger: Duration,
     linger_base: Duration,
@@ -266,7 +251,6 @@ impl Io {
     fn new(
         session: SessionHandle,
         ws: WebSocket,
-        rx: flume::Receiver<Arc<OutFrame>>,
         codec: Codec,
         state: &Arc<AppState>,
         expires_at: Option<i64>,
@@ -277,10 +261,7 @@ impl Io {
         let linger = Duration::from_millis(cfg.write_linger_ms);
         Io {
             ws,
-            frames: rx.clone().into_stream(),
-            rx,
             session,
-            held: VecDeque::new(),
             linger,
             linger_base: linger,
             linger_max: Duration::from_millis(cfg.write_linger_max_ms).max(linger),
@@ -455,22 +436,9 @@ impl Io {
                 let lingering = !self.backlog
                     && now < self.last_write + self.linger
                     && !self.session.answer_queued();
-                if lingering != self.lingering {
-                    self.lingering = lingering;
-                    self.session.set_lingering(lingering, cx);
-                }
-                // Not lingering: wait for the queue (the next push wakes the task).
-                if !lingering && self.held.is_empty() {
-                    match self.frames.poll_next_unpin(cx) {
-                        Poll::Ready(Some(frame)) => self.held.push_back(frame),
-                        // Every sender is gone: only at the very end.
-                        Poll::Ready(None) => return Poll::Ready(Stop::Broken),
-                        Poll::Pending => {}
-                    }
-                }
-                let queued = !self.held.is_empty() || self.session.has_queued();
-                let ready =
-                    self.ping_due || (queued && (!lingering || self.session.is_quarter_full()));
+                self.lingering = lingering;
+                // Otherwise a push that brings what the writer waits for wakes the task.
+                let ready = self.ping_due || self.session.poll_queue(cx, lingering);
                 if ready {
                     match Pin::new(&mut self.ws).poll_ready(cx) {
                         Poll::Ready(Ok(())) => {
@@ -479,18 +447,13 @@ impl Io {
                                 WsMessage::Ping(bytes::Bytes::new())
                             } else {
                                 self.session.clear_answer_queued();
-                                let next = next_message(
-                                    self.codec,
-                                    &mut self.held,
-                                    &self.rx,
-                                    max_coalesce,
-                                );
+                                let next = next_message(self.codec, &self.session, max_coalesce);
                                 let Some(next) = next else {
                                     continue;
                                 };
                                 self.backlog = next.more;
                                 self.adapt_linger(now, next.count);
-                                if self.session.taken(next.bytes, next.count) {
+                                if self.session.taken() {
                                     // A reply of this task waits for the room just made.
                                     cx.waker().wake_by_ref();
                                 }
@@ -571,10 +534,8 @@ impl Io {
                 return;
             }
             if reason.flush {
-                while let Some(next) =
-                    next_message(self.codec, &mut self.held, &self.rx, max_coalesce)
-                {
-                    session.taken(next.bytes, next.count);
+                while let Some(next) = next_message(self.codec, session, max_coalesce) {
+                    session.taken();
                     if ws.feed(next.msg).await.is_err() {
                         return;
                     }
@@ -629,40 +590,30 @@ fn read_error_close(e: &axum::Error) -> Option<CloseReason> {
 /// One outgoing WebSocket frame and what went into it.
 struct Next {
     msg: WsMessage,
-    /// Encoded bytes of the protocol messages it carries.
-    bytes: usize,
     /// Protocol messages it carries.
     count: usize,
     /// It stopped at the byte bound with more waiting.
     more: bool,
 }
 
-/// The next WebSocket frame from what is held and then what is queued: for JSON, as many
+/// The next WebSocket frame from what is queued: for JSON, as many
 /// messages as fit in `max` bytes, joined with `\n`; for protobuf, one message (binary
 /// frames carry one each). `None` if there is nothing to write.
-fn next_message(
-    codec: Codec,
-    held: &mut VecDeque<Arc<OutFrame>>,
-    rx: &flume::Receiver<Arc<OutFrame>>,
-    max: usize,
-) -> Option<Next> {
-    let mut next = || held.pop_front().or_else(|| rx.try_recv().ok());
+fn next_message(codec: Codec, session: &Session, max: usize) -> Option<Next> {
+    let next = || session.pop();
     let first = next()?;
     if codec == Codec::Protobuf {
         let bytes = first.pb().clone();
-        let len = bytes.len();
         return Some(Next {
             msg: WsMessage::Binary(bytes),
-            bytes: len,
             count: 1,
-            more: !held.is_empty() || !rx.is_empty(),
+            more: session.has_queued(),
         });
     }
     let head = first.json();
     let Some(second) = next() else {
         return Some(Next {
             msg: text_frame(head.clone()),
-            bytes: head.len(),
             count: 1,
             more: false,
         });
@@ -677,16 +628,13 @@ fn next_message(
         buf.extend_from_slice(b"\n");
         buf.extend_from_slice(f.json());
         if buf.len() >= max {
-            more = !held.is_empty() || !rx.is_empty();
+            more = session.has_queued();
             break;
         }
         frame = next();
     }
-    // Each message but the first came with its `\n`.
-    let bytes = buf.len() - count + 1;
     Some(Next {
         msg: text_frame(buf.freeze()),
-        bytes,
         count,
         more,
     })

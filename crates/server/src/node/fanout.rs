@@ -319,9 +319,9 @@ impl Fanout {
                     if Some(s.id) == except || skip.contains(&&*s.user) {
                         continue;
                     }
-                    if s.push(frame) {
+                    if let Some(f) = s.offer(frame) {
                         n += 1;
-                        filling |= s.is_filling();
+                        filling |= f;
                     }
                 }
                 self.hub.delivered(n, filling);

@@ -165,6 +165,18 @@ impl TestServer {
         metric(&text, name)
     }
 
+    /// A WebSocket of guest `user` (device `raw`) without the client library: it sees
+    /// the frames as they were written.
+    #[allow(dead_code)]
+    pub async fn raw_ws(&self, user: &str) -> RawWs {
+        let url = format!("{}/ws?user={user}&device=raw", self.url());
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("upgrade in time")
+            .expect("upgrade");
+        ws
+    }
+
     /// A connected guest on the default device.
     pub async fn connect(&self, user: &str) -> Client {
         self.connect_opts(ConnectOptions::guest(self.url(), user))
@@ -210,6 +222,11 @@ impl Drop for TestServer {
 }
 
 /// Whether the stories run on PostgreSQL (`HUBBUB_TEST_STORE=postgres`).
+/// A WebSocket without the client library (see [`TestServer::raw_ws`]).
+#[allow(dead_code)]
+pub type RawWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 pub fn on_postgres() -> bool {
     std::env::var("HUBBUB_TEST_STORE").is_ok_and(|v| v == "postgres")
 }
