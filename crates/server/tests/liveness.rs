@@ -277,3 +277,38 @@ async fn a_busy_member_is_written_less_often_and_a_quiet_one_at_once() {
     let took = started.elapsed();
     assert!(took < Duration::from_millis(150), "took {took:?}");
 }
+
+#[tokio::test]
+async fn a_busy_protobuf_member_gets_the_frames_of_one_linger_in_one_write() {
+    // Protobuf carries one message per binary frame; the frames queued during a linger
+    // still go out with one write (counted by hubbub_frames_out_total), not one each.
+    let server = TestServer::with(|c| {
+        common::unlimited(c);
+        c.write_linger_ms = 5;
+        c.write_linger_max_ms = 300;
+    })
+    .await;
+    let alice = server.connect("alice").await;
+    alice.join("busy").await.unwrap();
+    let mut bob = server
+        .connect_opts(hubbub_client::ConnectOptions::guest(server.url(), "bob").protobuf())
+        .await;
+    bob.join("busy").await.unwrap();
+    let before = server.metric("hubbub_frames_out_total").await;
+    const N: u64 = 60;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    for i in 0..N {
+        tick.tick().await;
+        alice
+            .send_text("room:busy", &format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    expect_messages(&mut bob, N).await;
+    let writes = server.metric("hubbub_frames_out_total").await - before;
+    // Alice waits for each `ok`: N writes to her; bob's N messages share a few.
+    assert!(
+        writes <= (N + N / 3) as f64,
+        "{writes} writes for {N} messages"
+    );
+}

@@ -223,8 +223,10 @@ struct Io {
     linger_max: Duration,
     /// Frames per second this connection was written lately (a moving average).
     rate: f64,
-    /// The last write stopped at `max_coalesce_bytes` with more queued: write on.
+    /// The last frame handed to the socket left more queued: write on.
     backlog: bool,
+    /// Bytes and protocol messages handed to the socket since the last flush.
+    fed: (usize, usize),
     /// The writer lingers (and told the session so).
     lingering: bool,
     /// A frame was handed to the socket and is not flushed yet.
@@ -267,6 +269,7 @@ impl Io {
             linger_max: Duration::from_millis(cfg.write_linger_max_ms).max(linger),
             rate: 0.0,
             backlog: false,
+            fed: (0, 0),
             lingering: false,
             flushing: false,
             ping_due: false,
@@ -422,9 +425,12 @@ impl Io {
             if self.flushing {
                 match Pin::new(&mut self.ws).poll_flush(cx) {
                     Poll::Ready(Ok(())) => {
+                        let now = Instant::now();
+                        let (_, count) = std::mem::take(&mut self.fed);
+                        self.adapt_linger(now, count);
                         self.flushing = false;
                         self.write_deadline = None;
-                        self.last_write = Instant::now();
+                        self.last_write = now;
                         self.frames_out.inc();
                     }
                     Poll::Ready(Err(_)) => return Poll::Ready(Stop::Broken),
@@ -452,15 +458,26 @@ impl Io {
                                     continue;
                                 };
                                 self.backlog = next.more;
-                                self.adapt_linger(now, next.count);
+                                self.fed.1 += next.count;
                                 if self.session.taken() {
                                     // A reply of this task waits for the room just made.
                                     cx.waker().wake_by_ref();
                                 }
                                 next.msg
                             };
+                            let (len, data) = match &msg {
+                                WsMessage::Text(t) => (t.len(), true),
+                                WsMessage::Binary(b) => (b.len(), true),
+                                _ => (0, false),
+                            };
+                            self.fed.0 += len.max(1);
                             if Pin::new(&mut self.ws).start_send(msg).is_err() {
                                 return Poll::Ready(Stop::Broken);
+                            }
+                            // More is queued (protobuf: one frame per message): hand it
+                            // over too, and flush everything with one write.
+                            if data && self.backlog && self.fed.0 < max_coalesce {
+                                continue;
                             }
                             self.flushing = true;
                             self.write_deadline = Some(now + WRITE_TIMEOUT);
@@ -470,6 +487,12 @@ impl Io {
                         Poll::Ready(Err(_)) => return Poll::Ready(Stop::Broken),
                         Poll::Pending => {}
                     }
+                }
+                // Frames handed over and not flushed: flush them now.
+                if self.fed.0 > 0 {
+                    self.flushing = true;
+                    self.write_deadline.get_or_insert(now + WRITE_TIMEOUT);
+                    continue;
                 }
             }
             // Timers.
