@@ -237,3 +237,21 @@ fn raw_target_measures_the_reference_hub() {
         "dm has no meaning on a broadcast hub"
     );
 }
+
+#[test]
+fn floor_measures_what_one_loopback_send_costs() {
+    let out = Command::new(env!("CARGO_BIN_EXE_hubbub"))
+        .args(["bench", "floor", "--conns", "20", "--rate", "5000"])
+        .args(["--duration", "0.5", "--per-write", "2"])
+        .output()
+        .expect("run hubbub bench floor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench floor failed:\n{stdout}");
+    let v: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    // 5,000 frames a second for half a second, two per write; the reader got them all.
+    assert_eq!(n(&v, "writes"), 1250);
+    assert_eq!(n(&v, "read_bytes"), 1250 * 400);
+    let per_write = v["cpu_us_per_write"].as_f64().unwrap();
+    assert!(per_write > 0.0 && per_write < 10_000.0, "{v}");
+    assert_eq!(v["cpu_us_per_frame"].as_f64().unwrap(), per_write / 2.0);
+}

@@ -946,6 +946,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn spread_schedules_start_within_one_interval_and_in_step_ones_together() {
+        let load = Load {
+            inflight: 1,
+            duration: 1.0,
+            size: 10,
+            in_step: false,
+        };
+        let plan = Plan::new(4, 10.0, load, 1.0);
+        let starts: Vec<u64> = (0..4).map(|i| plan.start_of(1_000_000, i)).collect();
+        assert_eq!(starts, [1_000_000, 1_025_000, 1_050_000, 1_075_000]);
+        let in_step = Plan::new(
+            4,
+            10.0,
+            Load {
+                in_step: true,
+                ..load
+            },
+            1.0,
+        );
+        assert!((0..4).all(|i| in_step.start_of(1_000_000, i) == 1_000_000));
+        // Closed loop has no schedule to spread.
+        let closed = Plan::new(4, 0.0, load, 1.0);
+        assert_eq!(closed.start_of(7, 3), 7);
+    }
+
+    #[test]
     fn markers_roundtrip_inside_json_and_raw_lines() {
         let p = payload(7, 42, 1_700_000_000_123_456, 100);
         assert_eq!(p.len(), 100);
