@@ -173,6 +173,9 @@ pub enum Wanted {
     Quarter,
 }
 
+/// Slots an empty queue may keep after a burst (more are given back).
+const IDLE_SLOTS: usize = 64;
+
 /// Why a frame was not queued.
 enum Refused {
     Full,
@@ -296,14 +299,12 @@ impl Session {
         let wake = match q.wanted {
             Wanted::Nothing => false,
             Wanted::Any => true,
-            Wanted::Quarter => {
-                q.frames.len() * 4 >= self.queue_frames || q.bytes * 4 >= self.queue_bytes
-            }
+            Wanted::Quarter => self.holds(&q, 4),
         };
         if wake {
             q.wanted = Wanted::Nothing;
         }
-        let filling = q.frames.len() * 2 >= self.queue_frames || q.bytes * 2 >= self.queue_bytes;
+        let filling = self.holds(&q, 2);
         drop(q);
         if wake {
             self.waker.wake();
@@ -317,13 +318,17 @@ impl Session {
     pub fn poll_queue(&self, cx: &std::task::Context<'_>, lingering: bool) -> bool {
         let mut q = self.outbox.lock();
         let ready = if lingering {
-            q.frames.len() * 4 >= self.queue_frames || q.bytes * 4 >= self.queue_bytes
+            self.holds(&q, 4)
         } else {
             !q.frames.is_empty()
         };
         if ready {
             q.wanted = Wanted::Nothing;
         } else {
+            if q.frames.is_empty() && q.frames.capacity() > IDLE_SLOTS {
+                // A burst is over: an idle session keeps no slots.
+                q.frames = VecDeque::new();
+            }
             self.waker.register(cx.waker());
             q.wanted = if lingering {
                 Wanted::Quarter
@@ -332,6 +337,11 @@ impl Session {
             };
         }
         ready
+    }
+
+    /// Whether `q` holds 1/`share` of the queue's bound or more, in frames or in bytes.
+    fn holds(&self, q: &Outbox, share: usize) -> bool {
+        q.frames.len() * share >= self.queue_frames || q.bytes * share >= self.queue_bytes
     }
 
     /// Takes the oldest queued frame, for the writer (which calls [`Session::taken`]
@@ -698,6 +708,35 @@ mod tests {
         assert!(s.try_reply(small.clone()).is_err());
         assert!(s.push(&small) && s.push(&small));
         assert!(!s.push(&small));
+    }
+
+    #[test]
+    fn an_empty_queue_gives_back_the_slots_of_a_burst_and_the_writer_wakes_on_a_push() {
+        let s = session(1, 1000, 1024 * 1024);
+        let waker = futures_util::task::noop_waker_ref();
+        let cx = std::task::Context::from_waker(waker);
+        for _ in 0..500 {
+            assert!(s.push(&text(10)));
+        }
+        assert!(s.poll_queue(&cx, false));
+        while s.pop().is_some() {}
+        assert!(s.outbox.lock().frames.capacity() >= 500);
+        // The writer finds nothing and waits: the slots go back.
+        assert!(!s.poll_queue(&cx, false));
+        assert!(s.outbox.lock().frames.capacity() <= IDLE_SLOTS);
+        assert_eq!(s.outbox.lock().wanted, Wanted::Any);
+        // A push wakes it (and it waits for nothing more until it asks again).
+        assert!(s.push(&text(10)));
+        assert_eq!(s.outbox.lock().wanted, Wanted::Nothing);
+        // Lingering, a push wakes it only once a quarter of the queue is there.
+        assert!(!s.poll_queue(&cx, true));
+        for _ in 0..248 {
+            assert!(s.push(&text(10)));
+            assert_eq!(s.outbox.lock().wanted, Wanted::Quarter);
+        }
+        assert!(s.push(&text(10)));
+        assert_eq!(s.outbox.lock().wanted, Wanted::Nothing);
+        assert!(s.poll_queue(&cx, true));
     }
 
     #[test]
