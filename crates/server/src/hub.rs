@@ -503,15 +503,6 @@ impl Hub {
         }
     }
 
-    /// Counts `n` deliveries made without [`Hub::send_to_user`]; `filling` as a push
-    /// that found a queue half full.
-    pub fn delivered(&self, n: usize, filling: bool) {
-        self.metrics.deliveries.inc_by(n as u64);
-        if filling {
-            self.filling.store(true, Ordering::Relaxed);
-        }
-    }
-
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
@@ -602,16 +593,29 @@ impl Hub {
         let Some(sessions) = self.users.get(user) else {
             return 0;
         };
+        self.push_to(sessions.iter(), frame, except)
+    }
+
+    /// Pushes `frame` to `sessions` except the session `except`; notes a queue found
+    /// half full (see [`Hub::take_filling`]). Returns how many got it.
+    pub fn push_to<'a>(
+        &self,
+        sessions: impl IntoIterator<Item = &'a SessionHandle>,
+        frame: &Arc<OutFrame>,
+        except: Option<u64>,
+    ) -> usize {
         let mut n = 0;
-        for s in sessions.iter() {
+        let mut filling = false;
+        for s in sessions {
             if Some(s.id) != except {
-                if let Some(filling) = s.offer(frame) {
+                if let Some(f) = s.offer(frame) {
                     n += 1;
-                    if filling {
-                        self.filling.store(true, Ordering::Relaxed);
-                    }
+                    filling |= f;
                 }
             }
+        }
+        if filling {
+            self.filling.store(true, Ordering::Relaxed);
         }
         self.metrics.deliveries.inc_by(n as u64);
         n

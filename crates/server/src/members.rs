@@ -44,12 +44,12 @@ pub struct Room {
 /// The sessions of a room's members on this node, as a fan-out built them: reused for
 /// the room's next messages while neither the member list nor the hub's sessions
 /// changed, so a message costs no lookup per member.
-#[derive(Debug, Clone)]
-pub struct Targets {
+#[derive(Debug)]
+struct Targets {
     /// [`Room::version`] and [`Hub::generation`] when built.
-    pub version: u64,
-    pub generation: u64,
-    pub sessions: Arc<[SessionHandle]>,
+    version: u64,
+    generation: u64,
+    sessions: Arc<[SessionHandle]>,
 }
 
 #[derive(Debug, Default)]

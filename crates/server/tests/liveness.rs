@@ -216,6 +216,28 @@ async fn expect_messages(client: &mut hubbub_client::Client, n: u64) {
     }
 }
 
+/// A server whose write linger grows from 5 ms to 300 ms.
+async fn lingering_server() -> TestServer {
+    TestServer::with(|c| {
+        common::unlimited(c);
+        c.write_linger_ms = 5;
+        c.write_linger_max_ms = 300;
+    })
+    .await
+}
+
+/// `client` sends `n` messages to room `busy`, one every 5 ms.
+async fn send_every_5_ms(client: &hubbub_client::Client, n: usize) {
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    for i in 0..n {
+        tick.tick().await;
+        client
+            .send_text("room:busy", &format!("m{i}"))
+            .await
+            .unwrap();
+    }
+}
+
 /// Reads `n` messages from a raw WebSocket; returns how many WebSocket frames carried
 /// them.
 async fn frames_for(ws: &mut common::RawWs, n: usize) -> usize {
@@ -244,12 +266,7 @@ async fn a_busy_member_is_written_less_often_and_a_quiet_one_at_once() {
     // The linger grows with the rate a connection is written at: a member getting a
     // message every 5 ms is soon written only every 300 ms (many messages per frame),
     // where a fixed 5 ms linger wrote nearly every message alone.
-    let server = TestServer::with(|c| {
-        common::unlimited(c);
-        c.write_linger_ms = 5;
-        c.write_linger_max_ms = 300;
-    })
-    .await;
+    let server = lingering_server().await;
     let alice = server.connect("alice").await;
     alice.join("busy").await.unwrap();
     let bob = server.connect("bob").await;
@@ -257,17 +274,7 @@ async fn a_busy_member_is_written_less_often_and_a_quiet_one_at_once() {
     drop(bob);
     let mut raw = server.raw_ws("bob").await;
     const N: usize = 100;
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    let sender = async {
-        for i in 0..N {
-            tick.tick().await;
-            alice
-                .send_text("room:busy", &format!("m{i}"))
-                .await
-                .unwrap();
-        }
-    };
-    let (frames, ()) = tokio::join!(frames_for(&mut raw, N), sender);
+    let (frames, ()) = tokio::join!(frames_for(&mut raw, N), send_every_5_ms(&alice, N));
     assert!(frames * 3 <= N, "{N} messages came in {frames} frames");
     // After a pause, the next message is written at once, not after a linger.
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -282,12 +289,7 @@ async fn a_busy_member_is_written_less_often_and_a_quiet_one_at_once() {
 async fn a_busy_protobuf_member_gets_the_frames_of_one_linger_in_one_write() {
     // Protobuf carries one message per binary frame; the frames queued during a linger
     // still go out with one write (counted by hubbub_frames_out_total), not one each.
-    let server = TestServer::with(|c| {
-        common::unlimited(c);
-        c.write_linger_ms = 5;
-        c.write_linger_max_ms = 300;
-    })
-    .await;
+    let server = lingering_server().await;
     let alice = server.connect("alice").await;
     alice.join("busy").await.unwrap();
     let mut bob = server
@@ -296,14 +298,7 @@ async fn a_busy_protobuf_member_gets_the_frames_of_one_linger_in_one_write() {
     bob.join("busy").await.unwrap();
     let before = server.metric("hubbub_frames_out_total").await;
     const N: u64 = 60;
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    for i in 0..N {
-        tick.tick().await;
-        alice
-            .send_text("room:busy", &format!("m{i}"))
-            .await
-            .unwrap();
-    }
+    send_every_5_ms(&alice, N as usize).await;
     expect_messages(&mut bob, N).await;
     let writes = server.metric("hubbub_frames_out_total").await - before;
     // Alice waits for each `ok`: N writes to her; bob's N messages share a few.

@@ -314,17 +314,9 @@ impl Fanout {
             }
             Ok(Conv::Room(_)) => {
                 let room = self.members.room(conv).await?;
-                let mut filling = false;
-                for s in room.targets(&self.hub).iter() {
-                    if Some(s.id) == except || skip.contains(&&*s.user) {
-                        continue;
-                    }
-                    if let Some(f) = s.offer(frame) {
-                        n += 1;
-                        filling |= f;
-                    }
-                }
-                self.hub.delivered(n, filling);
+                let targets = room.targets(&self.hub);
+                let sessions = targets.iter().filter(|s| !skip.contains(&&*s.user));
+                n += self.hub.push_to(sessions, frame, except);
             }
             Err(_) => {}
         }
