@@ -209,7 +209,7 @@ impl Default for Config {
             ws_read_buffer: 512,
             max_coalesce_bytes: 64 * 1024,
             write_linger_ms: 5,
-            write_linger_max_ms: 40,
+            write_linger_max_ms: 60,
             large_room: 1000,
             send_rate_per_sec: 100,
             send_burst: 200,

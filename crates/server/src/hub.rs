@@ -353,6 +353,21 @@ impl Session {
         Some(frame)
     }
 
+    /// Takes queued frames for the writer under one lock, oldest first, handing each to
+    /// `f` until it returns false or the queue is empty; then the writer calls
+    /// [`Session::taken`] once it handed them to the socket. Returns whether frames are
+    /// still queued.
+    pub fn take_while(&self, mut f: impl FnMut(&Arc<OutFrame>) -> bool) -> bool {
+        let mut q = self.outbox.lock();
+        while let Some(frame) = q.frames.pop_front() {
+            q.bytes -= self.frame_len(&frame);
+            if !f(&frame) {
+                break;
+            }
+        }
+        !q.frames.is_empty()
+    }
+
     /// Whether frames are queued.
     pub fn has_queued(&self) -> bool {
         !self.outbox.lock().frames.is_empty()
@@ -741,6 +756,24 @@ mod tests {
         assert!(s.push(&text(10)));
         assert_eq!(s.outbox.lock().wanted, Wanted::Nothing);
         assert!(s.poll_queue(&cx, true));
+    }
+
+    #[test]
+    fn take_while_takes_frames_under_one_lock_until_told_to_stop() {
+        let s = session(1, 1000, 1024 * 1024);
+        for _ in 0..5 {
+            assert!(s.push(&text(10)));
+        }
+        let each = s.queued_bytes() / 5;
+        let mut taken = 0;
+        // The frame that makes it say stop is taken too; two remain.
+        assert!(s.take_while(|_| {
+            taken += 1;
+            taken < 3
+        }));
+        assert_eq!((taken, s.queued_frames(), s.queued_bytes()), (3, 2, 2 * each));
+        assert!(!s.take_while(|_| true));
+        assert_eq!((s.queued_frames(), s.queued_bytes()), (0, 0));
     }
 
     #[test]

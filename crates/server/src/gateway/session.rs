@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::StreamExt;
 use futures_util::{Sink, SinkExt, Stream};
 use hubbub_protocol::ServerFrame;
@@ -623,41 +623,50 @@ struct Next {
 /// messages as fit in `max` bytes, joined with `\n`; for protobuf, one message (binary
 /// frames carry one each). `None` if there is nothing to write.
 fn next_message(codec: Codec, session: &Session, max: usize) -> Option<Next> {
-    let next = || session.pop();
-    let first = next()?;
     if codec == Codec::Protobuf {
-        let bytes = first.pb().clone();
+        let first = session.pop()?;
         return Some(Next {
-            msg: WsMessage::Binary(bytes),
+            msg: WsMessage::Binary(first.pb().clone()),
             count: 1,
             more: session.has_queued(),
         });
     }
-    let head = first.json();
-    let Some(second) = next() else {
-        return Some(Next {
-            msg: text_frame(head.clone()),
-            count: 1,
-            more: false,
-        });
-    };
-    let mut buf = BytesMut::with_capacity((head.len() * 2 + 1).min(max.max(head.len())));
-    buf.extend_from_slice(head);
-    let mut frame = Some(second);
-    let mut count = 1;
-    let mut more = false;
-    while let Some(f) = frame {
+    // One frame goes out as it is (no copy); more are joined into one buffer.
+    let mut head: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut count = 0;
+    let more = session.take_while(|f| {
+        let json = f.json();
         count += 1;
-        buf.extend_from_slice(b"\n");
-        buf.extend_from_slice(f.json());
-        if buf.len() >= max {
-            more = session.has_queued();
-            break;
-        }
-        frame = next();
-    }
+        let len = match (&mut joined, &head) {
+            (Some(buf), _) => {
+                buf.extend_from_slice(b"\n");
+                buf.extend_from_slice(json);
+                buf.len()
+            }
+            (None, Some(first)) => {
+                let mut buf =
+                    BytesMut::with_capacity((first.len() * 2 + 1).min(max.max(first.len())));
+                buf.extend_from_slice(first);
+                buf.extend_from_slice(b"\n");
+                buf.extend_from_slice(json);
+                let len = buf.len();
+                joined = Some(buf);
+                len
+            }
+            (None, None) => {
+                head = Some(json.clone());
+                json.len()
+            }
+        };
+        len < max
+    });
+    let bytes = match joined {
+        Some(buf) => buf.freeze(),
+        None => head?,
+    };
     Some(Next {
-        msg: text_frame(buf.freeze()),
+        msg: text_frame(bytes),
         count,
         more,
     })
