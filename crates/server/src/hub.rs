@@ -771,7 +771,10 @@ mod tests {
             taken += 1;
             taken < 3
         }));
-        assert_eq!((taken, s.queued_frames(), s.queued_bytes()), (3, 2, 2 * each));
+        assert_eq!(
+            (taken, s.queued_frames(), s.queued_bytes()),
+            (3, 2, 2 * each)
+        );
         assert!(!s.take_while(|_| true));
         assert_eq!((s.queued_frames(), s.queued_bytes()), (0, 0));
     }

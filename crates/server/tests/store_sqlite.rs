@@ -120,3 +120,73 @@ async fn a_panic_on_the_writer_fails_one_batch_and_the_store_keeps_working() {
     store.ping().await.expect("ping");
     store.close().await.expect("close");
 }
+
+/// Texts are added to the search index in batches after they are stored: a moment later
+/// without any search, and after a restart those that were still pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn texts_are_indexed_for_search_without_a_search_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let noop: CommitHook = Arc::new(|_| {});
+    let text = |cid: &str, body: &str| NewMessage {
+        conv: "room:s".into(),
+        from: "u".into(),
+        client_msg_id: cid.into(),
+        content_type: hubbub_protocol::ContentType::Text,
+        content: json!(body),
+        dm_members: None,
+        origin: 1,
+        reply_to: None,
+        mentions: Vec::new(),
+    };
+    let db = dir.path().join("hubbub.db");
+    // (texts in the index, the newest message it covers)
+    let indexed = || {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.query_row(
+            "SELECT (SELECT count(*) FROM message_text), (SELECT indexed_upto FROM search_progress)",
+            [],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        )
+        .unwrap()
+    };
+    let wait_for = |want: (i64, i64)| async move {
+        for _ in 0..100 {
+            if indexed() == want {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the index holds {:?}, not {want:?}", indexed());
+    };
+
+    let store = SqliteStore::open(dir.path(), noop.clone()).unwrap();
+    store.join_room("room:s", "u").await.unwrap();
+    store.append(text("a", "narwhal")).await.unwrap();
+    store.append(text("b", "narwhal again")).await.unwrap();
+    wait_for((2, 2)).await;
+    store.append(text("c", "narwhal thrice")).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    let (count, upto) = indexed();
+    assert!(
+        (count, upto) == (2, 2) || (count, upto) == (3, 3),
+        "{count} {upto}"
+    );
+
+    let store = SqliteStore::open(dir.path(), noop).unwrap();
+    wait_for((3, 3)).await;
+    let found = store
+        .search(
+            "u",
+            hubbub_server::store::SearchQuery {
+                words: vec!["narwhal".into()],
+                conv: None,
+                limit: 10,
+                before: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 3);
+    store.close().await.unwrap();
+}

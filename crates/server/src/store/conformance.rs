@@ -1172,6 +1172,33 @@ pub async fn search_finds_words_in_the_users_conversations(f: Fixture) {
     assert!(s.search("bob", q(&["good"])).await.unwrap().is_empty());
 }
 
+/// A search sees every text stored before it as it is then: edited ones by their new
+/// words, recalled ones not at all, also when they changed before any search ran.
+pub async fn search_sees_texts_as_they_are_when_it_runs(f: Fixture) {
+    use super::SearchQuery;
+    let s = &*f.store;
+    s.join_room("room:w", "alice").await.unwrap();
+    let q = |word: &str| SearchQuery {
+        words: vec![word.to_string()],
+        conv: None,
+        limit: 10,
+        before: None,
+    };
+    append(s, text("room:w", "alice", "w1", "walrus one")).await;
+    append(s, text("room:w", "alice", "w2", "walrus two")).await;
+    append(s, text("room:w", "alice", "w3", "walrus three")).await;
+    s.recall("room:w", 1, "alice", 0).await.unwrap();
+    s.edit("room:w", 2, json!("penguin two"), vec![], 0)
+        .await
+        .unwrap();
+    let seqs = |found: Vec<super::SearchResult>| found.iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(s.search("alice", q("walrus")).await.unwrap()), [3]);
+    assert_eq!(seqs(s.search("alice", q("penguin")).await.unwrap()), [2]);
+    // Sent right after a search, found by the next one.
+    append(s, text("room:w", "alice", "w4", "walrus four")).await;
+    assert_eq!(seqs(s.search("alice", q("walrus")).await.unwrap()), [4, 3]);
+}
+
 /// Room members come with their role and join time; a removal by an admin is
 /// announced with who removed.
 pub async fn room_members_and_removals(f: Fixture) {
@@ -1233,6 +1260,7 @@ macro_rules! store_conformance {
             reactions_are_kept_per_user_and_emoji,
             mentions_are_stored_and_counted_while_unread,
             search_finds_words_in_the_users_conversations,
+            search_sees_texts_as_they_are_when_it_runs,
             room_members_and_removals,
         );
     };

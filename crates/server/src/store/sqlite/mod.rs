@@ -168,7 +168,13 @@ impl Store for SqliteStore {
         q: SearchQuery,
     ) -> BoxFuture<'static, StoreResult<Vec<SearchResult>>> {
         let user = user.to_string();
-        self.read(move |c| reads::search(c, &user, &q))
+        // Every text stored before the search is found by it.
+        let indexed = self.inner.writes.send(WriteOp::IndexTexts);
+        let readers = self.inner.readers.clone();
+        Box::pin(async move {
+            indexed.await?;
+            readers.read(move |c| reads::search(c, &user, &q)).await
+        })
     }
 
     fn members(&self, conv: &str) -> BoxFuture<'static, StoreResult<Vec<String>>> {

@@ -487,10 +487,10 @@ pub(super) fn search(
     let mut s = c.prepare_cached(
         "SELECT m.conv, m.seq, m.msg_id, m.sender, m.ts, t.body, \
            highlight(message_text, 0, '[', ']') \
-         FROM message_text t JOIN messages m ON m.conv = t.conv AND m.seq = t.seq \
+         FROM message_text t JOIN messages m ON m.id = t.rowid \
          WHERE message_text MATCH ?1 \
-           AND t.conv IN (SELECT conv FROM members WHERE user = ?2) \
-           AND (?3 IS NULL OR t.conv = ?3) \
+           AND m.conv IN (SELECT conv FROM members WHERE user = ?2) \
+           AND (?3 IS NULL OR m.conv = ?3) \
            AND (?4 = 9223372036854775807 OR (m.ts, m.conv, m.seq) < (?4, ?5, ?6)) \
          ORDER BY m.ts DESC, m.conv DESC, m.seq DESC LIMIT ?7",
     )?;

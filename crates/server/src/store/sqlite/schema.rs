@@ -194,6 +194,21 @@ CREATE UNIQUE INDEX messages_by_client_id ON messages (sender, client_msg_id);
 CREATE INDEX messages_modified ON messages (conv, modified_at) WHERE modified_at IS NOT NULL;
 CREATE INDEX messages_reacted ON messages (conv, reacted_at) WHERE reacted_at IS NOT NULL;
 "#,
+    // The search index's rows are the messages' ids, and texts are indexed in batches
+    // after they are stored: `search_progress` is the newest message whose text is in
+    // the index (the store indexes the rest before a search reads).
+    r#"
+DROP TABLE message_text;
+CREATE VIRTUAL TABLE message_text USING fts5(
+    body, tokenize = 'unicode61 remove_diacritics 2'
+);
+INSERT INTO message_text (rowid, body)
+    SELECT id, json_extract(content, '$') FROM messages
+    WHERE content_type = 'text' AND recalled = 0 AND json_valid(content);
+ALTER TABLE messages DROP COLUMN search_id;
+CREATE TABLE search_progress (indexed_upto INTEGER NOT NULL);
+INSERT INTO search_progress SELECT coalesce(max(id), 0) FROM messages;
+"#,
 ];
 
 /// Opens a connection to the database file with the store's settings.
