@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the store reads made on every connect, disconnect and `sync`: the
 //! list of a user's conversations. `conversations` also counts each one's unread
 //! messages (for the HTTP API); `memberships` gives only ids and last seqs (for presence,
-//! `sync` and the room limit).
+//! `sync` and the room limit). And history pages of one room among busy ones: the newest
+//! page (opening a conversation) and the page after a seq (catching up).
 //!
 //! The user is a member of `ROOMS` rooms, each holding `n` messages from someone else
 //! that the user has not read.
@@ -14,7 +15,7 @@ use std::time::Duration;
 use divan::Bencher;
 use hubbub_protocol::{ContentType, Conv};
 use hubbub_server::metrics::Metrics;
-use hubbub_server::store::{CommitHook, NewMessage, SqliteStore, Store};
+use hubbub_server::store::{CommitHook, HistoryQuery, NewMessage, SqliteStore, Store};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -78,4 +79,59 @@ fn conversations(bencher: Bencher, unread: u64) {
 fn memberships(bencher: Bencher, unread: u64) {
     let (store, rt, _dir) = setup(unread);
     bencher.bench_local(|| rt.block_on(store.memberships("bob")).expect("read"));
+}
+
+/// Rooms whose messages arrive interleaved, and messages per room, for the history pages.
+const BUSY_ROOMS: usize = 20;
+const PER_ROOM: u64 = 1000;
+
+/// A store with [`BUSY_ROOMS`] rooms of [`PER_ROOM`] messages each, sent in turn (one to
+/// each room, again and again), as busy rooms fill a store.
+fn busy_rooms() -> (SqliteStore, tokio::runtime::Runtime, TempDir) {
+    let (store, rt, dir) = setup(0);
+    rt.block_on(async {
+        for i in 0..PER_ROOM {
+            let appends: Vec<_> = (0..BUSY_ROOMS)
+                .map(|r| {
+                    store.append(NewMessage {
+                        conv: Conv::room_id(&format!("r{r}")),
+                        from: "alice".into(),
+                        client_msg_id: format!("h-{r}-{i}"),
+                        content_type: ContentType::Text,
+                        content: Value::String(format!("message {i} of a busy room, some words")),
+                        dm_members: None,
+                        origin: 1,
+                        reply_to: None,
+                        mentions: Vec::new(),
+                    })
+                })
+                .collect();
+            for a in appends {
+                a.await.expect("append");
+            }
+        }
+    });
+    (store, rt, dir)
+}
+
+/// The newest `limit` messages of one busy room.
+#[divan::bench(args = [50, 200])]
+fn history_latest(bencher: Bencher, limit: u32) {
+    let (store, rt, _dir) = busy_rooms();
+    let conv = Conv::room_id("r7");
+    bencher.bench_local(|| {
+        rt.block_on(store.history(&conv, HistoryQuery::Latest { limit }))
+            .expect("read")
+    });
+}
+
+/// The `limit` messages after seq 500 of one busy room.
+#[divan::bench(args = [50, 200])]
+fn history_after(bencher: Bencher, limit: u32) {
+    let (store, rt, _dir) = busy_rooms();
+    let conv = Conv::room_id("r7");
+    bencher.bench_local(|| {
+        rt.block_on(store.history(&conv, HistoryQuery::After { after: 500, limit }))
+            .expect("read")
+    });
 }
