@@ -37,6 +37,10 @@ impl Readers {
         for _ in 0..READERS {
             let conn = open_conn(path, busy_timeout)?;
             conn.pragma_update(None, "query_only", true)?;
+            // 16 MB of pages each (filled only as pages are read): the messages of one
+            // conversation are spread over the table, one page per message in a busy
+            // store, and catching up re-reads them.
+            conn.pragma_update(None, "cache_size", -16384)?;
             conns.push(Mutex::new(conn));
         }
         Ok(Readers {
