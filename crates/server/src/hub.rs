@@ -344,15 +344,6 @@ impl Session {
         q.frames.len() * share >= self.queue_frames || q.bytes * share >= self.queue_bytes
     }
 
-    /// Takes the oldest queued frame, for the writer (which calls [`Session::taken`]
-    /// once it handed what it took to the socket).
-    pub fn pop(&self) -> Option<Arc<OutFrame>> {
-        let mut q = self.outbox.lock();
-        let frame = q.frames.pop_front()?;
-        q.bytes -= self.frame_len(&frame);
-        Some(frame)
-    }
-
     /// Takes queued frames for the writer under one lock, oldest first, handing each to
     /// `f` until it returns false or the queue is empty; then the writer calls
     /// [`Session::taken`] once it handed them to the socket. Returns whether frames are
@@ -716,7 +707,7 @@ mod tests {
         assert!(s.push(&page) && s.push(&page) && s.push(&page));
         assert_eq!(s.close_reason(), None);
         // The writer takes frames: the room is the replies' again.
-        while s.pop().is_some() {}
+        assert!(!s.take_while(|_| true));
         s.taken();
         assert_eq!(s.queued_bytes(), 0);
         assert!(s.try_reply(page).is_ok());
@@ -738,7 +729,7 @@ mod tests {
             assert!(s.push(&text(10)));
         }
         assert!(s.poll_queue(&cx, false));
-        while s.pop().is_some() {}
+        assert!(!s.take_while(|_| true));
         assert!(s.outbox.lock().frames.capacity() >= 500);
         // The writer finds nothing and waits: the slots go back.
         assert!(!s.poll_queue(&cx, false));

@@ -624,11 +624,15 @@ struct Next {
 /// frames carry one each). `None` if there is nothing to write.
 fn next_message(codec: Codec, session: &Session, max: usize) -> Option<Next> {
     if codec == Codec::Protobuf {
-        let first = session.pop()?;
+        let mut first = None;
+        let more = session.take_while(|f| {
+            first = Some(f.pb().clone());
+            false
+        });
         return Some(Next {
-            msg: WsMessage::Binary(first.pb().clone()),
+            msg: WsMessage::Binary(first?),
             count: 1,
-            more: session.has_queued(),
+            more,
         });
     }
     // One frame goes out as it is (no copy); more are joined into one buffer.
