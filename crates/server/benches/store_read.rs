@@ -28,6 +28,21 @@ fn main() {
     divan::main();
 }
 
+/// A text from "alice" to `conv`.
+fn text(conv: &str, client_msg_id: String, body: String) -> NewMessage {
+    NewMessage {
+        conv: conv.to_string(),
+        from: "alice".into(),
+        client_msg_id,
+        content_type: ContentType::Text,
+        content: Value::String(body),
+        dm_members: None,
+        origin: 1,
+        reply_to: None,
+        mentions: Vec::new(),
+    }
+}
+
 /// A store where "bob" has `unread` unread messages in each of [`ROOMS`] rooms.
 fn setup(unread: u64) -> (SqliteStore, tokio::runtime::Runtime, TempDir) {
     let dir = tempfile::Builder::new()
@@ -47,19 +62,7 @@ fn setup(unread: u64) -> (SqliteStore, tokio::runtime::Runtime, TempDir) {
             store.join_room(&conv, "alice").await.expect("join");
             store.join_room(&conv, "bob").await.expect("join");
             let appends: Vec<_> = (0..unread)
-                .map(|i| {
-                    store.append(NewMessage {
-                        conv: conv.clone(),
-                        from: "alice".into(),
-                        client_msg_id: format!("c-{r}-{i}"),
-                        content_type: ContentType::Text,
-                        content: Value::String(format!("message {i}")),
-                        dm_members: None,
-                        origin: 1,
-                        reply_to: None,
-                        mentions: Vec::new(),
-                    })
-                })
+                .map(|i| store.append(text(&conv, format!("c-{r}-{i}"), format!("message {i}"))))
                 .collect();
             for a in appends {
                 a.await.expect("append");
@@ -93,17 +96,11 @@ fn busy_rooms() -> (SqliteStore, tokio::runtime::Runtime, TempDir) {
         for i in 0..PER_ROOM {
             let appends: Vec<_> = (0..BUSY_ROOMS)
                 .map(|r| {
-                    store.append(NewMessage {
-                        conv: Conv::room_id(&format!("r{r}")),
-                        from: "alice".into(),
-                        client_msg_id: format!("h-{r}-{i}"),
-                        content_type: ContentType::Text,
-                        content: Value::String(format!("message {i} of a busy room, some words")),
-                        dm_members: None,
-                        origin: 1,
-                        reply_to: None,
-                        mentions: Vec::new(),
-                    })
+                    store.append(text(
+                        &Conv::room_id(&format!("r{r}")),
+                        format!("h-{r}-{i}"),
+                        format!("message {i} of a busy room, some words"),
+                    ))
                 })
                 .collect();
             for a in appends {

@@ -15,6 +15,21 @@ async fn sqlite(hook: CommitHook) -> (Arc<dyn Store>, Box<dyn Any + Send>) {
 
 hubbub_server::store_conformance!(sqlite);
 
+/// A text from "u" to `conv`.
+fn text(conv: &str, client_msg_id: &str, body: &str) -> NewMessage {
+    NewMessage {
+        conv: conv.into(),
+        from: "u".into(),
+        client_msg_id: client_msg_id.into(),
+        content_type: hubbub_protocol::ContentType::Text,
+        content: json!(body),
+        dm_members: None,
+        origin: 1,
+        reply_to: None,
+        mentions: Vec::new(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_messages_survive_close_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -23,17 +38,7 @@ async fn acked_messages_survive_close_and_reopen() {
     store.join_room("room:d", "u").await.unwrap();
     for i in 0..50 {
         store
-            .append(NewMessage {
-                conv: "room:d".into(),
-                from: "u".into(),
-                client_msg_id: format!("c{i}"),
-                content_type: hubbub_protocol::ContentType::Text,
-                content: json!(format!("m{i}")),
-                dm_members: None,
-                origin: 1,
-                reply_to: None,
-                mentions: Vec::new(),
-            })
+            .append(text("room:d", &format!("c{i}"), &format!("m{i}")))
             .await
             .unwrap();
     }
@@ -61,20 +66,7 @@ async fn acked_messages_survive_close_and_reopen() {
         (0..50).map(|i| (i + 1, json!(format!("m{i}")))).collect();
     assert_eq!(got, want);
     // Numbering continues after a restart, and idempotency remembers old ids.
-    let next = store
-        .append(NewMessage {
-            conv: "room:d".into(),
-            from: "u".into(),
-            client_msg_id: "c3".into(),
-            content_type: hubbub_protocol::ContentType::Text,
-            content: json!("m3"),
-            dm_members: None,
-            origin: 1,
-            reply_to: None,
-            mentions: Vec::new(),
-        })
-        .await
-        .unwrap();
+    let next = store.append(text("room:d", "c3", "m3")).await.unwrap();
     assert!(next.duplicate);
     assert_eq!(next.message.seq, 4);
     assert!(store.is_member("room:d", "u").await.unwrap());
@@ -96,17 +88,7 @@ async fn a_panic_on_the_writer_fails_one_batch_and_the_store_keeps_working() {
     });
     let store = SqliteStore::open(dir.path(), hook).unwrap();
     store.join_room("room:p", "u").await.unwrap();
-    let msg = |cid: &str| NewMessage {
-        conv: "room:p".into(),
-        from: "u".into(),
-        client_msg_id: cid.into(),
-        content_type: hubbub_protocol::ContentType::Text,
-        content: json!("hi"),
-        dm_members: None,
-        origin: 1,
-        reply_to: None,
-        mentions: Vec::new(),
-    };
+    let msg = |cid: &str| text("room:p", cid, "hi");
     armed.store(true, Ordering::SeqCst);
     match store.append(msg("first")).await {
         Err(hubbub_server::store::StoreError::Unavailable(_)) => {}
@@ -127,17 +109,6 @@ async fn a_panic_on_the_writer_fails_one_batch_and_the_store_keeps_working() {
 async fn texts_are_indexed_for_search_without_a_search_and_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let noop: CommitHook = Arc::new(|_| {});
-    let text = |cid: &str, body: &str| NewMessage {
-        conv: "room:s".into(),
-        from: "u".into(),
-        client_msg_id: cid.into(),
-        content_type: hubbub_protocol::ContentType::Text,
-        content: json!(body),
-        dm_members: None,
-        origin: 1,
-        reply_to: None,
-        mentions: Vec::new(),
-    };
     let db = dir.path().join("hubbub.db");
     // (texts in the index, the newest message it covers)
     let indexed = || {
@@ -161,10 +132,16 @@ async fn texts_are_indexed_for_search_without_a_search_and_after_a_restart() {
 
     let store = SqliteStore::open(dir.path(), noop.clone()).unwrap();
     store.join_room("room:s", "u").await.unwrap();
-    store.append(text("a", "narwhal")).await.unwrap();
-    store.append(text("b", "narwhal again")).await.unwrap();
+    store.append(text("room:s", "a", "narwhal")).await.unwrap();
+    store
+        .append(text("room:s", "b", "narwhal again"))
+        .await
+        .unwrap();
     wait_for((2, 2)).await;
-    store.append(text("c", "narwhal thrice")).await.unwrap();
+    store
+        .append(text("room:s", "c", "narwhal thrice"))
+        .await
+        .unwrap();
     store.close().await.unwrap();
     drop(store);
     let (count, upto) = indexed();

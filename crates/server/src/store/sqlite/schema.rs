@@ -266,21 +266,27 @@ mod tests {
     use super::*;
     use crate::store::{SqliteStore, Store};
 
+    /// A database directory whose schema is at `version` (the first `version`
+    /// migrations), holding what `rows` inserts.
+    fn database_at(version: usize, rows: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("hubbub.db")).unwrap();
+        for sql in &MIGRATIONS[..version] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version).unwrap();
+        conn.execute_batch(rows).unwrap();
+        dir
+    }
+
     /// A database whose messages were kept by (conv, seq) keeps every message, its
     /// search row and its `client_msg_id` when they move to the table kept in arrival
     /// order; new messages continue each conversation's seqs.
     #[tokio::test]
     async fn messages_moved_to_arrival_order_keep_history_search_and_retries() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hubbub.db");
-        {
-            let conn = Connection::open(&path).unwrap();
-            for sql in &MIGRATIONS[..9] {
-                conn.execute_batch(sql).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 9).unwrap();
-            conn.execute_batch(
-                r#"
+        let dir = database_at(
+            9,
+            r#"
 INSERT INTO conversations VALUES ('room:a', 'room', 'alice', 0), ('room:b', 'room', 'alice', 0);
 INSERT INTO members (conv, user, role, joined_at) VALUES
     ('room:a', 'alice', 'admin', 0), ('room:b', 'alice', 'admin', 0);
@@ -293,9 +299,7 @@ UPDATE messages SET search_id = (
     SELECT t.rowid FROM message_text t WHERE t.conv = messages.conv AND t.seq = messages.seq
 );
 "#,
-            )
-            .unwrap();
-        }
+        );
         let store = SqliteStore::open(dir.path(), Arc::new(|_| {})).unwrap();
         let page = store
             .history("room:a", crate::store::HistoryQuery::Latest { limit: 10 })
@@ -350,16 +354,9 @@ UPDATE messages SET search_id = (
     /// messages that still point to their file, and no others.
     #[tokio::test]
     async fn shares_recorded_before_per_message_shares_are_carried_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hubbub.db");
-        {
-            let conn = Connection::open(&path).unwrap();
-            for sql in &MIGRATIONS[..6] {
-                conn.execute_batch(sql).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 6).unwrap();
-            conn.execute_batch(
-                r#"
+        let dir = database_at(
+            6,
+            r#"
 INSERT INTO conversations VALUES ('room:a', 'room', 'alice', 0), ('room:b', 'room', 'alice', 0);
 INSERT INTO members (conv, user, role, joined_at) VALUES
     ('room:a', 'alice', 'admin', 0), ('room:a', 'bob', 'member', 0),
@@ -372,9 +369,7 @@ INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, co
 UPDATE messages SET recalled = 1 WHERE conv = 'room:b';
 INSERT INTO file_shares VALUES ('01ARZ3NDEKTSV4RRFFQ69G5FAV', 'room:a'), ('01ARZ3NDEKTSV4RRFFQ69G5FAV', 'room:b');
 "#,
-            )
-            .unwrap();
-        }
+        );
         let store = SqliteStore::open(dir.path(), Arc::new(|_| {})).unwrap();
         let id = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
         assert!(
