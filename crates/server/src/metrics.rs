@@ -27,6 +27,8 @@ pub struct Metrics {
     pub auth_failures: IntCounter,
     pub store_batch_size: Histogram,
     pub store_commit_seconds: Histogram,
+    /// Checkpoints of the SQLite write-ahead log into the database file.
+    pub store_checkpoint_seconds: Histogram,
     pub store_writer_panics: IntCounter,
     pub rooms_cached: IntGauge,
     /// Password hashes and checks running now (argon2id, bounded by `hash_concurrency`).
@@ -123,6 +125,11 @@ impl Metrics {
                 "time to apply and commit one store batch",
                 prometheus::exponential_buckets(0.000_1, 2.0, 16).expect("buckets"),
             ),
+            store_checkpoint_seconds: histogram(
+                "store_checkpoint_seconds",
+                "time to copy the write-ahead log into the database file (SQLite)",
+                prometheus::exponential_buckets(0.000_1, 2.0, 16).expect("buckets"),
+            ),
             store_writer_panics: counter(
                 "store_writer_panics_total",
                 "store batches abandoned because the writer panicked (it keeps running)",
@@ -161,6 +168,7 @@ mod tests {
             "hubbub_connections_open",
             "hubbub_store_batch_size_bucket",
             "hubbub_store_commit_seconds_bucket",
+            "hubbub_store_checkpoint_seconds_bucket",
             "hubbub_slow_consumer_closes_total",
             "hubbub_auth_failures_total",
         ] {

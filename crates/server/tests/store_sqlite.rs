@@ -167,3 +167,46 @@ async fn texts_are_indexed_for_search_without_a_search_and_after_a_restart() {
     assert_eq!(found.len(), 3);
     store.close().await.unwrap();
 }
+
+/// The writer checkpoints the write-ahead log itself, after answering the batch that
+/// grew it past 1,000 pages (SQLite's automatic checkpoint is replaced): the data reaches
+/// the database file while the store stays open, and each checkpoint is timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_ahead_log_is_checkpointed_while_the_store_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let noop: CommitHook = Arc::new(|_| {});
+    let metrics = hubbub_server::metrics::Metrics::new();
+    let store = SqliteStore::open_with(
+        dir.path(),
+        noop,
+        metrics.clone(),
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    store.join_room("room:w", "u").await.unwrap();
+    let db_len = || {
+        std::fs::metadata(dir.path().join("hubbub.db"))
+            .unwrap()
+            .len()
+    };
+    let before = db_len();
+    // About a page per message: 1,800 pages in batches of up to 300.
+    let body = "w".repeat(3000);
+    for round in 0..6 {
+        let sends = (0..300).map(|i| store.append(text("room:w", &format!("{round}-{i}"), &body)));
+        for sent in futures_util::future::join_all(sends).await {
+            sent.unwrap();
+        }
+    }
+    assert!(
+        metrics.store_checkpoint_seconds.get_sample_count() >= 1,
+        "no checkpoint was made"
+    );
+    // Without a checkpoint the pages would all still be in the log.
+    assert!(
+        db_len() >= before + 1000 * 4096,
+        "the database file grew from {before} to {} bytes only",
+        db_len()
+    );
+    store.close().await.unwrap();
+}

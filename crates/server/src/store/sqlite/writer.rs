@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use hubbub_protocol::{Message, ReplyRef};
@@ -41,6 +41,12 @@ const MAX_BATCH: usize = 4096;
 /// its ack p99 at half that rate by half.
 const INDEX_AFTER_MESSAGES: i64 = 1024;
 const INDEX_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The write-ahead log is copied into the database file once it holds this many pages
+/// (SQLite's own default). The writer does it after it has answered the batch that grew
+/// the log this far, not inside that batch's commit as SQLite's automatic checkpoint
+/// would: the batch's senders do not wait for it, only the next batch does.
+const CHECKPOINT_AFTER_PAGES: i32 = 1000;
 
 /// A write operation.
 pub(super) enum WriteOp {
@@ -144,14 +150,25 @@ pub(super) struct Writes {
 impl Writes {
     /// Starts the writer thread on `conn`, the only write connection.
     pub(super) fn start(
-        conn: Connection,
+        mut conn: Connection,
         hook: CommitHook,
         metrics: Metrics,
     ) -> StoreResult<Writes> {
         let (queue, rx) = flume::unbounded();
         let stamping = Arc::new(AtomicI64::new(i64::MAX));
+        // Replaces SQLite's automatic checkpoint (see `CHECKPOINT_AFTER_PAGES`).
+        let wal_pages = Arc::new(AtomicI32::new(0));
+        let pages = wal_pages.clone();
+        conn.wal_hook(Some(
+            move |_: &mut rusqlite::hooks::Wal, n: std::ffi::c_int| {
+                pages.store(n, Ordering::Relaxed);
+                Ok(())
+            },
+        ))
+        .map_err(super::unavailable)?;
         let mut writer = Writer {
             conn,
+            wal_pages,
             seqs: HashMap::new(),
             hook,
             metrics,
@@ -194,6 +211,8 @@ impl Writes {
 
 struct Writer {
     conn: Connection,
+    /// Pages in the write-ahead log after the last commit (set by the WAL hook).
+    wal_pages: Arc<AtomicI32>,
     /// Last assigned `seq` per conversation seen since start (also: the conversation row
     /// exists).
     seqs: HashMap<String, u64>,
@@ -383,6 +402,29 @@ impl Writer {
         self.stamping.store(i64::MAX, Ordering::SeqCst);
         for (reply, applied) in done {
             let _ = reply.send(Ok(applied.answer));
+        }
+        self.checkpoint_if_due();
+    }
+
+    /// Copies the write-ahead log into the database file if it grew to
+    /// [`CHECKPOINT_AFTER_PAGES`]. Passive: pages a reader still needs wait for the next
+    /// time (as with SQLite's automatic checkpoint, which this replaces), and the log
+    /// starts over at the next commit once all of it was copied.
+    fn checkpoint_if_due(&mut self) {
+        if self.wal_pages.load(Ordering::Relaxed) < CHECKPOINT_AFTER_PAGES {
+            return;
+        }
+        self.wal_pages.store(0, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        match self
+            .conn
+            .wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE)
+        {
+            Ok(_) => self
+                .metrics
+                .store_checkpoint_seconds
+                .observe(started.elapsed().as_secs_f64()),
+            Err(e) => tracing::warn!(error = %e, "checkpoint of the write-ahead log failed"),
         }
     }
 
@@ -646,6 +688,7 @@ impl Writer {
                     .store_commit_seconds
                     .observe(started.elapsed().as_secs_f64());
                 self.schedule_index();
+                self.checkpoint_if_due();
             }
             Err(e) => {
                 tracing::error!(error = %e, "indexing texts for search failed; rolled back");
