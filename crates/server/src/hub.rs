@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
@@ -26,7 +27,7 @@ use crate::metrics::Metrics;
 #[derive(Debug)]
 pub struct OutFrame {
     frame: ServerFrame,
-    json: OnceLock<Bytes>,
+    json: OnceLock<Utf8Bytes>,
     pb: OnceLock<Bytes>,
 }
 
@@ -39,9 +40,11 @@ impl OutFrame {
         })
     }
 
-    /// The frame as compact JSON (encoded on first use).
-    pub fn json(&self) -> &Bytes {
-        self.json.get_or_init(|| Bytes::from(self.frame.to_json()))
+    /// The frame as compact JSON (encoded on first use; text, so writers join and send
+    /// it without checking its UTF-8 again).
+    pub fn json(&self) -> &Utf8Bytes {
+        self.json
+            .get_or_init(|| Utf8Bytes::from(self.frame.to_json()))
     }
 
     /// The frame as protobuf (`hubbub.v1.pb`, encoded on first use).

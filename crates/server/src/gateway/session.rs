@@ -24,7 +24,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
-use bytes::{Bytes, BytesMut};
 use futures_util::stream::StreamExt;
 use futures_util::{Sink, SinkExt, Stream};
 use hubbub_protocol::ServerFrame;
@@ -635,25 +634,28 @@ fn next_message(codec: Codec, session: &Session, max: usize) -> Option<Next> {
             more,
         });
     }
-    // One frame goes out as it is (no copy); more are joined into one buffer.
-    let mut head: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
+    // One frame goes out as it is (no copy); more are joined into one buffer, sized once
+    // for everything queued (with a newline per 16 bytes at most; up to `max`).
+    let mut head: Option<Utf8Bytes> = None;
+    let mut joined: Option<String> = None;
     let mut count = 0;
+    let queued = session.queued_bytes();
     let more = session.take_while(|f| {
         let json = f.json();
         count += 1;
         let len = match (&mut joined, &head) {
             (Some(buf), _) => {
-                buf.extend_from_slice(b"\n");
-                buf.extend_from_slice(json);
+                buf.push('\n');
+                buf.push_str(json);
                 buf.len()
             }
             (None, Some(first)) => {
-                let mut buf =
-                    BytesMut::with_capacity((first.len() * 2 + 1).min(max.max(first.len())));
-                buf.extend_from_slice(first);
-                buf.extend_from_slice(b"\n");
-                buf.extend_from_slice(json);
+                let mut buf = String::with_capacity(
+                    (queued + queued / 16).clamp(first.len() * 2 + 1, max + first.len()),
+                );
+                buf.push_str(first);
+                buf.push('\n');
+                buf.push_str(json);
                 let len = buf.len();
                 joined = Some(buf);
                 len
@@ -665,23 +667,71 @@ fn next_message(codec: Codec, session: &Session, max: usize) -> Option<Next> {
         };
         len < max
     });
-    let bytes = match joined {
-        Some(buf) => buf.freeze(),
+    let text = match joined {
+        Some(buf) => Utf8Bytes::from(buf),
         None => head?,
     };
     Some(Next {
-        msg: text_frame(bytes),
+        msg: WsMessage::Text(text),
         count,
         more,
     })
 }
 
-fn text_frame(bytes: bytes::Bytes) -> WsMessage {
-    match Utf8Bytes::try_from(bytes) {
-        Ok(t) => WsMessage::Text(t),
-        // JSON from serde_json is always UTF-8.
-        Err(_) => WsMessage::Text(Utf8Bytes::from_static(
-            r#"{"type":"error","code":"internal","message":"encoding failed"}"#,
-        )),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn texts(session: &Session, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let frame = OutFrame::new(ServerFrame::Kicked {
+                    reason: format!("r{i}"),
+                });
+                assert!(session.push(&frame));
+                frame.json().as_str().to_owned()
+            })
+            .collect()
+    }
+
+    fn text_of(next: &Next) -> &str {
+        match &next.msg {
+            WsMessage::Text(t) => t.as_str(),
+            other => panic!("not a text frame: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn queued_json_frames_are_joined_with_newlines_up_to_the_byte_bound() {
+        let s = Session::new(1, "u".into(), "d".into(), 100, &Metrics::new());
+        // One frame goes out as it is.
+        let one = texts(&s, 1);
+        let next = next_message(Codec::Json, &s, 1 << 16).expect("a frame");
+        assert_eq!(
+            (text_of(&next), next.count, next.more),
+            (one[0].as_str(), 1, false)
+        );
+        // Several are joined, all of them while they fit.
+        let five = texts(&s, 5);
+        let next = next_message(Codec::Json, &s, 1 << 16).expect("a frame");
+        assert_eq!(
+            (text_of(&next), next.count, next.more),
+            (five.join("\n").as_str(), 5, false)
+        );
+        assert!(next_message(Codec::Json, &s, 1 << 16).is_none());
+        // A frame stops once it reaches the bound; the rest comes next, in order.
+        let five = texts(&s, 5);
+        let max = five[0].len() * 2 + 2;
+        let first = next_message(Codec::Json, &s, max).expect("a frame");
+        assert_eq!(
+            (text_of(&first), first.count, first.more),
+            (five[..3].join("\n").as_str(), 3, true)
+        );
+        let rest = next_message(Codec::Json, &s, max).expect("a frame");
+        assert_eq!(
+            (text_of(&rest), rest.count, rest.more),
+            (five[3..].join("\n").as_str(), 2, false)
+        );
     }
 }
