@@ -255,3 +255,41 @@ fn floor_measures_what_one_loopback_send_costs() {
     assert!(per_write > 0.0 && per_write < 10_000.0, "{v}");
     assert_eq!(v["cpu_us_per_frame"].as_f64().unwrap(), per_write / 2.0);
 }
+
+#[test]
+fn disk_times_the_fsyncs_of_commit_sized_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hubbub"))
+        .args(["bench", "disk", "--pages", "8", "--interval-ms", "1"])
+        .args(["--duration", "0.3", "--slow-ms", "0"])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .expect("run hubbub bench disk");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench disk failed:\n{stdout}");
+    let v: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    let fsyncs = n(&v, "fsyncs");
+    assert!(fsyncs >= 1, "{v}");
+    let (p50, max) = (
+        v["fsync_ms"]["p50"].as_f64().unwrap(),
+        v["fsync_ms"]["max"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= max, "{v}");
+    // With a 0 ms bound every fsync is a stall, and their total is at least the longest.
+    assert_eq!(n(&v, "slow"), fsyncs);
+    assert!(v["slow_ms_total"].as_f64().unwrap() >= max * 0.99, "{v}");
+    // Its file is gone afterwards.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // A directory that does not exist is a clear error.
+    let out = Command::new(env!("CARGO_BIN_EXE_hubbub"))
+        .args(["bench", "disk", "--duration", "0.1", "--dir"])
+        .arg(dir.path().join("missing"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("creating a file in"),
+        "{out:?}"
+    );
+}

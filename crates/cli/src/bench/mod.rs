@@ -12,6 +12,7 @@
 //! targets only.
 
 mod conn;
+mod disk;
 mod floor;
 mod report;
 mod work;
@@ -106,6 +107,10 @@ pub(super) enum Scenario {
     /// The floor under any server's CPU per delivery: what one loopback send costs this
     /// machine's kernel (no server needed; --url and the other options are ignored).
     Floor(floor::FloorArgs),
+    /// The floor under a durable store's ack latency: how long this machine's disk takes
+    /// to fsync a commit's pages (no server needed; --url and the other options are
+    /// ignored).
+    Disk(disk::DiskArgs),
     /// P pairs of users sending direct messages to each other (hubbub only): acked
     /// (stored) messages per second and ack latency.
     Dm {
@@ -151,6 +156,7 @@ impl Scenario {
             Scenario::Fanout { .. } => "fanout",
             Scenario::Dm { .. } => "dm",
             Scenario::Floor(_) => "floor",
+            Scenario::Disk(_) => "disk",
         }
     }
 
@@ -160,7 +166,7 @@ impl Scenario {
             Scenario::Idle { conns, .. } | Scenario::Connect { conns, .. } => *conns,
             Scenario::Fanout { members, .. } => *members,
             Scenario::Dm { pairs, .. } => pairs * 2,
-            Scenario::Floor(_) => 0,
+            Scenario::Floor(_) | Scenario::Disk(_) => 0,
         }
     }
 }
@@ -170,8 +176,10 @@ impl Scenario {
 const CONNS_PER_PROC: usize = 16_000;
 
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if let Scenario::Floor(f) = args.scenario {
-        return floor::run(f);
+    match args.scenario {
+        Scenario::Floor(f) => return floor::run(f),
+        Scenario::Disk(d) => return disk::run(d),
+        _ => {}
     }
     let dialer = Dialer::new(&args.url, args.target, args.source_addrs)?;
     validate(&args)?;

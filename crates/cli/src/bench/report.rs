@@ -363,7 +363,7 @@ impl Summary<'_> {
                     self.server_cpu_secs.map_or("?".into(), |c| format!("{c:.2}")),
                 )
             }
-            Scenario::Floor(_) => String::new(),
+            Scenario::Floor(_) | Scenario::Disk(_) => String::new(),
         };
         (out.to_string(), text)
     }

@@ -64,7 +64,9 @@ pub(super) fn worker(
                 )
                 .await
             }
-            Scenario::Floor(_) => bail!("floor runs in the parent process"),
+            Scenario::Floor(_) | Scenario::Disk(_) => {
+                bail!("floor and disk run in the parent process")
+            }
             Scenario::Dm { pairs, rate, load } => {
                 let plan = Plan {
                     schedules: pairs * 2,
