@@ -84,6 +84,10 @@ async fn a_slow_consumer_is_closed_with_1008_and_others_are_unaffected() {
         c.queue_frames = 16;
         c.send_burst = 10_000;
         c.send_rate_per_sec = 10_000;
+        // Alice's 800 sends must not meet the frame limit either, however fast they go
+        // (the default burst of 400 plus 200/s ran out on a fast machine).
+        c.frame_burst = 10_000;
+        c.frame_rate_per_sec = 10_000;
     })
     .await;
     let alice = server.connect("alice").await;
