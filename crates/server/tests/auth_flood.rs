@@ -49,6 +49,10 @@ async fn a_registration_flood_keeps_hashing_bounded_and_other_users_sends_fast()
         c.auth_burst = 1_000_000;
         c.send_rate_per_sec = 100_000;
         c.send_burst = 100_000;
+        // Alice sends back to back for as long as the flood lasts: however fast that
+        // is, her frames must not meet the frame limit either.
+        c.frame_rate_per_sec = 100_000;
+        c.frame_burst = 100_000;
     })
     .await;
     let permits = (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1);
