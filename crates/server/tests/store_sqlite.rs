@@ -114,7 +114,7 @@ async fn texts_are_indexed_for_search_without_a_search_and_after_a_restart() {
     let indexed = || {
         let c = rusqlite::Connection::open(&db).unwrap();
         c.query_row(
-            "SELECT (SELECT count(*) FROM message_text), (SELECT indexed_upto FROM search_progress)",
+            "SELECT (SELECT count(*) FROM message_text), (SELECT indexed_upto FROM index_progress)",
             [],
             |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
         )
@@ -165,6 +165,78 @@ async fn texts_are_indexed_for_search_without_a_search_and_after_a_restart() {
         .await
         .unwrap();
     assert_eq!(found.len(), 3);
+    store.close().await.unwrap();
+}
+
+/// Client ids are indexed in batches like texts; the newest are kept in memory. A retried
+/// send finds its message while its id is only in memory, once it is indexed, and after a
+/// restart that found it not yet indexed; a client id used in another conversation is a
+/// conflict in each case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_found_before_and_after_their_client_ids_are_indexed_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let noop: CommitHook = Arc::new(|_| {});
+    let db = dir.path().join("hubbub.db");
+    // (client ids in the table, the newest message they cover)
+    let indexed = || {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.query_row(
+            "SELECT (SELECT count(*) FROM client_ids), (SELECT indexed_upto FROM index_progress)",
+            [],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        )
+        .unwrap()
+    };
+    let retry = |store: &SqliteStore, conv: &str, cid: &str| store.append(text(conv, cid, "again"));
+    let store = SqliteStore::open(dir.path(), noop.clone()).unwrap();
+    for conv in ["room:i", "room:j"] {
+        store.join_room(conv, "u").await.unwrap();
+    }
+    store.append(text("room:i", "a", "first")).await.unwrap();
+    // In memory only (indexing waits 50 ms), then indexed.
+    assert_eq!(indexed(), (0, 0));
+    let again = retry(&store, "room:i", "a").await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(
+        (again.message.seq, again.message.content),
+        (1, Some(json!("first")))
+    );
+    for _ in 0..100 {
+        if indexed() == (1, 1) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(indexed(), (1, 1));
+    let again = retry(&store, "room:i", "a").await.unwrap();
+    assert_eq!((again.duplicate, again.message.seq), (true, 1));
+    assert!(matches!(
+        retry(&store, "room:j", "a").await,
+        Err(hubbub_server::store::StoreError::Conflict(_))
+    ));
+    // Stored and closed before it was indexed: found after the restart.
+    store.append(text("room:i", "b", "second")).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    assert_eq!(indexed(), (1, 1));
+    let store = SqliteStore::open(dir.path(), noop).unwrap();
+    let again = retry(&store, "room:i", "b").await.unwrap();
+    assert_eq!((again.duplicate, again.message.seq), (true, 2));
+    assert!(matches!(
+        retry(&store, "room:j", "b").await,
+        Err(hubbub_server::store::StoreError::Conflict(_))
+    ));
+    // An id below the highest one stored is looked up, and is new all the same.
+    let below = store.append(text("room:i", "0", "below")).await.unwrap();
+    assert_eq!((below.duplicate, below.message.seq), (false, 3));
+    let again = retry(&store, "room:i", "0").await.unwrap();
+    assert_eq!((again.duplicate, again.message.seq), (true, 3));
+    // The sender left room:i: a retry still finds what it stored there.
+    store.leave_room("room:i", "u", None).await.unwrap();
+    let again = retry(&store, "room:i", "a").await.unwrap();
+    assert_eq!((again.duplicate, again.message.seq), (true, 1));
+    let next = store.append(text("room:j", "c", "third")).await.unwrap();
+    assert_eq!((next.duplicate, next.message.seq), (false, 1));
     store.close().await.unwrap();
 }
 

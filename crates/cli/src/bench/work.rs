@@ -670,10 +670,11 @@ async fn start_and_finish(
     Ok(())
 }
 
-/// A hubbub `send` of `text` to `conv` as request `k`.
+/// A hubbub `send` of `text` to `conv` as request `k`. Its client id grows with `k` in
+/// text order too (fixed width), as ids made from the time do.
 fn send_frame(k: u64, conv: &str, text: &str) -> String {
     format!(
-        r#"{{"type":"send","id":{k},"conv":"{conv}","client_msg_id":"m{k}","content_type":"text","content":"{text}"}}"#
+        r#"{{"type":"send","id":{k},"conv":"{conv}","client_msg_id":"m{k:012}","content_type":"text","content":"{text}"}}"#
     )
 }
 

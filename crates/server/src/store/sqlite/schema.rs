@@ -209,6 +209,23 @@ ALTER TABLE messages DROP COLUMN search_id;
 CREATE TABLE search_progress (indexed_upto INTEGER NOT NULL);
 INSERT INTO search_progress SELECT coalesce(max(id), 0) FROM messages;
 "#,
+    // A sender's `client_msg_id`s move from an index of `messages`, which every commit
+    // wrote a leaf of for each of its senders, to a table filled in batches with the
+    // search index: `index_progress` (was `search_progress`) is the newest message whose
+    // text and client id are indexed; the writer keeps the newer ones in memory.
+    r#"
+CREATE TABLE client_ids (
+    sender        TEXT NOT NULL,
+    client_msg_id TEXT NOT NULL,
+    id            INTEGER NOT NULL,
+    PRIMARY KEY (sender, client_msg_id)
+) WITHOUT ROWID;
+INSERT INTO client_ids (sender, client_msg_id, id)
+    SELECT sender, client_msg_id, id FROM messages
+    WHERE id <= (SELECT indexed_upto FROM search_progress);
+DROP INDEX messages_by_client_id;
+ALTER TABLE search_progress RENAME TO index_progress;
+"#,
 ];
 
 /// Opens a connection to the database file with the store's settings.
@@ -333,6 +350,42 @@ UPDATE messages SET search_id = (
         retry.client_msg_id = "c4".into();
         let next = store.append(retry).await.unwrap();
         assert_eq!((next.duplicate, next.message.seq), (false, 2));
+        store.close().await.unwrap();
+    }
+
+    /// A database whose client ids were an index of `messages` keeps finding retries of
+    /// every message: those the search index covered (moved to `client_ids`) and those
+    /// still pending (kept in memory by the writer).
+    #[tokio::test]
+    async fn client_ids_moved_out_of_the_messages_index_still_find_retries() {
+        let dir = database_at(
+            11,
+            r#"
+INSERT INTO conversations VALUES ('room:a', 'room', 'alice', 0), ('room:b', 'room', 'alice', 0);
+INSERT INTO members (conv, user, role, joined_at) VALUES
+    ('room:a', 'alice', 'admin', 0), ('room:b', 'alice', 'admin', 0);
+INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts) VALUES
+    ('room:a', 1, 'm1', 'alice', 'c1', 'text', '"indexed"', 10),
+    ('room:a', 2, 'm2', 'alice', 'c2', 'text', '"pending"', 20);
+INSERT INTO message_text (rowid, body) VALUES (1, 'indexed');
+UPDATE search_progress SET indexed_upto = 1;
+"#,
+        );
+        let store = SqliteStore::open(dir.path(), Arc::new(|_| {})).unwrap();
+        for (cid, seq) in [("c1", 1), ("c2", 2)] {
+            let again = store.append(text("room:a", cid, "retry")).await.unwrap();
+            assert!(again.duplicate, "{cid}");
+            assert_eq!(
+                (again.message.seq, again.message.msg_id),
+                (seq, format!("m{seq}"))
+            );
+            assert!(matches!(
+                store.append(text("room:b", cid, "elsewhere")).await,
+                Err(crate::store::StoreError::Conflict(_))
+            ));
+        }
+        let next = store.append(text("room:a", "c3", "new")).await.unwrap();
+        assert_eq!((next.duplicate, next.message.seq), (false, 3));
         store.close().await.unwrap();
     }
 

@@ -32,8 +32,9 @@ use crate::store::{
 const MAX_BATCH: usize = 4096;
 
 /// Texts are added to the search index in batches, not with each message: a commit's
-/// share of the index costs about as much for a few messages as for a thousand. The
-/// texts stored since the last indexing join the batch that is being committed when a
+/// share of the index costs about as much for a few messages as for a thousand. So are
+/// the senders' `client_msg_id`s (`client_ids`, see [`Writer::unindexed_ids`]). The
+/// texts and ids stored since the last indexing join the batch that is being committed when a
 /// search waits for them, when there are [`INDEX_AFTER_MESSAGES`] of them, or once the
 /// first of them waited [`INDEX_AFTER`] (in a transaction of their own if nothing else
 /// is written). Larger chunks index faster and stall the batch that carries them
@@ -41,6 +42,9 @@ const MAX_BATCH: usize = 4096;
 /// its ack p99 at half that rate by half.
 const INDEX_AFTER_MESSAGES: i64 = 1024;
 const INDEX_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Most senders whose highest client id the writer keeps (see [`Writer::id_ceilings`]).
+const MAX_ID_CEILINGS: usize = 100_000;
 
 /// The write-ahead log is copied into the database file once it holds this many pages
 /// (SQLite's own default). The writer does it after it has answered the batch that grew
@@ -175,6 +179,8 @@ impl Writes {
             stamping: stamping.clone(),
             indexed_upto: 0,
             newest: 0,
+            unindexed_ids: None,
+            id_ceilings: HashMap::new(),
             index_wanted: false,
             index_due: None,
         };
@@ -221,11 +227,23 @@ struct Writer {
     /// While a batch is open: a time at or before its change stamps; `i64::MAX` between
     /// batches.
     stamping: Arc<AtomicI64>,
-    /// The search index holds the texts of the messages up to this id
-    /// (`search_progress`); newer ones wait for [`Writer::index_pending`].
+    /// The search index holds the texts, and `client_ids` the client ids, of the messages
+    /// up to this id (`index_progress`); newer ones wait for [`Writer::index_pending`].
     indexed_upto: i64,
     /// The newest message id.
     newest: i64,
+    /// The ids of the messages newer than `indexed_upto`, by sender and `client_msg_id`:
+    /// with `client_ids`, where a retried send finds what it stored. Kept in memory, so
+    /// that a commit writes no page of a per-sender index (a leaf for each sender in the
+    /// batch, which made about half of the pages a commit wrote); rebuilt from the
+    /// messages at start and after a failed batch (`None`: to be rebuilt before use).
+    unindexed_ids: Option<HashMap<String, HashMap<String, i64>>>,
+    /// Per sender seen lately, a client id at or above every one it stored: a send whose
+    /// id is above it is new without a lookup. Clients that make their ids in increasing
+    /// order (the client library does: time first) skip the lookup every time; others
+    /// look up as before. Dropped when it holds [`MAX_ID_CEILINGS`] senders and after a
+    /// failed batch; filled again from `client_ids` and `unindexed_ids`.
+    id_ceilings: HashMap<String, String>,
     /// A search waits: index the pending texts in this batch.
     index_wanted: bool,
     /// When the pending texts are to be indexed even if nothing else is written.
@@ -489,20 +507,21 @@ impl Writer {
     }
 
     fn append(&mut self, msg: NewMessage, now: i64) -> Outcome {
+        // A retry finds what was stored the first time, even if the sender has left since
+        // or the message it replied to is gone.
+        if let Some(id) = self.stored_id(&msg.from, &msg.client_msg_id)? {
+            return self.stored_already(&msg, id);
+        }
         if msg.dm_members.is_none() {
             let member = self
                 .conn
                 .prepare_cached("SELECT 1 FROM members WHERE conv = ?1 AND user = ?2")?
                 .exists(params![msg.conv, msg.from])?;
             if !member {
-                // A retry of a send stored while the sender was a member still finds it.
-                return match self.stored_already(&msg).optional()? {
-                    Some(found) => Ok(found),
-                    None => Ok(Err(StoreError::NotMember(format!(
-                        "you are not a member of {}",
-                        msg.conv
-                    )))),
-                };
+                return Ok(Err(StoreError::NotMember(format!(
+                    "you are not a member of {}",
+                    msg.conv
+                ))));
             }
         }
         let cached = self.seqs.get(&msg.conv).copied();
@@ -516,14 +535,10 @@ impl Writer {
             Some(to) => match self.reply_ref(&msg.conv, to)? {
                 Some(r) => Some(r),
                 None => {
-                    // A retry of a send that was stored finds it even so.
-                    return match self.stored_already(&msg).optional()? {
-                        Some(found) => Ok(found),
-                        None => Ok(Err(StoreError::Invalid(format!(
-                            "reply_to: no message {to} in {}",
-                            msg.conv
-                        )))),
-                    };
+                    return Ok(Err(StoreError::Invalid(format!(
+                        "reply_to: no message {to} in {}",
+                        msg.conv
+                    ))))
                 }
             },
         };
@@ -531,14 +546,11 @@ impl Writer {
         let content = serde_json::to_string(&msg.content).unwrap_or_else(|_| "null".into());
         let mentions = (!msg.mentions.is_empty())
             .then(|| serde_json::to_string(&msg.mentions).unwrap_or_default());
-        // The insert itself finds a retried send in the (sender, client_msg_id) index: a
-        // lookup before it would search that index twice for every new message. Its text
-        // is indexed for search later, with others (see `INDEX_AFTER_MESSAGES`).
-        let inserted = self
-            .conn
+        // Its text and client id are indexed later, with others (see
+        // `INDEX_AFTER_MESSAGES`).
+        self.conn
             .prepare_cached(
-                "INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, reply_to, mentions) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-                 ON CONFLICT (sender, client_msg_id) DO NOTHING",
+                "INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts, reply_to, mentions) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(params![
                 msg.conv,
@@ -552,10 +564,21 @@ impl Writer {
                 msg.reply_to,
                 mentions,
             ])?;
-        if inserted == 0 {
-            return self.stored_already(&msg);
-        }
         self.newest = self.conn.last_insert_rowid();
+        let id = self.newest;
+        if let Some(ceiling) = self.id_ceilings.get_mut(msg.from.as_str()) {
+            if msg.client_msg_id > *ceiling {
+                ceiling.clone_from(&msg.client_msg_id);
+            }
+        }
+        let ids = self.unindexed_ids.as_mut().expect("read by stored_id");
+        match ids.get_mut(msg.from.as_str()) {
+            Some(of_sender) => of_sender.insert(msg.client_msg_id.clone(), id),
+            None => ids
+                .entry(msg.from.clone())
+                .or_default()
+                .insert(msg.client_msg_id.clone(), id),
+        };
         let mut mention = self.conn.prepare_cached(
             "INSERT OR IGNORE INTO mentions (user, conv, seq) VALUES (?1, ?2, ?3)",
         )?;
@@ -651,13 +674,23 @@ impl Writer {
         Ok(Some(id))
     }
 
-    /// Adds the texts of the messages stored since the last indexing to the search index,
-    /// inside the open transaction (recalled messages have none; an edited one is indexed
-    /// as it is now).
+    /// Adds the texts of the messages stored since the last indexing to the search index
+    /// and their client ids to `client_ids`, inside the open transaction (recalled
+    /// messages have no text; an edited one is indexed as it is now).
     fn index_pending(&mut self) -> rusqlite::Result<()> {
         if self.newest <= self.indexed_upto {
             return Ok(());
         }
+        // Sorted, so that each sender's leaf is visited once. `OR IGNORE`: an id already
+        // there cannot be stored again (a send looks it up first), and must not fail
+        // every later batch if it were.
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO client_ids (sender, client_msg_id, id) \
+                 SELECT sender, client_msg_id, id FROM messages WHERE id > ?1 AND id <= ?2 \
+                 ORDER BY sender, client_msg_id",
+            )?
+            .execute(params![self.indexed_upto, self.newest])?;
         self.conn
             .prepare_cached(
                 "INSERT INTO message_text (rowid, body) \
@@ -667,9 +700,12 @@ impl Writer {
             )?
             .execute(params![self.indexed_upto, self.newest])?;
         self.conn
-            .prepare_cached("UPDATE search_progress SET indexed_upto = ?1")?
+            .prepare_cached("UPDATE index_progress SET indexed_upto = ?1")?
             .execute([self.newest])?;
         self.indexed_upto = self.newest;
+        if let Some(ids) = &mut self.unindexed_ids {
+            ids.clear();
+        }
         Ok(())
     }
 
@@ -709,15 +745,30 @@ impl Writer {
         }
     }
 
-    /// Reads how far the search index is (after a failed transaction: what it
-    /// committed), and schedules the indexing of what is pending.
+    /// Reads how far the indexes are (after a failed transaction: what it committed)
+    /// and the client ids of the messages not indexed yet, and schedules their indexing.
     fn reload_index_progress(&mut self) -> rusqlite::Result<()> {
+        self.unindexed_ids = None;
+        self.id_ceilings.clear();
         (self.indexed_upto, self.newest) = self.conn.query_row(
-            "SELECT (SELECT indexed_upto FROM search_progress), \
+            "SELECT (SELECT indexed_upto FROM index_progress), \
                     (SELECT coalesce(max(id), 0) FROM messages)",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
+        let mut ids: HashMap<String, HashMap<String, i64>> = HashMap::new();
+        {
+            let mut select = self
+                .conn
+                .prepare_cached("SELECT sender, client_msg_id, id FROM messages WHERE id > ?1")?;
+            let mut rows = select.query([self.indexed_upto])?;
+            while let Some(row) = rows.next()? {
+                ids.entry(row.get(0)?)
+                    .or_default()
+                    .insert(row.get(1)?, row.get(2)?);
+            }
+        }
+        self.unindexed_ids = Some(ids);
         self.index_wanted = false;
         self.index_due = None;
         self.schedule_index();
@@ -832,16 +883,58 @@ impl Writer {
         }))
     }
 
-    /// The answer to a retried send: the message stored the first time, or a conflict if
-    /// its `client_msg_id` was used in another conversation.
-    /// (`QueryReturnedNoRows` when nothing was stored under that id.)
-    fn stored_already(&mut self, msg: &NewMessage) -> Outcome {
+    /// The id of the message `sender` stored under `client_msg_id`, if any.
+    fn stored_id(&mut self, sender: &str, client_msg_id: &str) -> rusqlite::Result<Option<i64>> {
+        if self.unindexed_ids.is_none() {
+            self.reload_index_progress()?;
+        }
+        if let Some(id) = self
+            .unindexed_ids
+            .as_ref()
+            .and_then(|ids| ids.get(sender))
+            .and_then(|ids| ids.get(client_msg_id))
+        {
+            return Ok(Some(*id));
+        }
+        if !self.id_ceilings.contains_key(sender) {
+            let indexed: Option<String> = self
+                .conn
+                .prepare_cached("SELECT max(client_msg_id) FROM client_ids WHERE sender = ?1")?
+                .query_row([sender], |r| r.get(0))?;
+            let pending = self
+                .unindexed_ids
+                .as_ref()
+                .and_then(|ids| ids.get(sender))
+                .and_then(|ids| ids.keys().max());
+            // "" is below every client id (they have 1 byte or more).
+            let ceiling = indexed.max(pending.cloned()).unwrap_or_default();
+            if self.id_ceilings.len() >= MAX_ID_CEILINGS {
+                self.id_ceilings.clear();
+            }
+            self.id_ceilings.insert(sender.to_owned(), ceiling);
+        }
+        if self
+            .id_ceilings
+            .get(sender)
+            .is_some_and(|ceiling| client_msg_id > ceiling.as_str())
+        {
+            return Ok(None);
+        }
+        self.conn
+            .prepare_cached("SELECT id FROM client_ids WHERE sender = ?1 AND client_msg_id = ?2")?
+            .query_row(params![sender, client_msg_id], |r| r.get(0))
+            .optional()
+    }
+
+    /// The answer to a retried send: the message stored the first time (`id`), or a
+    /// conflict if its `client_msg_id` was used in another conversation.
+    fn stored_already(&mut self, msg: &NewMessage, id: i64) -> Outcome {
         let message = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM {MESSAGE_FROM} WHERE m.sender = ?1 AND m.client_msg_id = ?2"
+                "SELECT {MESSAGE_COLUMNS} FROM {MESSAGE_FROM} WHERE m.id = ?1"
             ))?
-            .query_row(params![msg.from, msg.client_msg_id], row_to_message)?;
+            .query_row([id], row_to_message)?;
         if message.conv != msg.conv {
             return Ok(Err(StoreError::Conflict(format!(
                 "client_msg_id {:?} was already used in {}",
