@@ -240,6 +240,36 @@ async fn retries_are_found_before_and_after_their_client_ids_are_indexed_and_aft
     store.close().await.unwrap();
 }
 
+/// One writer per database: a second store on the same directory (a second server
+/// started on it by mistake) is refused with a clear error while the first runs, and
+/// opens once the first is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_store_on_the_same_directory_is_refused_until_the_first_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let noop: CommitHook = Arc::new(|_| {});
+    let open = || {
+        SqliteStore::open_with(
+            dir.path(),
+            noop.clone(),
+            hubbub_server::metrics::Metrics::new(),
+            std::time::Duration::from_millis(200),
+        )
+    };
+    let first = open().unwrap();
+    first.join_room("room:l", "u").await.unwrap();
+    match open() {
+        Err(hubbub_server::store::StoreError::Unavailable(e)) => {
+            assert!(e.contains("in use by another hubbub"), "{e}")
+        }
+        Err(e) => panic!("refused with {e:?}"),
+        Ok(_) => panic!("a second writer opened the database"),
+    }
+    first.close().await.unwrap();
+    let second = open().expect("opens once the first is closed");
+    assert!(second.is_member("room:l", "u").await.unwrap());
+    second.close().await.unwrap();
+}
+
 /// The writer checkpoints the write-ahead log itself, after answering the batch that
 /// grew it past 1,000 pages (SQLite's automatic checkpoint is replaced): the data reaches
 /// the database file while the store stays open, and each checkpoint is timed.

@@ -42,6 +42,41 @@ struct Inner {
     path: PathBuf,
 }
 
+/// Takes `dir/hubbub.lock` for this store's writer, waiting at most `wait` for a writer
+/// that is stopping: one writer per database, since the writer keeps what it last wrote
+/// in memory (each conversation's last seq, the client ids not indexed yet).
+fn lock_dir(dir: &Path, wait: Duration) -> StoreResult<std::fs::File> {
+    let path = dir.join("hubbub.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Unavailable(format!(
+                    "{} is in use by another hubbub (it holds {})",
+                    dir.display(),
+                    path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot lock {}: {e}",
+                    path.display()
+                )))
+            }
+        }
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) `dir/hubbub.db`, runs migrations and starts the writer.
     pub fn open(dir: &Path, hook: CommitHook) -> StoreResult<SqliteStore> {
@@ -60,11 +95,12 @@ impl SqliteStore {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
+        let lock = lock_dir(dir, busy_timeout)?;
         let path = dir.join("hubbub.db");
         let mut conn = schema::open_conn(&path, busy_timeout).map_err(unavailable)?;
         schema::migrate(&mut conn).map_err(unavailable)?;
         let readers = Readers::open(&path, busy_timeout).map_err(unavailable)?;
-        let writes = Writes::start(conn, hook, metrics)?;
+        let writes = Writes::start(conn, lock, hook, metrics)?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 writes,

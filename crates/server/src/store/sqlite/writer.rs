@@ -155,6 +155,7 @@ impl Writes {
     /// Starts the writer thread on `conn`, the only write connection.
     pub(super) fn start(
         mut conn: Connection,
+        lock: std::fs::File,
         hook: CommitHook,
         metrics: Metrics,
     ) -> StoreResult<Writes> {
@@ -172,6 +173,7 @@ impl Writes {
         .map_err(super::unavailable)?;
         let mut writer = Writer {
             conn,
+            lock: Some(lock),
             wal_pages,
             seqs: HashMap::new(),
             hook,
@@ -217,6 +219,8 @@ impl Writes {
 
 struct Writer {
     conn: Connection,
+    /// `hubbub.lock`, locked while this writer runs (see `lock_dir`).
+    lock: Option<std::fs::File>,
     /// Pages in the write-ahead log after the last commit (set by the WAL hook).
     wal_pages: Arc<AtomicI32>,
     /// Last assigned `seq` per conversation seen since start (also: the conversation row
@@ -330,6 +334,8 @@ impl Writer {
                 while let Ok((_, reply)) = rx.try_recv() {
                     let _ = reply.send(Err(closed()));
                 }
+                // Another store may open the database as soon as this one is closed.
+                drop(self.lock.take());
                 let _ = reply.send(Ok(Answer::Closed));
                 break;
             }
