@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -88,8 +87,9 @@ pub(crate) fn user(cmd: UserCommand) -> anyhow::Result<()> {
             let hash = hash_password(&password).map_err(anyhow::Error::msg)?;
             std::fs::create_dir_all(&config.data_dir)
                 .with_context(|| format!("creating {}", config.data_dir.display()))?;
-            let store = SqliteStore::open(&config.data_dir, Arc::new(|_| {}))
-                .context("opening the store")?;
+            // Beside a running server too: it holds the data dir's lock.
+            let store =
+                SqliteStore::open_for_accounts(&config.data_dir).context("opening the store")?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

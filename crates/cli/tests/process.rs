@@ -203,6 +203,35 @@ async fn user_add_and_token_verbs_work_against_a_running_server() {
         .connect(ConnectOptions::guest(server.url(), "ignored").token(token))
         .await;
     assert_eq!(carol.welcome().user, "carol");
+    // Accounts are added while the server runs (it holds the data dir's lock), and can
+    // log in at once.
+    let started = std::time::Instant::now();
+    let erin = hubbub(
+        &["user", "add", "erin", "--data-dir", d],
+        Some(
+            "another long password
+",
+        ),
+    );
+    assert!(
+        erin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&erin.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "it waited for the lock"
+    );
+    let login = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("http://{}/api/login", server.addr))
+        .json(&serde_json::json!({"username": "erin", "password": "another long password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
 
     // A token that expires while connected ends the session with 4003.
     let short = hubbub(&["token", "carol", "--ttl", "1", "--data-dir", d], None);

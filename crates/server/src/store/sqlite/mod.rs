@@ -92,10 +92,32 @@ impl SqliteStore {
         metrics: Metrics,
         busy_timeout: Duration,
     ) -> StoreResult<SqliteStore> {
+        Self::open_locked(dir, hook, metrics, busy_timeout, true)
+    }
+
+    /// A store for account commands (`hubbub user add`) that may run beside a server on
+    /// the same data dir: it takes no lock and indexes nothing. Only its account writes
+    /// (creating users) are safe beside the server's writer, which keeps no account
+    /// state in memory; it must not store messages.
+    pub fn open_for_accounts(dir: &Path) -> StoreResult<SqliteStore> {
+        let noop: CommitHook = Arc::new(|_| {});
+        Self::open_locked(dir, noop, Metrics::new(), DEFAULT_BUSY_TIMEOUT, false)
+    }
+
+    fn open_locked(
+        dir: &Path,
+        hook: CommitHook,
+        metrics: Metrics,
+        busy_timeout: Duration,
+        exclusive: bool,
+    ) -> StoreResult<SqliteStore> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
-        let lock = lock_dir(dir, busy_timeout)?;
+        let lock = match exclusive {
+            true => Some(lock_dir(dir, busy_timeout)?),
+            false => None,
+        };
         let path = dir.join("hubbub.db");
         let mut conn = schema::open_conn(&path, busy_timeout).map_err(unavailable)?;
         schema::migrate(&mut conn).map_err(unavailable)?;

@@ -153,9 +153,11 @@ pub(super) struct Writes {
 
 impl Writes {
     /// Starts the writer thread on `conn`, the only write connection.
+    /// `lock` (see `lock_dir`) is held while the writer runs; without it (a store for
+    /// account commands beside a running server) the writer indexes nothing.
     pub(super) fn start(
         mut conn: Connection,
-        lock: std::fs::File,
+        lock: Option<std::fs::File>,
         hook: CommitHook,
         metrics: Metrics,
     ) -> StoreResult<Writes> {
@@ -173,7 +175,8 @@ impl Writes {
         .map_err(super::unavailable)?;
         let mut writer = Writer {
             conn,
-            lock: Some(lock),
+            indexing: lock.is_some(),
+            lock,
             wal_pages,
             seqs: HashMap::new(),
             hook,
@@ -221,6 +224,8 @@ struct Writer {
     conn: Connection,
     /// `hubbub.lock`, locked while this writer runs (see `lock_dir`).
     lock: Option<std::fs::File>,
+    /// Whether it indexes texts and client ids (only the writer that holds the lock).
+    indexing: bool,
     /// Pages in the write-ahead log after the last commit (set by the WAL hook).
     wal_pages: Arc<AtomicI32>,
     /// Last assigned `seq` per conversation seen since start (also: the conversation row
@@ -379,6 +384,7 @@ impl Writer {
         // The pending texts join this commit when a search waits for them or there are
         // enough of them.
         if failure.is_none()
+            && self.indexing
             && (self.index_wanted
                 || self.newest - self.indexed_upto >= INDEX_AFTER_MESSAGES
                 || self.index_due.is_some_and(|due| started >= due))
@@ -744,7 +750,7 @@ impl Writer {
 
     /// After a commit: when the pending texts are to be indexed.
     fn schedule_index(&mut self) {
-        if self.newest <= self.indexed_upto {
+        if !self.indexing || self.newest <= self.indexed_upto {
             self.index_due = None;
         } else if self.index_due.is_none() {
             self.index_due = Some(std::time::Instant::now() + INDEX_AFTER);
