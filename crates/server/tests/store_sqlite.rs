@@ -103,6 +103,31 @@ async fn a_panic_on_the_writer_fails_one_batch_and_the_store_keeps_working() {
     store.close().await.expect("close");
 }
 
+/// (rows in `table`, the newest message the batched indexes cover), read from the
+/// database file `db`.
+fn index_state(db: &std::path::Path, table: &str) -> (i64, i64) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row(
+        &format!(
+            "SELECT (SELECT count(*) FROM {table}), (SELECT indexed_upto FROM index_progress)"
+        ),
+        [],
+        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+    )
+    .unwrap()
+}
+
+/// Waits (5 s at most) until [`index_state`] is `want`.
+async fn wait_for_index(db: &std::path::Path, table: &str, want: (i64, i64)) {
+    for _ in 0..100 {
+        if index_state(db, table) == want {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{table} holds {:?}, not {want:?}", index_state(db, table));
+}
+
 /// Texts are added to the search index in batches after they are stored: a moment later
 /// without any search, and after a restart those that were still pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,25 +135,8 @@ async fn texts_are_indexed_for_search_without_a_search_and_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let noop: CommitHook = Arc::new(|_| {});
     let db = dir.path().join("hubbub.db");
-    // (texts in the index, the newest message it covers)
-    let indexed = || {
-        let c = rusqlite::Connection::open(&db).unwrap();
-        c.query_row(
-            "SELECT (SELECT count(*) FROM message_text), (SELECT indexed_upto FROM index_progress)",
-            [],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
-        )
-        .unwrap()
-    };
-    let wait_for = |want: (i64, i64)| async move {
-        for _ in 0..100 {
-            if indexed() == want {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        panic!("the index holds {:?}, not {want:?}", indexed());
-    };
+    let indexed = || index_state(&db, "message_text");
+    let wait_for = |want| wait_for_index(&db, "message_text", want);
 
     let store = SqliteStore::open(dir.path(), noop.clone()).unwrap();
     store.join_room("room:s", "u").await.unwrap();
@@ -177,16 +185,7 @@ async fn retries_are_found_before_and_after_their_client_ids_are_indexed_and_aft
     let dir = tempfile::tempdir().unwrap();
     let noop: CommitHook = Arc::new(|_| {});
     let db = dir.path().join("hubbub.db");
-    // (client ids in the table, the newest message they cover)
-    let indexed = || {
-        let c = rusqlite::Connection::open(&db).unwrap();
-        c.query_row(
-            "SELECT (SELECT count(*) FROM client_ids), (SELECT indexed_upto FROM index_progress)",
-            [],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
-        )
-        .unwrap()
-    };
+    let indexed = || index_state(&db, "client_ids");
     let retry = |store: &SqliteStore, conv: &str, cid: &str| store.append(text(conv, cid, "again"));
     let store = SqliteStore::open(dir.path(), noop.clone()).unwrap();
     for conv in ["room:i", "room:j"] {
@@ -201,13 +200,7 @@ async fn retries_are_found_before_and_after_their_client_ids_are_indexed_and_aft
         (again.message.seq, again.message.content),
         (1, Some(json!("first")))
     );
-    for _ in 0..100 {
-        if indexed() == (1, 1) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(indexed(), (1, 1));
+    wait_for_index(&db, "client_ids", (1, 1)).await;
     let again = retry(&store, "room:i", "a").await.unwrap();
     assert_eq!((again.duplicate, again.message.seq), (true, 1));
     assert!(matches!(
