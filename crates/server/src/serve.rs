@@ -95,6 +95,11 @@ pub(crate) async fn serve(
                 continue;
             }
         };
+        // Frames are small and each is due now: without this, a write while an earlier
+        // one is unacknowledged waits for the peer's (delayed) acknowledgement.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
         let app = app.clone();
         let stop = stop.clone();
         conns.spawn(async move {

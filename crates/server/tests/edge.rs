@@ -430,3 +430,51 @@ async fn the_room_list_comes_in_pages_with_a_cursor() {
         105
     );
 }
+
+/// The server's end of the TCP connection from `client` to `server`, found among this
+/// process's descriptors (the test server runs in this process, so a copy of each is
+/// ours to take): whether it sends small writes at once (`TCP_NODELAY`).
+fn server_side_nodelay(server: SocketAddr, client: SocketAddr) -> Option<bool> {
+    use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
+    let me = pidfd_open(getpid(), PidfdFlags::empty()).expect("pidfd of this process");
+    for entry in std::fs::read_dir("/proc/self/fd").expect("list descriptors") {
+        let Some(fd) = entry
+            .ok()
+            .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(copy) = pidfd_getfd(&me, fd, PidfdGetfdFlags::empty()) else {
+            continue;
+        };
+        let stream = std::net::TcpStream::from(copy);
+        if stream.local_addr().ok() == Some(server) && stream.peer_addr().ok() == Some(client) {
+            return stream.nodelay().ok();
+        }
+    }
+    None
+}
+
+/// Every accepted connection sends small writes at once. With Nagle's algorithm on, a
+/// frame written while an earlier one was unacknowledged waited for the client's next
+/// packet or its delayed acknowledgement: at 100 direct messages a second per user, acks
+/// took 10 ms at the median instead of 2 (BENCHMARKS.md, round 6).
+#[tokio::test]
+async fn accepted_connections_send_small_frames_without_delay() {
+    let server = TestServer::start().await;
+    let mut client = connect_from("127.0.0.1", server.addr).await;
+    let host = server.addr.to_string();
+    let keep_alive = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    client
+        .write_all(keep_alive.as_bytes())
+        .await
+        .expect("write");
+    let (status, _) = read_response(&mut client).await.expect("an answer");
+    assert_eq!(status, 200);
+    let local = client.local_addr().expect("client address");
+    assert_eq!(
+        server_side_nodelay(server.addr, local),
+        Some(true),
+        "the server's end of the connection"
+    );
+}
