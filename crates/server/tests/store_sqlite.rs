@@ -107,10 +107,12 @@ async fn a_panic_on_the_writer_fails_one_batch_and_the_store_keeps_working() {
 /// database file `db`.
 fn index_state(db: &std::path::Path, table: &str) -> (i64, i64) {
     let c = rusqlite::Connection::open(db).unwrap();
+    let upto = match table {
+        "client_ids" => "ids_upto",
+        _ => "indexed_upto",
+    };
     c.query_row(
-        &format!(
-            "SELECT (SELECT count(*) FROM {table}), (SELECT indexed_upto FROM index_progress)"
-        ),
+        &format!("SELECT (SELECT count(*) FROM {table}), (SELECT {upto} FROM index_progress)"),
         [],
         |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
     )
@@ -230,6 +232,41 @@ async fn retries_are_found_before_and_after_their_client_ids_are_indexed_and_aft
     assert_eq!((again.duplicate, again.message.seq), (true, 1));
     let next = store.append(text("room:j", "c", "third")).await.unwrap();
     assert_eq!((next.duplicate, next.message.seq), (false, 1));
+    store.close().await.unwrap();
+}
+
+/// A busy sender's client ids go to `client_ids` as soon as it has 128 of them, while
+/// writes go on (a commit then writes that sender's leaves only), and a quiet sender's
+/// wait; after a restart every id is found again, and a pause writes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_senders_client_ids_are_written_in_a_chunk_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let noop: CommitHook = Arc::new(|_| {});
+    let db = dir.path().join("hubbub.db");
+    let quiet = |cid: &str| NewMessage {
+        from: "q".into(),
+        ..text("room:c", cid, "quiet")
+    };
+    let store = SqliteStore::open(dir.path(), noop.clone()).unwrap();
+    for user in ["u", "q"] {
+        store.join_room("room:c", user).await.unwrap();
+    }
+    store.append(quiet("q1")).await.unwrap();
+    // Queued together, well within the pause after which pending ids are written.
+    let busy = (0..128).map(|i| store.append(text("room:c", &format!("u{i:03}"), "busy")));
+    futures_util::future::try_join_all(busy).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    assert_eq!(index_state(&db, "client_ids"), (128, 0), "u's ids only");
+
+    let store = SqliteStore::open(dir.path(), noop).unwrap();
+    let again = store.append(quiet("q1")).await.unwrap();
+    assert_eq!((again.duplicate, again.message.seq), (true, 1));
+    let again = store.append(text("room:c", "u005", "again")).await.unwrap();
+    assert_eq!((again.duplicate, again.message.seq), (true, 7));
+    let next = store.append(text("room:c", "u128", "next")).await.unwrap();
+    assert_eq!((next.duplicate, next.message.seq), (false, 130));
+    wait_for_index(&db, "client_ids", (130, 130)).await;
     store.close().await.unwrap();
 }
 

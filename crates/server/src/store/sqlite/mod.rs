@@ -20,6 +20,7 @@ use super::{
     StoreResult,
 };
 
+mod pending_ids;
 mod reads;
 mod schema;
 mod writer;

@@ -226,12 +226,21 @@ INSERT INTO client_ids (sender, client_msg_id, id)
 DROP INDEX messages_by_client_id;
 ALTER TABLE search_progress RENAME TO index_progress;
 "#,
+    // Client ids are written to `client_ids` per sender, apart from the search texts:
+    // `ids_upto` is the newest message whose client id, and every older one's, is there.
+    r#"
+ALTER TABLE index_progress ADD COLUMN ids_upto INTEGER NOT NULL DEFAULT 0;
+UPDATE index_progress SET ids_upto = indexed_upto;
+"#,
 ];
 
 /// Opens a connection to the database file with the store's settings.
 pub(super) fn open_conn(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(busy_timeout)?;
+    if let Ok(ps) = std::env::var("XPAGE") {
+        conn.pragma_update(None, "page_size", ps)?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     // Every statement is prepared once per connection and kept (rusqlite keeps 16).
@@ -372,6 +381,12 @@ UPDATE search_progress SET indexed_upto = 1;
 "#,
         );
         let store = SqliteStore::open(dir.path(), Arc::new(|_| {})).unwrap();
+        // Before any write: `client_ids` is complete up to where the search index was.
+        let upto: i64 = Connection::open(dir.path().join("hubbub.db"))
+            .unwrap()
+            .query_row("SELECT ids_upto FROM index_progress", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(upto, 1);
         for (cid, seq) in [("c1", 1), ("c2", 2)] {
             let again = store.append(text("room:a", cid, "retry")).await.unwrap();
             assert!(again.duplicate, "{cid}");

@@ -14,6 +14,7 @@ use hubbub_protocol::{Message, ReplyRef};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
+use super::pending_ids::{self, PendingIds};
 use super::reads::{
     last_seq, may_read_file, row_to_file, row_to_message, MESSAGE_COLUMNS, MESSAGE_FROM,
 };
@@ -32,12 +33,12 @@ use crate::store::{
 const MAX_BATCH: usize = 4096;
 
 /// Texts are added to the search index in batches, not with each message: a commit's
-/// share of the index costs about as much for a few messages as for a thousand. So are
-/// the senders' `client_msg_id`s (`client_ids`, see [`Writer::unindexed_ids`]). The
-/// texts and ids stored since the last indexing join the batch that is being committed when a
+/// share of the index costs about as much for a few messages as for a thousand. The
+/// texts stored since the last indexing join the batch that is being committed when a
 /// search waits for them, when there are [`INDEX_AFTER_MESSAGES`] of them, or once the
 /// first of them waited [`INDEX_AFTER`] (in a transaction of their own if nothing else
-/// is written). Larger chunks index faster and stall the batch that carries them
+/// is written). The senders' `client_msg_id`s go to `client_ids` per sender (see
+/// [`Writer::pending_ids`]). Larger chunks index faster and stall the batch that carries them
 /// longer: 4,096 texts every 250 ms raised `hubbub bench dm` throughput by a tenth and
 /// its ack p99 at half that rate by half.
 const INDEX_AFTER_MESSAGES: i64 = 1024;
@@ -184,10 +185,13 @@ impl Writes {
             stamping: stamping.clone(),
             indexed_upto: 0,
             newest: 0,
-            unindexed_ids: None,
+            ids_upto: 0,
+            ids_checked_at: 0,
+            pending_ids: None,
             id_ceilings: HashMap::new(),
             index_wanted: false,
             index_due: None,
+            ids_due: None,
         };
         writer.reload_index_progress().map_err(super::unavailable)?;
         std::thread::Builder::new()
@@ -236,27 +240,35 @@ struct Writer {
     /// While a batch is open: a time at or before its change stamps; `i64::MAX` between
     /// batches.
     stamping: Arc<AtomicI64>,
-    /// The search index holds the texts, and `client_ids` the client ids, of the messages
-    /// up to this id (`index_progress`); newer ones wait for [`Writer::index_pending`].
+    /// The search index holds the texts of the messages up to this id
+    /// (`index_progress.indexed_upto`); newer ones wait for [`Writer::index_pending`].
     indexed_upto: i64,
+    /// `client_ids` holds the client ids of the messages up to this id
+    /// (`index_progress.ids_upto`), and of some newer ones.
+    ids_upto: i64,
+    /// `newest` when the pending ids were last checked for age.
+    ids_checked_at: i64,
     /// The newest message id.
     newest: i64,
-    /// The ids of the messages newer than `indexed_upto`, by sender and `client_msg_id`:
-    /// with `client_ids`, where a retried send finds what it stored. Kept in memory, so
-    /// that a commit writes no page of a per-sender index (a leaf for each sender in the
-    /// batch, which made about half of the pages a commit wrote); rebuilt from the
-    /// messages at start and after a failed batch (`None`: to be rebuilt before use).
-    unindexed_ids: Option<HashMap<String, HashMap<String, i64>>>,
+    /// The client ids of the messages newer than `ids_upto` not yet in `client_ids`:
+    /// with `client_ids`, where a retried send finds what it stored. Kept in memory and
+    /// written per sender (see [`pending_ids`]), so that a commit writes the leaves of a
+    /// few senders only, not one for each sender in the batch (which made about half of
+    /// the pages a commit wrote); rebuilt from the messages newer than `ids_upto` at start
+    /// and after a failed batch (`None`: to be rebuilt before use).
+    pending_ids: Option<PendingIds>,
     /// Per sender seen lately, a client id at or above every one it stored: a send whose
     /// id is above it is new without a lookup. Clients that make their ids in increasing
     /// order (the client library does: time first) skip the lookup every time; others
     /// look up as before. Dropped when it holds [`MAX_ID_CEILINGS`] senders and after a
-    /// failed batch; filled again from `client_ids` and `unindexed_ids`.
+    /// failed batch; filled again from `client_ids` and `pending_ids`.
     id_ceilings: HashMap<String, String>,
     /// A search waits: index the pending texts in this batch.
     index_wanted: bool,
     /// When the pending texts are to be indexed even if nothing else is written.
     index_due: Option<std::time::Instant>,
+    /// When all pending client ids are to be written if nothing else is written.
+    ids_due: Option<std::time::Instant>,
 }
 
 /// What an applied operation answers, and the change it announces once committed.
@@ -287,7 +299,7 @@ impl Writer {
     fn run(mut self, rx: flume::Receiver<Queued>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
-            let next = match self.index_due {
+            let next = match self.index_due.into_iter().chain(self.ids_due).min() {
                 Some(due) => rx.recv_deadline(due),
                 None => rx.recv().map_err(|_| flume::RecvTimeoutError::Disconnected),
             };
@@ -381,6 +393,9 @@ impl Writer {
                 }
             }
         }
+        if failure.is_none() && self.indexing {
+            failure = self.write_client_ids().err();
+        }
         // The pending texts join this commit when a search waits for them or there are
         // enough of them.
         if failure.is_none()
@@ -410,7 +425,7 @@ impl Writer {
             return;
         }
         self.index_wanted = false;
-        self.schedule_index();
+        self.schedule_index(true);
         let elapsed = started.elapsed();
         self.metrics.store_batch_size.observe(n as f64);
         self.metrics
@@ -583,14 +598,10 @@ impl Writer {
                 ceiling.clone_from(&msg.client_msg_id);
             }
         }
-        let ids = self.unindexed_ids.as_mut().expect("read by stored_id");
-        match ids.get_mut(msg.from.as_str()) {
-            Some(of_sender) => of_sender.insert(msg.client_msg_id.clone(), id),
-            None => ids
-                .entry(msg.from.clone())
-                .or_default()
-                .insert(msg.client_msg_id.clone(), id),
-        };
+        self.pending_ids
+            .as_mut()
+            .expect("read by stored_id")
+            .insert(&msg.from, msg.client_msg_id.clone(), id);
         let mut mention = self.conn.prepare_cached(
             "INSERT OR IGNORE INTO mentions (user, conv, seq) VALUES (?1, ?2, ?3)",
         )?;
@@ -686,23 +697,13 @@ impl Writer {
         Ok(Some(id))
     }
 
-    /// Adds the texts of the messages stored since the last indexing to the search index
-    /// and their client ids to `client_ids`, inside the open transaction (recalled
-    /// messages have no text; an edited one is indexed as it is now).
+    /// Adds the texts of the messages stored since the last indexing to the search index,
+    /// inside the open transaction (recalled messages have no text; an edited one is
+    /// indexed as it is now).
     fn index_pending(&mut self) -> rusqlite::Result<()> {
         if self.newest <= self.indexed_upto {
             return Ok(());
         }
-        // Sorted, so that each sender's leaf is visited once. `OR IGNORE`: an id already
-        // there cannot be stored again (a send looks it up first), and must not fail
-        // every later batch if it were.
-        self.conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO client_ids (sender, client_msg_id, id) \
-                 SELECT sender, client_msg_id, id FROM messages WHERE id > ?1 AND id <= ?2 \
-                 ORDER BY sender, client_msg_id",
-            )?
-            .execute(params![self.indexed_upto, self.newest])?;
         self.conn
             .prepare_cached(
                 "INSERT INTO message_text (rowid, body) \
@@ -715,27 +716,99 @@ impl Writer {
             .prepare_cached("UPDATE index_progress SET indexed_upto = ?1")?
             .execute([self.newest])?;
         self.indexed_upto = self.newest;
-        if let Some(ids) = &mut self.unindexed_ids {
-            ids.clear();
+        Ok(())
+    }
+
+    /// Writes to `client_ids`, inside the open transaction, the pending ids of the senders
+    /// that have [`pending_ids::CHUNK`] of them and, every [`INDEX_AFTER_MESSAGES`]
+    /// messages, of those whose oldest is [`pending_ids::MAX_AGE`] messages old.
+    fn write_client_ids(&mut self) -> rusqlite::Result<()> {
+        let Some(pending) = self.pending_ids.as_mut() else {
+            return Ok(());
+        };
+        let mut due = pending.take_full();
+        let check_age = self.newest - self.ids_checked_at >= INDEX_AFTER_MESSAGES;
+        if check_age {
+            due.extend(pending.take_older(self.newest - pending_ids::MAX_AGE));
+        }
+        self.insert_client_ids(due)?;
+        if check_age {
+            self.ids_checked_at = self.newest;
+            self.advance_ids_upto()?;
         }
         Ok(())
     }
 
-    /// Indexes the pending texts in a transaction of their own: nothing else was written
-    /// for a while.
+    /// Writes `ids` (per sender, sorted: each sender's leaves are visited once) to
+    /// `client_ids`.
+    fn insert_client_ids(
+        &mut self,
+        ids: Vec<(String, Vec<(String, i64)>)>,
+    ) -> rusqlite::Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        // `OR IGNORE`: after a restart the ids newer than `ids_upto` are pending again,
+        // some of them written already.
+        let mut insert = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO client_ids (sender, client_msg_id, id) VALUES (?1, ?2, ?3)",
+        )?;
+        for (sender, of_sender) in ids {
+            for (client_msg_id, id) in of_sender {
+                insert.execute(params![sender, client_msg_id, id])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records in `index_progress` how far `client_ids` is complete.
+    fn advance_ids_upto(&mut self) -> rusqlite::Result<()> {
+        let upto = match self.pending_ids.as_ref().and_then(PendingIds::oldest) {
+            Some(oldest) => oldest - 1,
+            None => self.newest,
+        };
+        if upto > self.ids_upto {
+            self.conn
+                .prepare_cached("UPDATE index_progress SET ids_upto = ?1")?
+                .execute([upto])?;
+            self.ids_upto = upto;
+        }
+        Ok(())
+    }
+
+    /// Indexes the pending texts, and writes pending client ids (up to
+    /// [`INDEX_AFTER_MESSAGES`] of them), in a transaction of their own: nothing else was
+    /// written for a while.
     fn index_alone(&mut self) {
         let started = std::time::Instant::now();
+        let texts = self.index_due.is_some_and(|due| started >= due);
+        let ids = self.ids_due.is_some_and(|due| started >= due);
         let indexed = self.conn.execute_batch("BEGIN IMMEDIATE").and_then(|()| {
-            self.index_pending()?;
+            if texts {
+                self.index_pending()?;
+            }
+            if ids {
+                let some = match self.pending_ids.as_mut() {
+                    Some(pending) => pending.take_some(INDEX_AFTER_MESSAGES as usize),
+                    None => Vec::new(),
+                };
+                self.insert_client_ids(some)?;
+                self.advance_ids_upto()?;
+            }
             self.conn.execute_batch("COMMIT")
         });
-        self.index_due = None;
+        if texts {
+            self.index_due = None;
+        }
+        if ids {
+            self.ids_due = None;
+        }
         match indexed {
             Ok(()) => {
                 self.metrics
                     .store_commit_seconds
                     .observe(started.elapsed().as_secs_f64());
-                self.schedule_index();
+                self.schedule_index(false);
                 self.checkpoint_if_due();
             }
             Err(e) => {
@@ -748,42 +821,51 @@ impl Writer {
         }
     }
 
-    /// After a commit: when the pending texts are to be indexed.
-    fn schedule_index(&mut self) {
+    /// After a commit: when the pending texts and client ids are to be written if nothing
+    /// else is. Client ids wait for a moment with no writes at all: a commit with writes
+    /// pushes that moment back.
+    fn schedule_index(&mut self, wrote: bool) {
+        let later = std::time::Instant::now() + INDEX_AFTER;
         if !self.indexing || self.newest <= self.indexed_upto {
             self.index_due = None;
         } else if self.index_due.is_none() {
-            self.index_due = Some(std::time::Instant::now() + INDEX_AFTER);
+            self.index_due = Some(later);
+        }
+        if !self.indexing || self.pending_ids.as_ref().is_none_or(PendingIds::is_empty) {
+            self.ids_due = None;
+        } else if wrote || self.ids_due.is_none() {
+            self.ids_due = Some(later);
         }
     }
 
     /// Reads how far the indexes are (after a failed transaction: what it committed)
     /// and the client ids of the messages not indexed yet, and schedules their indexing.
     fn reload_index_progress(&mut self) -> rusqlite::Result<()> {
-        self.unindexed_ids = None;
+        self.pending_ids = None;
         self.id_ceilings.clear();
-        (self.indexed_upto, self.newest) = self.conn.query_row(
-            "SELECT (SELECT indexed_upto FROM index_progress), \
-                    (SELECT coalesce(max(id), 0) FROM messages)",
+        (self.indexed_upto, self.ids_upto, self.newest) = self.conn.query_row(
+            "SELECT indexed_upto, ids_upto, (SELECT coalesce(max(id), 0) FROM messages) \
+             FROM index_progress",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        let mut ids: HashMap<String, HashMap<String, i64>> = HashMap::new();
+        let mut ids = PendingIds::default();
         {
-            let mut select = self
-                .conn
-                .prepare_cached("SELECT sender, client_msg_id, id FROM messages WHERE id > ?1")?;
-            let mut rows = select.query([self.indexed_upto])?;
+            let mut select = self.conn.prepare_cached(
+                "SELECT sender, client_msg_id, id FROM messages WHERE id > ?1 ORDER BY id",
+            )?;
+            let mut rows = select.query([self.ids_upto])?;
             while let Some(row) = rows.next()? {
-                ids.entry(row.get(0)?)
-                    .or_default()
-                    .insert(row.get(1)?, row.get(2)?);
+                let sender: String = row.get(0)?;
+                ids.insert(&sender, row.get(1)?, row.get(2)?);
             }
         }
-        self.unindexed_ids = Some(ids);
+        self.pending_ids = Some(ids);
+        self.ids_checked_at = self.newest;
         self.index_wanted = false;
         self.index_due = None;
-        self.schedule_index();
+        self.ids_due = None;
+        self.schedule_index(false);
         Ok(())
     }
 
@@ -897,16 +979,15 @@ impl Writer {
 
     /// The id of the message `sender` stored under `client_msg_id`, if any.
     fn stored_id(&mut self, sender: &str, client_msg_id: &str) -> rusqlite::Result<Option<i64>> {
-        if self.unindexed_ids.is_none() {
+        if self.pending_ids.is_none() {
             self.reload_index_progress()?;
         }
         if let Some(id) = self
-            .unindexed_ids
+            .pending_ids
             .as_ref()
-            .and_then(|ids| ids.get(sender))
-            .and_then(|ids| ids.get(client_msg_id))
+            .and_then(|ids| ids.get(sender, client_msg_id))
         {
-            return Ok(Some(*id));
+            return Ok(Some(id));
         }
         if !self.id_ceilings.contains_key(sender) {
             let indexed: Option<String> = self
@@ -914,10 +995,9 @@ impl Writer {
                 .prepare_cached("SELECT max(client_msg_id) FROM client_ids WHERE sender = ?1")?
                 .query_row([sender], |r| r.get(0))?;
             let pending = self
-                .unindexed_ids
+                .pending_ids
                 .as_ref()
-                .and_then(|ids| ids.get(sender))
-                .and_then(|ids| ids.keys().max());
+                .and_then(|ids| ids.highest(sender));
             // "" is below every client id (they have 1 byte or more).
             let ceiling = indexed.max(pending.cloned()).unwrap_or_default();
             if self.id_ceilings.len() >= MAX_ID_CEILINGS {
