@@ -763,7 +763,11 @@ impl Writer {
 
     /// Records in `index_progress` how far `client_ids` is complete.
     fn advance_ids_upto(&mut self) -> rusqlite::Result<()> {
-        let upto = match self.pending_ids.as_ref().and_then(PendingIds::oldest) {
+        // Not known (to be rebuilt after a failure): nothing to record.
+        let Some(pending) = self.pending_ids.as_ref() else {
+            return Ok(());
+        };
+        let upto = match pending.oldest() {
             Some(oldest) => oldest - 1,
             None => self.newest,
         };
