@@ -37,10 +37,10 @@ const MAX_BATCH: usize = 4096;
 /// texts stored since the last indexing join the batch that is being committed when a
 /// search waits for them, when there are [`INDEX_AFTER_MESSAGES`] of them, or once the
 /// first of them waited [`INDEX_AFTER`] (in a transaction of their own if nothing else
-/// is written). The senders' `client_msg_id`s go to `client_ids` per sender (see
-/// [`Writer::pending_ids`]). Larger chunks index faster and stall the batch that carries them
+/// is written). Larger chunks index faster and stall the batch that carries them
 /// longer: 4,096 texts every 250 ms raised `hubbub bench dm` throughput by a tenth and
-/// its ack p99 at half that rate by half.
+/// its ack p99 at half that rate by half. The senders' `client_msg_id`s go to
+/// `client_ids` per sender (see [`Writer::pending_ids`]).
 const INDEX_AFTER_MESSAGES: i64 = 1024;
 const INDEX_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 
