@@ -102,11 +102,22 @@ pub struct Cluster {
     metrics: Metrics,
 }
 
+/// A client of the Redis at `url` whose connections send each command at once
+/// (`TCP_NODELAY`; the client's default waits, with Nagle's algorithm, for the
+/// acknowledgement of the previous command while one is in flight).
+pub(crate) fn redis_client(url: &str) -> anyhow::Result<redis::Client> {
+    use redis::IntoConnectionInfo;
+    let info = url
+        .into_connection_info()?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    Ok(redis::Client::open(info)?)
+}
+
 impl Cluster {
     /// A node of the cluster whose Redis is at `url`, with this node's `hub`. Nothing
     /// connects before [`Cluster::start`].
     pub fn new(url: &str, hub: Arc<Hub>, metrics: Metrics) -> anyhow::Result<Arc<Cluster>> {
-        let client = redis::Client::open(url)?;
+        let client = redis_client(url)?;
         let id = ulid::Ulid::new().to_string();
         let (tx, rx) = mpsc::channel(OUTGOING_MAX);
         let presence = Arc::new(ClusterPresence {

@@ -106,7 +106,7 @@ pub struct SharedAttempt {
 impl ClusterLogins {
     pub fn new(url: &str) -> anyhow::Result<Arc<ClusterLogins>> {
         Ok(Arc::new(ClusterLogins {
-            client: redis::Client::open(url)?,
+            client: crate::cluster::redis_client(url)?,
             script: redis::Script::new(SCRIPT),
             conn: tokio::sync::Mutex::new(None),
         }))

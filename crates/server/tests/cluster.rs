@@ -300,6 +300,35 @@ async fn a_node_stays_subscribed_while_redis_is_healthy() {
     }
 }
 
+/// A node's connections to Redis send each command at once (`TCP_NODELAY`): with the
+/// Redis client's default, a publish written while an earlier one was in flight waited
+/// for its acknowledgement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_connections_to_redis_send_without_delay() {
+    let c = cluster(1).await;
+    let node = &c.nodes[0];
+    let alice = node.connect("alice").await;
+    alice.join("r").await.unwrap();
+    alice.send_text("room:r", "published").await.unwrap();
+    let deadline = tokio::time::Instant::now() + CROSS;
+    while node.metric("hubbub_cluster_subscriptions_total").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let to_redis: Vec<bool> = common::tcp_sockets_of_this_process()
+        .iter()
+        .filter(|s| s.peer_addr().is_ok_and(|a| a.port() == c.redis.port()))
+        .map(|s| s.nodelay().expect("read TCP_NODELAY"))
+        .collect();
+    // One that publishes and one that listens, at least.
+    assert!(
+        to_redis.len() >= 2,
+        "{} connections to Redis",
+        to_redis.len()
+    );
+    assert!(to_redis.iter().all(|on| *on), "{to_redis:?}");
+}
+
 /// The first message of a conversation a node hears may come after messages other nodes
 /// committed just before it and whose events are still on their way: those are
 /// delivered first (they used to count as repeats once the later one was delivered, and

@@ -431,30 +431,6 @@ async fn the_room_list_comes_in_pages_with_a_cursor() {
     );
 }
 
-/// The server's end of the TCP connection from `client` to `server`, found among this
-/// process's descriptors (the test server runs in this process, so a copy of each is
-/// ours to take): whether it sends small writes at once (`TCP_NODELAY`).
-fn server_side_nodelay(server: SocketAddr, client: SocketAddr) -> Option<bool> {
-    use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
-    let me = pidfd_open(getpid(), PidfdFlags::empty()).expect("pidfd of this process");
-    for entry in std::fs::read_dir("/proc/self/fd").expect("list descriptors") {
-        let Some(fd) = entry
-            .ok()
-            .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(copy) = pidfd_getfd(&me, fd, PidfdGetfdFlags::empty()) else {
-            continue;
-        };
-        let stream = std::net::TcpStream::from(copy);
-        if stream.local_addr().ok() == Some(server) && stream.peer_addr().ok() == Some(client) {
-            return stream.nodelay().ok();
-        }
-    }
-    None
-}
-
 /// Every accepted connection sends small writes at once. With Nagle's algorithm on, a
 /// frame written while an earlier one was unacknowledged waited for the client's next
 /// packet or its delayed acknowledgement: at 100 direct messages a second per user, acks
@@ -472,9 +448,10 @@ async fn accepted_connections_send_small_frames_without_delay() {
     let (status, _) = read_response(&mut client).await.expect("an answer");
     assert_eq!(status, 200);
     let local = client.local_addr().expect("client address");
-    assert_eq!(
-        server_side_nodelay(server.addr, local),
-        Some(true),
-        "the server's end of the connection"
-    );
+    let server_side: Vec<bool> = common::tcp_sockets_of_this_process()
+        .iter()
+        .filter(|s| s.local_addr().ok() == Some(server.addr) && s.peer_addr().ok() == Some(local))
+        .map(|s| s.nodelay().expect("read TCP_NODELAY"))
+        .collect();
+    assert_eq!(server_side, [true], "the server's end of the connection");
 }

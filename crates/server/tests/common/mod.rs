@@ -240,6 +240,21 @@ pub fn unlimited(c: &mut Config) {
 }
 
 /// An HTTP client for the API (loopback only, no proxies).
+/// A copy of every TCP socket of this process (the test servers run in it): the servers'
+/// ends of their connections included, to check their options.
+#[allow(dead_code)] // not every test binary looks at sockets
+pub fn tcp_sockets_of_this_process() -> Vec<std::net::TcpStream> {
+    use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
+    let me = pidfd_open(getpid(), PidfdFlags::empty()).expect("pidfd of this process");
+    std::fs::read_dir("/proc/self/fd")
+        .expect("list descriptors")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|fd| pidfd_getfd(&me, fd, PidfdGetfdFlags::empty()).ok())
+        .map(std::net::TcpStream::from)
+        .filter(|stream| stream.peer_addr().is_ok())
+        .collect()
+}
+
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
