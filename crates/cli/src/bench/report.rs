@@ -347,15 +347,17 @@ impl Summary<'_> {
                 out["errors"] = json!(r.errors);
                 out["closed"] = json!(r.closed);
                 out["delivered"] = json!(r.delivered);
+                out["duplicates"] = json!(r.duplicates);
                 out["acked_per_sec"] = json!(per_sec.round());
                 out["ack_ms"] = lat.clone();
                 let delivery = percentiles(&r.delivery_latency);
                 out["delivery_ms"] = delivery.clone();
                 format!(
-                    "dm: {pairs} pairs for {duration} s: {} sent, {} acked ({per_sec:.0}/s), {} delivered, errors {}, closed {}\n  ack latency: {}\n  delivery latency: {}\n  server CPU {} s; {failures}",
+                    "dm: {pairs} pairs for {duration} s: {} sent, {} acked ({per_sec:.0}/s), {} delivered, duplicates {}, errors {}, closed {}\n  ack latency: {}\n  delivery latency: {}\n  server CPU {} s; {failures}",
                     r.sent,
                     r.acked,
                     r.delivered,
+                    r.duplicates,
                     r.errors,
                     r.closed,
                     ms_text(&lat),

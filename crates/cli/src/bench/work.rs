@@ -906,12 +906,15 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
                 start_us,
                 start,
                 state.clone(),
+                // Marked with its side (a: 0, b: 1): a copy of a sender's own message
+                // pushed back to it is told from its peer's.
                 move |k, due| {
-                    let text = payload(0, k, due, plan.size);
+                    let text = payload(i & 1, k, due, plan.size);
                     send_frame(k, &conv, &text)
                 },
             ));
-            let mut rx = Receiver::new(1);
+            let (own, other) = (i & 1, (i & 1) ^ 1);
+            let mut rx = Receiver::new(2);
             let deadline = start + Duration::from_secs_f64(plan.duration + plan.drain);
             let acks = Acks::Time(&state, plan, start_us);
             let finished = |st: &SendState| {
@@ -921,7 +924,7 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
             let closed = receive_loop(&mut stream, &mut rx, &shared, acks, None, deadline, |rx| {
                 finished(&state)
                     && peer.as_ref().is_none_or(|p| {
-                        finished(p) && rx.delivered >= p.acked.load(Ordering::Relaxed)
+                        finished(p) && rx.unique[other] >= p.acked.load(Ordering::Relaxed)
                     })
             })
             .await;
@@ -929,7 +932,10 @@ async fn dm(ctx: &Ctx, ctl: &mut Control, pairs: usize, plan: Plan) -> anyhow::R
             {
                 let mut r = report.lock().expect("report lock");
                 r.closed += u64::from(closed);
-                r.delivered += rx.delivered;
+                // The sending session gets only its `ok`: a copy of its own message
+                // counts as a duplicate.
+                r.delivered += rx.delivered - rx.unique[own];
+                r.duplicates += rx.duplicates + rx.unique[own];
                 r.errors += rx.errors;
                 r.sent += state.sent.load(Ordering::Relaxed);
                 r.acked += state.acked.load(Ordering::Relaxed);

@@ -52,6 +52,16 @@ struct CatchUp {
     moves: DashMap<String, Vec<Move>>,
     /// When this fan-out began (Unix ms): nothing committed before was delivered by it.
     started_ms: i64,
+    /// Sends of this node's sessions not yet delivered here, by [`sending_key`]: the
+    /// session each came from. A gap filled from the store may hold such a message
+    /// (another node's later message arrived before this node's own commit was handed
+    /// on); the session it came from gets only its `ok`, never a copy.
+    sending: DashMap<String, u64>,
+}
+
+/// The key of a send in [`CatchUp::sending`].
+fn sending_key(from: &str, client_msg_id: &str) -> String {
+    format!("{from}\n{client_msg_id}")
 }
 
 /// A join or leave of `user`, committed when the room's last seq was `at`.
@@ -128,6 +138,7 @@ impl Fanout {
             delivered: DashMap::new(),
             moves: DashMap::new(),
             started_ms: crate::store::now_ms(),
+            sending: DashMap::new(),
         });
         self
     }
@@ -149,10 +160,47 @@ impl Fanout {
             .collect()
     }
 
+    /// In a cluster: `session` of `from` is sending `client_msg_id` (before it is
+    /// stored). Until the message is delivered here, a copy read from the store skips
+    /// that session. Returns whether it was noted (a cluster node's fan-out).
+    pub fn sending(&self, from: &str, client_msg_id: &str, session: u64) -> bool {
+        match &self.catch_up {
+            Some(c) => {
+                c.sending.insert(sending_key(from, client_msg_id), session);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The send noted by [`Fanout::sending`] stored nothing new (refused, failed, or a
+    /// retry of a stored message): nothing of it is coming.
+    pub fn not_sending(&self, from: &str, client_msg_id: &str) {
+        if let Some(c) = &self.catch_up {
+            c.sending.remove(&sending_key(from, client_msg_id));
+        }
+    }
+
+    /// The session a message read from the store came from, if it is one of this node's
+    /// and the message is still on its way here.
+    fn sent_by(&self, m: &Message) -> Option<u64> {
+        let c = self.catch_up.as_ref()?;
+        if c.sending.is_empty() {
+            return None;
+        }
+        c.sending
+            .get(&sending_key(&m.from, &m.client_msg_id))
+            .map(|e| *e)
+    }
+
     /// Delivers a message once and in seq order (see the module docs).
     async fn message(&self, message: Message, origin: u64) {
         let conv = message.conv.clone();
         if let Some(c) = &self.catch_up {
+            if !c.sending.is_empty() {
+                c.sending
+                    .remove(&sending_key(&message.from, &message.client_msg_id));
+            }
             let last = c.delivered.get(&conv).map(|e| e.0);
             match last {
                 Some(last) if message.seq <= last => return,
@@ -229,13 +277,14 @@ impl Fanout {
                     break;
                 }
                 after = m.seq;
+                let sender = self.sent_by(&m);
                 let frame = OutFrame::new(ServerFrame::Message(m));
                 match only {
                     Some(user) => {
-                        self.hub.send_to_user(user, &frame, None);
+                        self.hub.send_to_user(user, &frame, sender);
                     }
                     None => {
-                        let _ = self.deliver_seq(conv, after, &frame, None).await;
+                        let _ = self.deliver_seq(conv, after, &frame, sender).await;
                     }
                 }
             }
@@ -266,8 +315,9 @@ impl Fanout {
         for m in page.messages {
             if m.seq < first.seq && m.ts >= since {
                 let seq = m.seq;
+                let sender = self.sent_by(&m);
                 let frame = OutFrame::new(ServerFrame::Message(m));
-                let _ = self.deliver_seq(&first.conv, seq, &frame, None).await;
+                let _ = self.deliver_seq(&first.conv, seq, &frame, sender).await;
             }
         }
     }
@@ -512,4 +562,75 @@ pub(crate) fn frame_of(change: Committed) -> Option<(ServerFrame, u64)> {
         ),
         Committed::Member { .. } => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use hubbub_protocol::ContentType;
+
+    use super::*;
+    use crate::hub::Session;
+    use crate::metrics::Metrics;
+    use crate::presence::LocalPresence;
+    use crate::store::{NewMessage, SqliteStore};
+
+    /// In a cluster, another node's message may arrive before this node's own commit just
+    /// before it was handed on. The gap is filled from the store: the session that sent
+    /// the filled message gets only its `ok` (it used to get a copy too), its user's other
+    /// session and the other member get it, and every session gets each message once.
+    #[tokio::test]
+    async fn a_gap_filled_from_the_store_skips_the_session_that_sent_the_message() {
+        let metrics = Metrics::new();
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let phone = Session::new(7, "alice".into(), "phone".into(), 100, &metrics);
+        let laptop = Session::new(8, "alice".into(), "laptop".into(), 100, &metrics);
+        let bob = Session::new(9, "bob".into(), "desk".into(), 100, &metrics);
+        for s in [&phone, &laptop, &bob] {
+            hub.register(s);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(dir.path(), Arc::new(|_| {})).unwrap());
+        let members = Arc::new(Members::new(store.clone(), metrics.clone()));
+        let presence = Arc::new(LocalPresence::new(hub.clone()));
+        let fanout = Fanout::new(hub.clone(), members, presence, 1000).with_catch_up(store.clone());
+        let text = |from: &str, cid: &str, origin| NewMessage {
+            conv: "dm:alice:bob".into(),
+            from: from.into(),
+            client_msg_id: cid.into(),
+            content_type: ContentType::Text,
+            content: serde_json::json!(cid),
+            dm_members: Some(("alice".into(), "bob".into())),
+            origin,
+            reply_to: None,
+            mentions: Vec::new(),
+        };
+        let heard = |m: crate::store::Appended, origin| Committed::Message {
+            message: m.message,
+            origin,
+        };
+        // Another node's message: delivered to every session.
+        let first = store.append(text("bob", "b1", 0)).await.unwrap();
+        fanout.handle(heard(first, 0)).await;
+        // Alice's phone sends on this node; before its commit is handed on here, the
+        // next message of another node arrives.
+        assert!(fanout.sending("alice", "a2", 7));
+        let own = store.append(text("alice", "a2", 7)).await.unwrap();
+        let next = store.append(text("bob", "b3", 0)).await.unwrap();
+        fanout.handle(heard(next, 0)).await;
+        fanout.handle(heard(own, 7)).await;
+        let seqs = |s: &Session| {
+            let mut seqs = Vec::new();
+            s.take_while(|f| {
+                if let ServerFrame::Message(m) = f.frame() {
+                    seqs.push(m.seq);
+                }
+                true
+            });
+            seqs
+        };
+        assert_eq!(seqs(&phone), [1, 3], "the sending session");
+        assert_eq!(seqs(&laptop), [1, 2, 3]);
+        assert_eq!(seqs(&bob), [1, 2, 3]);
+    }
 }

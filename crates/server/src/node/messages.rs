@@ -80,6 +80,14 @@ impl Node {
         let mentions = self
             .mentions(&req.conv, req.content_type, &req.content)
             .await?;
+        // In a cluster, a copy of it read from the store must skip this session.
+        let noted = self
+            .fanout
+            .sending(actor.user, &req.client_msg_id, actor.session)
+            .then(|| {
+                let from = actor.user.to_string();
+                (self.fanout.clone(), from, req.client_msg_id.clone())
+            });
         let stored = self.store.append(NewMessage {
             conv: req.conv,
             from: actor.user.to_string(),
@@ -92,7 +100,13 @@ impl Node {
             mentions,
         });
         Ok(async move {
-            let m = stored.await?.message;
+            let appended = stored.await;
+            if let Some((fanout, from, client_msg_id)) = &noted {
+                if !appended.as_ref().is_ok_and(|a| !a.duplicate) {
+                    fanout.not_sending(from, client_msg_id);
+                }
+            }
+            let m = appended?.message;
             Ok(SendOk {
                 conv: m.conv,
                 seq: m.seq,
