@@ -39,6 +39,9 @@ const FILL_PAGE: u32 = 500;
 /// their way from other nodes (ms).
 const IN_FLIGHT_MS: i64 = 10_000;
 
+/// Most sends noted in [`CatchUp::sending`] (each is there for about one commit).
+const MAX_SENDING: usize = 65_536;
+
 /// How long a join or leave is kept to place late messages around it: longer than any
 /// message stays on its way.
 const MOVE_KEPT: Duration = Duration::from_secs(60);
@@ -166,6 +169,12 @@ impl Fanout {
     pub fn sending(&self, from: &str, client_msg_id: &str, session: u64) -> bool {
         match &self.catch_up {
             Some(c) => {
+                // Entries of sends whose answer nobody awaited (their connection went)
+                // and that failed are never removed: a bound keeps them from piling up
+                // (forgetting one risks only a copy to its sender).
+                if c.sending.len() >= MAX_SENDING {
+                    c.sending.clear();
+                }
                 c.sending.insert(sending_key(from, client_msg_id), session);
                 true
             }
