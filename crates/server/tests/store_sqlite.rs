@@ -104,15 +104,20 @@ async fn a_panic_on_the_writer_fails_one_batch_and_the_store_keeps_working() {
 }
 
 /// (rows in `table`, the newest message the batched indexes cover), read from the
-/// database file `db`.
+/// database file `db`. Of the search index, the texts it finds with "narwhal" (it reads
+/// texts from the messages: counting its rows would count the messages' texts).
 fn index_state(db: &std::path::Path, table: &str) -> (i64, i64) {
     let c = rusqlite::Connection::open(db).unwrap();
-    let upto = match table {
-        "client_ids" => "ids_upto",
-        _ => "indexed_upto",
+    let (rows, upto) = match table {
+        "client_ids" => ("SELECT count(*) FROM client_ids", "ids_upto"),
+        "message_text" => (
+            "SELECT count(*) FROM message_text WHERE message_text MATCH 'narwhal'",
+            "indexed_upto",
+        ),
+        other => panic!("no index {other}"),
     };
     c.query_row(
-        &format!("SELECT (SELECT count(*) FROM {table}), (SELECT {upto} FROM index_progress)"),
+        &format!("SELECT ({rows}), (SELECT {upto} FROM index_progress)"),
         [],
         |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
     )
@@ -270,6 +275,57 @@ async fn a_busy_senders_client_ids_are_written_in_a_chunk_of_their_own() {
     store.close().await.unwrap();
 }
 
+/// The search index reads the texts from the messages: a recall or an edit of an indexed
+/// text takes it out of the index before the text changes (taken out after, the index
+/// no longer matches the messages: FTS5's integrity check fails), and search finds what
+/// the messages say now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recalls_and_edits_of_indexed_texts_keep_the_search_index_whole() {
+    use hubbub_server::store::SearchQuery;
+    let dir = tempfile::tempdir().unwrap();
+    let noop: CommitHook = Arc::new(|_| {});
+    let db = dir.path().join("hubbub.db");
+    let store = SqliteStore::open(dir.path(), noop).unwrap();
+    store.join_room("room:x", "u").await.unwrap();
+    for (cid, body) in [
+        ("a", "narwhal one"),
+        ("b", "narwhal two"),
+        ("c", "narwhal three"),
+    ] {
+        store.append(text("room:x", cid, body)).await.unwrap();
+    }
+    wait_for_index(&db, "message_text", (3, 3)).await;
+    store.recall("room:x", 1, "u", 0).await.unwrap();
+    store
+        .edit("room:x", 2, json!("walrus two"), vec![], 0)
+        .await
+        .unwrap();
+    let found = |word: &str| {
+        let query = SearchQuery {
+            words: vec![word.into()],
+            conv: None,
+            limit: 10,
+            before: None,
+        };
+        let store = &store;
+        async move {
+            let found = store.search("u", query).await.unwrap();
+            found.iter().map(|r| r.seq).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(found("narwhal").await, [3]);
+    assert_eq!(found("walrus").await, [2]);
+    store.close().await.unwrap();
+    drop(store);
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute(
+            "INSERT INTO message_text (message_text, rank) VALUES ('integrity-check', 1)",
+            [],
+        )
+        .expect("the search index matches the messages");
+}
+
 /// One writer per database: a second store on the same directory (a second server
 /// started on it by mistake) is refused with a clear error while the first runs, and
 /// opens once the first is closed.
@@ -322,9 +378,9 @@ async fn the_write_ahead_log_is_checkpointed_while_the_store_is_open() {
             .len()
     };
     let before = db_len();
-    // About a page per message: 1,800 pages in batches of up to 300.
+    // About three quarters of a page per message: 2,000 pages in batches of up to 300.
     let body = "w".repeat(3000);
-    for round in 0..6 {
+    for round in 0..9 {
         let sends = (0..300).map(|i| store.append(text("room:w", &format!("{round}-{i}"), &body)));
         for sent in futures_util::future::join_all(sends).await {
             sent.unwrap();

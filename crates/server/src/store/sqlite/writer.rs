@@ -670,16 +670,6 @@ impl Writer {
             .optional()
     }
 
-    /// Makes `text` the searchable text of message `seq` of `conv`.
-    fn index_text(&mut self, conv: &str, seq: u64, text: &str) -> rusqlite::Result<()> {
-        if let Some(id) = self.unindex_text(conv, seq)? {
-            self.conn
-                .prepare_cached("INSERT INTO message_text (rowid, body) VALUES (?1, ?2)")?
-                .execute(params![id, text])?;
-        }
-        Ok(())
-    }
-
     /// Takes message `seq` of `conv` out of the search index. Returns its id if it was
     /// indexed already (a pending text is indexed as it is when its turn comes).
     fn unindex_text(&mut self, conv: &str, seq: u64) -> rusqlite::Result<Option<i64>> {
@@ -1109,6 +1099,8 @@ impl Writer {
             }
             Some(true) => None,
             Some(false) => {
+                // Before the text changes: the index reads it to take it out.
+                self.unindex_text(&conv, seq)?;
                 self.conn
                     .prepare_cached(
                         "UPDATE messages SET recalled = 1, content = 'null', recalled_by = ?3, modified_at = ?4 \
@@ -1116,7 +1108,6 @@ impl Writer {
                     )?
                     .execute(params![conv, seq, by, now])?;
                 self.unshare_message(&conv, seq)?;
-                self.unindex_text(&conv, seq)?;
                 self.set_mentions(&conv, seq, &[])?;
                 self.conn
                     .prepare_cached("DELETE FROM reactions WHERE conv = ?1 AND seq = ?2")?
@@ -1166,6 +1157,9 @@ impl Writer {
             }
             Some((false, sender, kind)) => (sender, kind),
         };
+        // Out of the index before the text changes (the index reads the old text to take
+        // it out), back in with the new one.
+        let indexed = self.unindex_text(&conv, seq)?;
         let text = serde_json::to_string(&content).unwrap_or_else(|_| "null".into());
         self.conn
             .prepare_cached(
@@ -1174,11 +1168,10 @@ impl Writer {
             .execute(params![conv, seq, text, now])?;
         self.unshare_message(&conv, seq)?;
         self.share_file(&conv, seq, &sender, &content)?;
-        match content.as_str().filter(|_| kind == "text") {
-            Some(text) => self.index_text(&conv, seq, text)?,
-            None => {
-                self.unindex_text(&conv, seq)?;
-            }
+        if let (Some(id), Some(text)) = (indexed, content.as_str().filter(|_| kind == "text")) {
+            self.conn
+                .prepare_cached("INSERT INTO message_text (rowid, body) VALUES (?1, ?2)")?
+                .execute(params![id, text])?;
         }
         self.set_mentions(&conv, seq, &mentions)?;
         Ok(Ok(Applied {
