@@ -205,10 +205,7 @@ mod tests {
 
     use super::*;
     use crate::hub::{Hub, Session};
-    use crate::members::Members;
     use crate::metrics::Metrics;
-    use crate::node::Fanout;
-    use crate::presence::LocalPresence;
     use crate::store::{SqliteStore, Store};
 
     /// Under load, what is committed is delivered before the other tasks run again: a
@@ -225,9 +222,7 @@ mod tests {
             Arc::new(SqliteStore::open(dir.path(), Arc::new(|_| {})).unwrap());
         let (bus, workers) = LocalBus::new(1);
         let tracker = TaskTracker::new();
-        let members = Arc::new(Members::new(store, metrics.clone()));
-        let presence = Arc::new(LocalPresence::new(hub.clone()));
-        let fanout = Fanout::new(hub.clone(), members, presence, 1000);
+        let fanout = crate::node::fanout_for_tests(&hub, store, &metrics);
         workers.start(Arc::new(fanout), &tracker);
 
         // Fifty busy tasks stand for the sessions of a loaded server.

@@ -206,7 +206,9 @@ impl Fanout {
     async fn message(&self, message: Message, origin: u64) {
         let conv = message.conv.clone();
         if let Some(c) = &self.catch_up {
-            if !c.sending.is_empty() {
+            // Only this node's own commits carry a session (ids start at 1); other nodes'
+            // changes arrive without one and were never noted.
+            if origin != 0 && !c.sending.is_empty() {
                 c.sending
                     .remove(&sending_key(&message.from, &message.client_msg_id));
             }
@@ -573,6 +575,18 @@ pub(crate) fn frame_of(change: Committed) -> Option<(ServerFrame, u64)> {
     })
 }
 
+/// A fan-out of `hub` whose room member lists come from `store`, for tests.
+#[cfg(test)]
+pub(crate) fn for_tests(
+    hub: &Arc<Hub>,
+    store: Arc<dyn Store>,
+    metrics: &crate::metrics::Metrics,
+) -> Fanout {
+    let members = Arc::new(Members::new(store, metrics.clone()));
+    let presence = Arc::new(crate::presence::LocalPresence::new(hub.clone()));
+    Fanout::new(hub.clone(), members, presence, 1000)
+}
+
 #[cfg(test)]
 mod tests {
     use hubbub_protocol::ContentType;
@@ -580,7 +594,6 @@ mod tests {
     use super::*;
     use crate::hub::Session;
     use crate::metrics::Metrics;
-    use crate::presence::LocalPresence;
     use crate::store::{NewMessage, SqliteStore};
 
     /// In a cluster, another node's message may arrive before this node's own commit just
@@ -600,9 +613,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(dir.path(), Arc::new(|_| {})).unwrap());
-        let members = Arc::new(Members::new(store.clone(), metrics.clone()));
-        let presence = Arc::new(LocalPresence::new(hub.clone()));
-        let fanout = Fanout::new(hub.clone(), members, presence, 1000).with_catch_up(store.clone());
+        let fanout = for_tests(&hub, store.clone(), &metrics).with_catch_up(store.clone());
         let text = |from: &str, cid: &str, origin| NewMessage {
             conv: "dm:alice:bob".into(),
             from: from.into(),

@@ -39,6 +39,8 @@ mod messages;
 mod reading;
 mod rooms;
 
+#[cfg(test)]
+pub(crate) use fanout::for_tests as fanout_for_tests;
 pub use fanout::Fanout;
 pub use limits::{RoomCreation, SignalBudget};
 pub use live::SignalRequest;
