@@ -11,7 +11,8 @@
 # server (its own temporary data dir) pinned to core 0 and the generator (this
 # checkout's target/release/hubbub) on core 1, with rate limits lifted as in
 # compare.sh. Each run prints the generator's summary, its JSON line, and the server's
-# store batch size and WebSocket frames written per stored message.
+# store batch size and WebSocket frames written per stored message (and, with
+# SHOW_METRICS=REGEX, the server's metric lines that match REGEX).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,6 +61,8 @@ for round in $(seq "$rounds"); do
             -v s="$(metric hubbub_store_batch_size_sum "$m")" \
             -v f="$(metric hubbub_frames_out_total "$m")" \
             'BEGIN { if (n > 0) printf "  store: %.0f writes per batch; %.2f frames written per stored write\n", s / n, f / s }'
+        # SHOW_METRICS=REGEX prints the server's metric lines that match it.
+        [ -n "${SHOW_METRICS:-}" ] && grep -E "${SHOW_METRICS}" <<<"$m" | sed 's/^/  /' || true
         kill "$PID"
         wait "$PID" 2>/dev/null || true
         PID=

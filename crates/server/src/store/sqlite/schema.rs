@@ -254,9 +254,6 @@ UPDATE index_progress SET indexed_upto = (SELECT coalesce(max(id), 0) FROM messa
 pub(super) fn open_conn(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(busy_timeout)?;
-    if let Ok(ps) = std::env::var("XPAGE") {
-        conn.pragma_update(None, "page_size", ps)?;
-    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     // Every statement is prepared once per connection and kept (rusqlite keeps 16).
