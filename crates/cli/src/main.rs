@@ -241,6 +241,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.reuse_port {
         workers::follow_parent()?;
     }
+    if config.sched_batch {
+        // Before any thread starts: every thread of the process inherits it.
+        batch_scheduling();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -264,6 +268,28 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         hubbub_server::run(listener, config, shutdown).await
     })
+}
+
+/// Puts the calling thread, and so every thread it starts from now on, under the
+/// kernel's batch scheduling policy (`sched_batch`). Any process may choose it; where
+/// it is refused (a sandbox's system call filter), the server runs as before.
+fn batch_scheduling() {
+    #[cfg(target_os = "linux")]
+    {
+        use preempt_rt::sched::{set_scheduler, Pid, Scheduler, SchedulerParams};
+        match set_scheduler(
+            Pid::current_thread(),
+            Scheduler::SCHED_BATCH,
+            SchedulerParams { priority: 0 },
+        ) {
+            Ok(()) => tracing::debug!("threads run under SCHED_BATCH"),
+            Err(e) => {
+                tracing::warn!(error = %e, "sched_batch: SCHED_BATCH refused; running under the default policy")
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    tracing::debug!("sched_batch: no batch scheduling policy on this system");
 }
 
 fn figment_json(map: Map<String, Value>) -> hubbub_server::config::Overrides {

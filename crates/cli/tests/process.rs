@@ -764,8 +764,18 @@ fn a_trusted_proxies_entry_that_is_no_address_stops_the_start_with_one_line() {
 /// Starts `hubbub ARGS` on 127.0.0.1:0 (through the environment, so the no-subcommand
 /// demo can be started too); returns the child, its address and its stderr.
 fn spawn_hubbub(dir: &Path, args: &[&str]) -> (std::process::Child, String) {
+    spawn_hubbub_with(dir, args, &[])
+}
+
+/// [`spawn_hubbub`] with more environment variables.
+fn spawn_hubbub_with(
+    dir: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
         .args(args)
+        .envs(envs.iter().copied())
         .env("HUBBUB_BIND", "127.0.0.1:0")
         .env("HUBBUB_DATA_DIR", dir)
         .env("HUBBUB_LOG", "warn")
@@ -790,6 +800,58 @@ fn stop_and_read_stderr(mut child: std::process::Child) -> String {
         .read_to_string(&mut err)
         .unwrap();
     err
+}
+
+/// The scheduling policy of each thread of process `pid` (`/proc/PID/task/*/stat`,
+/// field 41), by thread name.
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
+            continue; // a thread that ended meanwhile
+        };
+        let (head, rest) = stat.rsplit_once(") ").unwrap();
+        let name = head.split_once(" (").unwrap().1.to_string();
+        // `rest` starts at field 3 (the state).
+        let policy = rest.split(' ').nth(41 - 3).unwrap().parse().unwrap();
+        out.push((name, policy));
+    }
+    out
+}
+
+#[test]
+fn the_servers_threads_run_under_the_batch_policy_unless_told_not_to() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    for (envs, want) in [
+        (&[][..], SCHED_BATCH),
+        (&[("HUBBUB_SCHED_BATCH", "false")][..], SCHED_OTHER),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (child, _addr) = spawn_hubbub_with(dir.path(), &["serve"], envs);
+        // The store opens after the listening line: wait for its writer (bounded).
+        let mut policies = thread_policies(child.id());
+        for _ in 0..100 {
+            if policies.iter().any(|(n, _)| n == "hubbub-store-wr") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            policies = thread_policies(child.id());
+        }
+        stop_and_read_stderr(child);
+        // The runtime's workers and the store's writer at least, each started after the
+        // policy was chosen.
+        for name in ["tokio-rt-worker", "hubbub-store-wr"] {
+            assert!(
+                policies.iter().any(|(n, _)| n == name),
+                "{name}: {policies:?}"
+            );
+        }
+        assert!(
+            policies.iter().all(|(_, p)| *p == want),
+            "{envs:?}: {policies:?}"
+        );
+    }
 }
 
 #[tokio::test]

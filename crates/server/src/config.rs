@@ -58,6 +58,11 @@ pub struct Config {
     pub rate_limit_strikes: u32,
     /// Most sends of one connection waiting for their commit at once.
     pub max_inflight_sends: usize,
+    /// Run the server's threads under the kernel's batch scheduling policy
+    /// (`SCHED_BATCH`, Linux): a thread the server wakes does not preempt the one that
+    /// woke it, so the store writer answers a whole commit before the network side
+    /// takes the answers, instead of trading the core back and forth for each one.
+    pub sched_batch: bool,
     /// Largest history page.
     pub history_max: u32,
     /// Largest sync page per conversation.
@@ -215,6 +220,7 @@ impl Default for Config {
             send_burst: 200,
             rate_limit_strikes: 50,
             max_inflight_sends: 64,
+            sched_batch: true,
             history_max: 200,
             sync_max: 1000,
             allowed_origins: Vec::new(),
