@@ -587,6 +587,20 @@ pub struct DecodeError {
 /// On failure the error still carries the request `id` when the text was a JSON object
 /// with a string or number `id`, so that the `error` frame can echo it.
 pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
+    // Most frames are `send`s: one that starts with its type is decoded straight into
+    // its fields. serde decodes an internally tagged enum by first copying every field
+    // into a buffer of its own (strings included) to find the tag; every other frame,
+    // and a `send` that is not well-formed, takes that general way, errors included.
+    if starts_as_send(text) {
+        if let Ok(send) = serde_json::from_str::<SendFrame>(text) {
+            if matches!(
+                send.id,
+                None | Some(Value::String(_)) | Some(Value::Number(_))
+            ) {
+                return Ok(send.into());
+            }
+        }
+    }
     match serde_json::from_str::<ClientFrame>(text) {
         Ok(frame) => match frame.id() {
             None | Some(Value::String(_)) | Some(Value::Number(_)) => Ok(frame),
@@ -609,6 +623,51 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
                 id,
                 message: describe_decode_error(text, &err),
             })
+        }
+    }
+}
+
+/// Whether `text` begins `{"type":"send"` (whitespace allowed between the tokens).
+fn starts_as_send(text: &str) -> bool {
+    let rest = text.trim_start().strip_prefix('{').map(str::trim_start);
+    let rest = rest
+        .and_then(|t| t.strip_prefix("\"type\""))
+        .map(str::trim_start);
+    let rest = rest.and_then(|t| t.strip_prefix(':')).map(str::trim_start);
+    rest.is_some_and(|t| t.starts_with("\"send\""))
+}
+
+/// A `send` frame's fields (see [`decode_client_frame`]); decodes exactly what
+/// `ClientFrame::Send` does.
+#[derive(Deserialize)]
+struct SendFrame {
+    #[serde(rename = "type")]
+    _type: SendTag,
+    #[serde(default)]
+    id: Option<ReqId>,
+    conv: String,
+    client_msg_id: String,
+    content_type: ContentType,
+    content: Value,
+    #[serde(default)]
+    reply_to: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum SendTag {
+    Send,
+}
+
+impl From<SendFrame> for ClientFrame {
+    fn from(f: SendFrame) -> Self {
+        ClientFrame::Send {
+            id: f.id,
+            conv: f.conv,
+            client_msg_id: f.client_msg_id,
+            content_type: f.content_type,
+            content: f.content,
+            reply_to: f.reply_to,
         }
     }
 }
@@ -827,6 +886,25 @@ pub fn split_frames(text: &str) -> impl Iterator<Item = &str> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn sends_that_start_with_their_type_are_told_apart_cheaply() {
+        for yes in [
+            r#"{"type":"send","conv":"x"}"#,
+            " {\n \"type\" :\t\"send\" }",
+        ] {
+            assert!(starts_as_send(yes), "{yes}");
+        }
+        for no in [
+            r#"{"conv":"x","type":"send"}"#,
+            r#"{"type":"sending"}"#,
+            r#"{"type":"ping"}"#,
+            r#"["type","send"]"#,
+            "",
+        ] {
+            assert!(!starts_as_send(no), "{no}");
+        }
+    }
 
     #[test]
     fn conv_ids_parse_and_validate() {

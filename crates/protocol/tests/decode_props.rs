@@ -3,7 +3,28 @@
 
 use hubbub_protocol::{decode_client_frame, pb, ClientFrame, ContentType};
 use proptest::prelude::*;
-use serde_json::json;
+use serde_json::{json, Value};
+
+/// What `decode_client_frame` decodes, the way serde decodes any frame: `send`s take a
+/// shorter way there, which must agree with this one on every text.
+fn the_general_way(text: &str) -> Option<ClientFrame> {
+    serde_json::from_str::<ClientFrame>(text).ok().filter(|f| {
+        matches!(
+            f.id(),
+            None | Some(Value::String(_)) | Some(Value::Number(_))
+        )
+    })
+}
+
+/// A `send`-like frame: each field one of a few values (valid or not) or absent
+/// (`None`), the keys in the given order.
+fn send_like(fields: &[(&str, Option<&str>)]) -> String {
+    let body: Vec<String> = fields
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| format!("\"{k}\":{v}")))
+        .collect();
+    format!("{{{}}}", body.join(","))
+}
 
 fn valid_frames() -> Vec<String> {
     vec![
@@ -44,6 +65,51 @@ proptest! {
         if let Err(e) = decode_client_frame(&text) {
             prop_assert!(!e.message.is_empty());
         }
+    }
+
+    #[test]
+    fn mutated_frames_decode_as_the_general_way_decodes_them(
+        which in 0usize..8,
+        cut in 0usize..200,
+        flips in proptest::collection::vec((0usize..200, any::<u8>()), 0..4),
+    ) {
+        let mut bytes = valid_frames()[which].clone().into_bytes();
+        for (pos, b) in flips {
+            if !bytes.is_empty() {
+                let i = pos % bytes.len();
+                bytes[i] = b;
+            }
+        }
+        bytes.truncate(cut.min(bytes.len()));
+        let text = String::from_utf8_lossy(&bytes);
+        prop_assert_eq!(decode_client_frame(&text).ok(), the_general_way(&text));
+    }
+
+    #[test]
+    fn send_frames_of_any_shape_decode_as_the_general_way_decodes_them(
+        order in Just((0..9).collect::<Vec<usize>>()).prop_shuffle(),
+        picks in proptest::collection::vec(0usize..8, 9),
+    ) {
+        let choices: [(&str, &[Option<&str>]); 9] = [
+            ("type", &[Some("\"send\""), Some("\"join\""), Some("\"Send\""), None, Some("1")]),
+            ("id", &[None, Some("null"), Some("1"), Some("\"s\""), Some("true"), Some("1.5"), Some("{}")]),
+            ("conv", &[Some("\"room:a\""), Some("5"), None, Some("\"dm:a:b\"")]),
+            ("client_msg_id", &[Some("\"c-1\""), None, Some("null")]),
+            ("content_type", &[Some("\"text\""), Some("\"image\""), Some("\"bogus\""), None]),
+            ("content", &[Some("\"hi\""), Some("{\"url\":\"/f/x\",\"size\":3}"), Some("null"), None, Some("[1,2]")]),
+            ("reply_to", &[None, Some("null"), Some("3"), Some("-1"), Some("1.5"), Some("\"3\"")]),
+            ("extra", &[None, Some("1"), Some("{\"type\":\"join\"}")]),
+            ("room", &[None, Some("\"lobby\"")]),
+        ];
+        let fields: Vec<(&str, Option<&str>)> = order
+            .iter()
+            .map(|&i| {
+                let (key, values) = choices[i];
+                (key, values[picks[i] % values.len()])
+            })
+            .collect();
+        let text = send_like(&fields);
+        prop_assert_eq!(decode_client_frame(&text).ok(), the_general_way(&text), "{}", text);
     }
 
     #[test]
