@@ -48,7 +48,7 @@ pub const DEFAULT_CHUNK_ROWS: usize = 5000;
 const CHUNK_BYTES: usize = 8 << 20;
 /// The SQLite schema version this copy knows (`PRAGMA user_version` after the SQLite
 /// store's migrations). A new SQLite migration must be carried over here too.
-const SQLITE_SCHEMA_VERSION: i64 = 14;
+const SQLITE_SCHEMA_VERSION: i64 = 15;
 /// The advisory lock a migration holds on the target ("hubbub" in ASCII, plus 2).
 const LOCK: i64 = 0x6875_6262_7562_0002;
 /// How long to wait for the lock another run holds.

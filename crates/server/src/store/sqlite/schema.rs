@@ -248,6 +248,14 @@ CREATE VIRTUAL TABLE message_text USING fts5(
 INSERT INTO message_text (message_text) VALUES ('rebuild');
 UPDATE index_progress SET indexed_upto = (SELECT coalesce(max(id), 0) FROM messages);
 "#,
+    // The search index merges its segments less often: a level's segments are merged
+    // once there are 16 of them (FTS5's default is 4), all at once only at 64 (16).
+    // Merging was what made a batch that indexes texts slow; searches are as fast
+    // (`bench/fts_merge.py`).
+    r#"
+INSERT INTO message_text (message_text, rank) VALUES ('automerge', 16);
+INSERT INTO message_text (message_text, rank) VALUES ('crisismerge', 64);
+"#,
 ];
 
 /// Opens a connection to the database file with the store's settings.
@@ -414,6 +422,54 @@ UPDATE search_progress SET indexed_upto = 1;
         }
         let next = store.append(text("room:a", "c3", "new")).await.unwrap();
         assert_eq!((next.duplicate, next.message.seq), (false, 3));
+        store.close().await.unwrap();
+    }
+
+    /// A database of schema 14 gets the search index's merge settings of migration 15
+    /// (FTS5 keeps them in `message_text_config`) and keeps its texts searchable.
+    #[tokio::test]
+    async fn the_search_index_merges_less_often_after_migration_15() {
+        let dir = database_at(
+            14,
+            r#"
+INSERT INTO conversations VALUES ('room:a', 'room', 'alice', 0);
+INSERT INTO members (conv, user, role, joined_at) VALUES ('room:a', 'alice', 'admin', 0);
+INSERT INTO messages (conv, seq, msg_id, sender, client_msg_id, content_type, content, ts) VALUES
+    ('room:a', 1, 'm1', 'alice', 'c1', 'text', '"a narwhal surfaced"', 10);
+INSERT INTO message_text (rowid, body) VALUES (1, 'a narwhal surfaced');
+UPDATE index_progress SET indexed_upto = 1, ids_upto = 1;
+"#,
+        );
+        let store = SqliteStore::open(dir.path(), Arc::new(|_| {})).unwrap();
+        let conn = Connection::open(dir.path().join("hubbub.db")).unwrap();
+        let config: Vec<(String, i64)> = conn
+            .prepare("SELECT k, v FROM message_text_config WHERE k LIKE '%merge' ORDER BY k")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            config,
+            [
+                ("automerge".to_string(), 16),
+                ("crisismerge".to_string(), 64)
+            ]
+        );
+        let found = store
+            .search(
+                "alice",
+                crate::store::SearchQuery {
+                    words: vec!["narwh".into()],
+                    conv: None,
+                    before: None,
+                    limit: 10,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].msg_id, "m1");
         store.close().await.unwrap();
     }
 
