@@ -591,17 +591,14 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
     // its fields. serde decodes an internally tagged enum by first copying every field
     // into a buffer of its own (strings included) to find the tag; every other frame,
     // and a `send` that is not well-formed, takes that general way, errors included.
-    if starts_as_send(text) {
-        if let Ok(send) = serde_json::from_str::<SendFrame>(text) {
-            if matches!(
-                send.id,
-                None | Some(Value::String(_)) | Some(Value::Number(_))
-            ) {
-                return Ok(send.into());
-            }
-        }
-    }
-    match serde_json::from_str::<ClientFrame>(text) {
+    let sent = starts_as_send(text)
+        .then(|| serde_json::from_str::<SendFrame>(text).ok())
+        .flatten();
+    let decoded = match sent {
+        Some(send) => Ok(send.into()),
+        None => serde_json::from_str::<ClientFrame>(text),
+    };
+    match decoded {
         Ok(frame) => match frame.id() {
             None | Some(Value::String(_)) | Some(Value::Number(_)) => Ok(frame),
             Some(_) => Err(DecodeError {

@@ -16,6 +16,20 @@ fn the_general_way(text: &str) -> Option<ClientFrame> {
     })
 }
 
+/// Valid frame `which` with some bytes replaced (`flips`: position, byte) and cut
+/// after `cut` bytes.
+fn mutated(which: usize, cut: usize, flips: &[(usize, u8)]) -> String {
+    let mut bytes = valid_frames()[which].clone().into_bytes();
+    for &(pos, b) in flips {
+        if !bytes.is_empty() {
+            let i = pos % bytes.len();
+            bytes[i] = b;
+        }
+    }
+    bytes.truncate(cut.min(bytes.len()));
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// A `send`-like frame: each field one of a few values (valid or not) or absent
 /// (`None`), the keys in the given order.
 fn send_like(fields: &[(&str, Option<&str>)]) -> String {
@@ -53,15 +67,7 @@ proptest! {
         cut in 0usize..200,
         flips in proptest::collection::vec((0usize..200, any::<u8>()), 0..4),
     ) {
-        let mut bytes = valid_frames()[which].clone().into_bytes();
-        for (pos, b) in flips {
-            if !bytes.is_empty() {
-                let i = pos % bytes.len();
-                bytes[i] = b;
-            }
-        }
-        bytes.truncate(cut.min(bytes.len()));
-        let text = String::from_utf8_lossy(&bytes);
+        let text = mutated(which, cut, &flips);
         if let Err(e) = decode_client_frame(&text) {
             prop_assert!(!e.message.is_empty());
         }
@@ -73,15 +79,7 @@ proptest! {
         cut in 0usize..200,
         flips in proptest::collection::vec((0usize..200, any::<u8>()), 0..4),
     ) {
-        let mut bytes = valid_frames()[which].clone().into_bytes();
-        for (pos, b) in flips {
-            if !bytes.is_empty() {
-                let i = pos % bytes.len();
-                bytes[i] = b;
-            }
-        }
-        bytes.truncate(cut.min(bytes.len()));
-        let text = String::from_utf8_lossy(&bytes);
+        let text = mutated(which, cut, &flips);
         prop_assert_eq!(decode_client_frame(&text).ok(), the_general_way(&text));
     }
 
