@@ -8,6 +8,11 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+/// Bounds of `ws_read_buffer`: below the smallest, a frame takes many reads (one system
+/// call each); above the largest, idle connections alone would hold gigabytes.
+const MIN_WS_READ_BUFFER: usize = 64;
+const MAX_WS_READ_BUFFER: usize = 1 << 20;
+
 /// Everything `hubbub serve` can be told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -36,7 +41,10 @@ pub struct Config {
     pub max_text_bytes: usize,
     /// Bound of each session's outgoing queue, in protocol messages.
     pub queue_frames: usize,
-    /// Read buffer of each WebSocket, in bytes.
+    /// Read buffer of each WebSocket, in bytes: allocated with the connection and kept
+    /// while it is open, and the most one read from its socket takes. 256 holds a chat
+    /// frame and costs idle connections 256 bytes less than 512 did, with the same
+    /// throughput (BENCHMARKS.md, round 8); a larger frame grows it while it is read.
     pub ws_read_buffer: usize,
     /// Most coalesced bytes the writer puts into one outgoing frame.
     pub max_coalesce_bytes: usize,
@@ -211,7 +219,7 @@ impl Default for Config {
             max_frame_bytes: 65_536,
             max_text_bytes: 16_384,
             queue_frames: 1024,
-            ws_read_buffer: 512,
+            ws_read_buffer: 256,
             max_coalesce_bytes: 64 * 1024,
             write_linger_ms: 5,
             write_linger_max_ms: 60,
@@ -394,6 +402,13 @@ impl Config {
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());
         }
+        if !(MIN_WS_READ_BUFFER..=MAX_WS_READ_BUFFER).contains(&self.ws_read_buffer) {
+            return Err(format!(
+                "ws_read_buffer must be from {MIN_WS_READ_BUFFER} to {MAX_WS_READ_BUFFER} bytes \
+                 (every connection holds one), got {}",
+                self.ws_read_buffer
+            ));
+        }
         if self.queue_bytes < 64 * 1024 {
             return Err("queue_bytes must be at least 65536".into());
         }
@@ -573,6 +588,26 @@ mod tests {
         assert!(c.is_cluster());
         c.bus = "nats://127.0.0.1".into();
         assert!(c.validate().unwrap_err().contains("bus must be"));
+    }
+
+    #[test]
+    fn the_websocket_read_buffer_is_bounded_both_ways() {
+        Config::default().validate().expect("the default is valid");
+        for bad in [0, 63, (1 << 20) + 1, 1 << 30] {
+            let c = Config {
+                ws_read_buffer: bad,
+                ..Config::default()
+            };
+            let err = c.validate().unwrap_err();
+            assert!(err.contains("ws_read_buffer"), "{bad}: {err}");
+        }
+        for good in [64, 256, 1 << 20] {
+            let c = Config {
+                ws_read_buffer: good,
+                ..Config::default()
+            };
+            c.validate().expect("within the bounds");
+        }
     }
 
     #[test]
