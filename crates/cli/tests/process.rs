@@ -732,6 +732,27 @@ fn a_bad_value_in_the_environment_is_one_clear_line_and_exit_1() {
 }
 
 #[test]
+fn a_token_lifetime_beyond_ten_years_is_one_clear_line_and_no_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // u64::MAX seconds used to wrap around to an already expired token (a panic in a
+    // debug build).
+    for ttl in ["315360001", "18446744073709551615"] {
+        let out = hubbub(&["token", "carol", "--ttl", ttl, "--data-dir", d], None);
+        assert_eq!(out.status.code(), Some(1), "--ttl {ttl}");
+        assert!(out.stdout.is_empty(), "no token for --ttl {ttl}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains("at most 315360000 seconds"), "{stderr}");
+    }
+    let out = hubbub(
+        &["token", "carol", "--ttl", "315360000", "--data-dir", d],
+        None,
+    );
+    assert!(out.status.success(), "ten years is allowed");
+}
+
+#[test]
 fn a_trusted_proxies_entry_that_is_no_address_stops_the_start_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let flag = ["--trusted-proxies", "127.0.0.1,proxy.internal"];

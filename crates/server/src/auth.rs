@@ -33,6 +33,9 @@ pub const MIN_PASSWORD_CHARS: usize = 8;
 pub const MAX_PASSWORD_BYTES: usize = 1024;
 /// Name of the token secret file in the data dir.
 pub const SECRET_FILE: &str = "jwt.secret";
+/// Longest token lifetime, in seconds (ten years of 365 days): longer ones overflow the
+/// expiry's arithmetic and no deployment needs them.
+pub const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,9 +93,14 @@ impl Tokens {
 
     /// A token for `user`, valid for `ttl` (default: the configured one). Returns the
     /// token and its expiry in Unix ms.
+    /// A lifetime over [`MAX_TOKEN_TTL_SECS`] is refused.
     pub fn issue(&self, user: &str, ttl: Option<Duration>) -> Result<(String, i64), AuthError> {
+        let ttl = ttl.unwrap_or(self.ttl).as_secs();
+        if ttl > MAX_TOKEN_TTL_SECS {
+            return Err(AuthError::LifetimeTooLong(ttl));
+        }
         let now = (now_ms() / 1000) as u64;
-        let exp = now + ttl.unwrap_or(self.ttl).as_secs();
+        let exp = now + ttl;
         let claims = Claims {
             sub: user.to_string(),
             exp,
@@ -632,6 +640,8 @@ pub enum AuthError {
     BadToken(String),
     #[error("the token has expired; log in again")]
     Expired,
+    #[error("a token lifetime must be at most {MAX_TOKEN_TTL_SECS} seconds (ten years), got {0}")]
+    LifetimeTooLong(u64),
 }
 
 /// Credentials found in a request.
@@ -718,7 +728,9 @@ impl Authenticator {
             admin: self.admins.contains(&claims.sub),
             user: claims.sub,
             guest: false,
-            expires_at: Some(claims.exp as i64 * 1000),
+            expires_at: Some(
+                i64::try_from(claims.exp).map_or(i64::MAX, |s| s.saturating_mul(1000)),
+            ),
         })
     }
 
@@ -765,6 +777,31 @@ mod tests {
             }),
             Err(AuthError::Expired)
         );
+    }
+
+    #[test]
+    fn a_token_lifetime_beyond_ten_years_is_refused_not_wrapped() {
+        let a = Authenticator::new(false, ["root".to_string()], tokens());
+        for ttl in [MAX_TOKEN_TTL_SECS + 1, u64::MAX / 1000, u64::MAX] {
+            let err = a
+                .tokens()
+                .issue("root", Some(Duration::from_secs(ttl)))
+                .unwrap_err();
+            assert!(err.to_string().contains("at most"), "{ttl}: {err}");
+        }
+        let (t, exp) = a
+            .tokens()
+            .issue("root", Some(Duration::from_secs(MAX_TOKEN_TTL_SECS)))
+            .unwrap();
+        let ten_years_ms = MAX_TOKEN_TTL_SECS as i64 * 1000;
+        assert!((exp - now_ms() - ten_years_ms).abs() < 2_000, "{exp}");
+        let id = a
+            .authenticate(&Credentials {
+                token: Some(&t),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(id.expires_at, Some(exp));
     }
 
     /// Processes starting at once (a server and `hubbub token`) agree on one secret and

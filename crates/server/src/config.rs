@@ -409,6 +409,13 @@ impl Config {
                 self.ws_read_buffer
             ));
         }
+        if !(1..=crate::auth::MAX_TOKEN_TTL_SECS).contains(&self.token_ttl_secs) {
+            return Err(format!(
+                "token_ttl_secs must be from 1 to {} (ten years), got {}",
+                crate::auth::MAX_TOKEN_TTL_SECS,
+                self.token_ttl_secs
+            ));
+        }
         if self.queue_bytes < 64 * 1024 {
             return Err("queue_bytes must be at least 65536".into());
         }
@@ -608,6 +615,23 @@ mod tests {
             };
             c.validate().expect("within the bounds");
         }
+    }
+
+    #[test]
+    fn the_token_lifetime_is_bounded_both_ways() {
+        for bad in [0, crate::auth::MAX_TOKEN_TTL_SECS + 1, u64::MAX] {
+            let c = Config {
+                token_ttl_secs: bad,
+                ..Config::default()
+            };
+            let err = c.validate().unwrap_err();
+            assert!(err.contains("token_ttl_secs"), "{bad}: {err}");
+        }
+        let c = Config {
+            token_ttl_secs: crate::auth::MAX_TOKEN_TTL_SECS,
+            ..Config::default()
+        };
+        c.validate().expect("ten years is allowed");
     }
 
     #[test]

@@ -1101,6 +1101,25 @@ async fn unshared_uploads_are_deleted_once_old_and_shared_ones_stay() {
     assert!(files.join(id_of(&sent)).exists());
 }
 
+#[tokio::test]
+async fn an_unshared_upload_outlives_passes_when_the_age_is_too_large_for_the_clock() {
+    // u64::MAX seconds used to wrap to a cutoff in the future: every pass deleted
+    // every unshared upload, fresh ones included.
+    let server = TestServer::with(|c| {
+        c.upload_gc_age_secs = u64::MAX;
+        c.file_gc_interval_ms = 20;
+    })
+    .await;
+    let draft: Value = upload(&server, "alice", "draft.txt", "text/plain", b"d".to_vec())
+        .await
+        .json()
+        .await
+        .unwrap();
+    // Several passes run meanwhile (one every 20 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get_as(&server, &url_of(&draft), "alice").await, 200);
+}
+
 /// A server in guest mode that also has accounts.
 async fn guests_and_accounts_server() -> TestServer {
     TestServer::with(|c| {

@@ -518,8 +518,7 @@ pub async fn drop_pass() -> Response {
 /// Deletes the files no message shares that are older than `upload_gc_age_secs`: their
 /// records, then their bytes. Returns how many went.
 pub async fn collect_unshared(state: &AppState) -> Result<usize, crate::store::StoreError> {
-    let age_ms = state.config.upload_gc_age_secs.saturating_mul(1000) as i64;
-    let before = now_ms().saturating_sub(age_ms);
+    let before = created_before(now_ms(), state.config.upload_gc_age_secs);
     let dir = files_dir(state);
     let mut total = 0;
     // Bounded: each round deletes up to GC_BATCH; the rest waits for the next pass.
@@ -543,6 +542,13 @@ pub async fn collect_unshared(state: &AppState) -> Result<usize, crate::store::S
         tracing::info!(files = total, "deleted unshared uploads");
     }
     Ok(total)
+}
+
+/// The creation time (Unix ms) before which an unshared upload is `age_secs` old at
+/// `now`: in the past however large the age (a large one keeps everything).
+fn created_before(now: i64, age_secs: u64) -> i64 {
+    let age_ms = i64::try_from(age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    now.saturating_sub(age_ms)
 }
 
 /// Runs [`collect_unshared`] every `file_gc_interval_ms` until shutdown begins (off when
@@ -628,6 +634,15 @@ pub async fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_age_too_large_for_the_clock_keeps_every_upload() {
+        let now = 1_700_000_000_000;
+        assert_eq!(created_before(now, 1), now - 1000);
+        for age in [u64::MAX / 1000, u64::MAX / 1000 + 1, u64::MAX] {
+            assert!(created_before(now, age) < 0, "{age}");
+        }
+    }
 
     #[test]
     fn names_are_reduced_to_a_safe_last_component() {
