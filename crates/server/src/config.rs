@@ -409,12 +409,16 @@ impl Config {
                 self.ws_read_buffer
             ));
         }
-        if !(1..=crate::auth::MAX_TOKEN_TTL_SECS).contains(&self.token_ttl_secs) {
-            return Err(format!(
-                "token_ttl_secs must be from 1 to {} (ten years), got {}",
-                crate::auth::MAX_TOKEN_TTL_SECS,
-                self.token_ttl_secs
-            ));
+        for (key, secs) in [
+            ("token_ttl_secs", self.token_ttl_secs),
+            ("file_pass_ttl_secs", self.file_pass_ttl_secs),
+        ] {
+            if !(1..=crate::auth::MAX_TOKEN_TTL_SECS).contains(&secs) {
+                return Err(format!(
+                    "{key} must be from 1 to {} (ten years), got {secs}",
+                    crate::auth::MAX_TOKEN_TTL_SECS
+                ));
+            }
         }
         if self.queue_bytes < 64 * 1024 {
             return Err("queue_bytes must be at least 65536".into());
@@ -437,8 +441,8 @@ impl Config {
         if self.uploads_per_minute == 0 || self.uploads_per_minute_per_ip == 0 {
             return Err("uploads_per_minute and uploads_per_minute_per_ip must be positive".into());
         }
-        if self.file_gc_interval_ms == 0 || self.file_pass_ttl_secs == 0 {
-            return Err("file_gc_interval_ms and file_pass_ttl_secs must be positive".into());
+        if self.file_gc_interval_ms == 0 {
+            return Err("file_gc_interval_ms must be positive".into());
         }
         if self.max_http_connections == 0 || self.max_http_connections_per_ip == 0 {
             return Err(
@@ -618,17 +622,25 @@ mod tests {
     }
 
     #[test]
-    fn the_token_lifetime_is_bounded_both_ways() {
-        for bad in [0, crate::auth::MAX_TOKEN_TTL_SECS + 1, u64::MAX] {
+    fn token_and_file_pass_lifetimes_are_bounded_both_ways() {
+        let max = crate::auth::MAX_TOKEN_TTL_SECS;
+        for bad in [0, max + 1, u64::MAX] {
             let c = Config {
                 token_ttl_secs: bad,
                 ..Config::default()
             };
             let err = c.validate().unwrap_err();
             assert!(err.contains("token_ttl_secs"), "{bad}: {err}");
+            let c = Config {
+                file_pass_ttl_secs: bad,
+                ..Config::default()
+            };
+            let err = c.validate().unwrap_err();
+            assert!(err.contains("file_pass_ttl_secs"), "{bad}: {err}");
         }
         let c = Config {
-            token_ttl_secs: crate::auth::MAX_TOKEN_TTL_SECS,
+            token_ttl_secs: max,
+            file_pass_ttl_secs: max,
             ..Config::default()
         };
         c.validate().expect("ten years is allowed");
